@@ -1,0 +1,27 @@
+// The one schema block of the narvl operator library. Per-device implementations live in
+// their own files (ctc_cpu.cpp for CPU; CUDA implementations are Triton kernels registered
+// from Python). narvl/_schema.py mirrors these strings for builds without this extension and
+// tests/test_schema.py checks that the two agree.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(narvl, m) {
+  // Q-CTC on raw logits (B, N, V): returns (nll (B,), smooth (B,), lse (B, N), post (B, N, S+1)).
+  m.def(
+      "qctc_fwd(Tensor logits, Tensor targets, Tensor target_lengths, Tensor query_lengths, "
+      "int blank) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "qctc_bwd(Tensor grad_nll, Tensor grad_smooth, Tensor logits, Tensor lse, Tensor post, "
+      "Tensor targets, Tensor target_lengths, Tensor query_lengths, int blank) -> Tensor");
+  // CTC on log-probabilities (T, B, C): returns (nll (B,), post (B, T, S+1)).
+  m.def(
+      "ctc_fwd(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
+      "int blank) -> (Tensor, Tensor)");
+  m.def(
+      "ctc_bwd(Tensor grad_nll, Tensor log_probs, Tensor post, Tensor targets, "
+      "Tensor input_lengths, Tensor target_lengths, int blank) -> Tensor");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "narvl native CPU kernels (operators are registered under torch.ops.narvl)";
+}

@@ -1,0 +1,56 @@
+// Row primitives over one contiguous float row, written so that GCC vectorises them without
+// -ffast-math: 16 independent accumulator lanes (a fixed, thread-count-independent summation
+// order, hence deterministic results), and a branch-free exp.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// Runtime dispatch to the widest vector ISA the CPU has (AVX-512, AVX2+FMA, baseline SSE2).
+#define NARVL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NARVL_CLONES
+#endif
+
+namespace narvl {
+
+constexpr int kLanes = 16;
+
+// exp(x) for x <= ~88 with ~1 ulp-level relative error (Cephes-style range reduction
+// x = n*ln2 + r, |r| <= ln2/2, degree-5 polynomial). exp(-inf) = 0, exp(NaN) = NaN.
+static inline float exp_f32(float x) {
+  const float lo = -87.33654f;
+  float xc = x < -100.f ? -100.f : x;  // keeps NaN (comparison is false)
+  float fn = xc * 1.44269504088896341f + 12582912.f;
+  fn = fn - 12582912.f;  // round to nearest integer
+  float r = xc - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t n = static_cast<int32_t>(fn);
+  n = n < -126 ? -126 : (n > 127 ? 127 : n);
+  int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  float y = p * scale;
+  return xc < lo ? 0.f : y;
+}
+
+// (Defined with NARVL_CLONES in vec_math.cpp: the declaration stays plain so that other
+// translation units call the ifunc dispatcher.)
+// max_v x[v], sum_v x[v] (the plain row sum, needed by label smoothing) and, in a second pass
+// over the row (from cache), sum_v exp(x[v] - max).
+void row_stats_f32(const float* x, int64_t V, float* out_max, double* out_sumexp,
+                                double* out_sum);
+
+// out[v] = A * exp(x[v] - shift) + C.
+void row_softmax_affine_f32(const float* x, int64_t V, float shift, float A, float C,
+                                         float* out);
+
+}  // namespace narvl

@@ -1,0 +1,7 @@
+"""Triton kernels of narvl (installed as ``narvl.kernels``).
+
+Each module holds the ``@triton.jit`` kernels of one op family and their launchers (allocation,
+grid, block sizes). Launchers take and return torch tensors; they run on CUDA tensors, and on CPU
+tensors under ``TRITON_INTERPRET=1``.
+"""
+from . import ctc  # noqa: F401

@@ -1,0 +1,332 @@
+"""Triton kernels for CTC / Q-CTC: row log-sum-exp + gather, lattice recursion, gradient.
+
+Stage 1 (``_row_kernel``, one program per (b, n) row): an online max / sum-exp over V in
+BLOCK_V chunks (fp32 accumulation, fp64 for fp64 input), the plain row sum (for label
+smoothing), and the gather of the <= S+1 slot emissions e[b, n, k] = x[col_k] - lse.
+Stage 2 (``_lattice_kernel``, one program per sample): the alpha and beta recursions in log
+space over the 2L+1 lattice positions held in one block, through a global scratch row per frame
+(a barrier separates the store of frame t from the shifted loads of frame t+1), then the
+per-column posteriors post[b, t, k] (duplicate labels summed), the nll and the smoothing term.
+Stage 3 (``_qctc_grad_kernel``, one program per (row, V chunk)): grad = A * softmax + C, then
+the label / blank columns in the chunk are overwritten with their exact value minus gn * post.
+No atomics anywhere, so results are deterministic; offsets are int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _out_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@triton.jit
+def _row_kernel(X, stride_b, stride_n, N, V, TGT, stride_tb, TL, QL, LSE, ROWSUM, EM, K, blank,
+                NORMALIZED: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                ACC: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    b = r // N
+    n = r % N
+    nb = tl.load(QL + b)
+    L = tl.load(TL + b)
+    row = X + b * stride_b + n * stride_n
+    ks = tl.arange(0, BLOCK_K)
+    if n < nb:
+        lse = tl.zeros((), dtype=ACC)
+        if not NORMALIZED:
+            m = tl.full((BLOCK_V,), float("-inf"), ACC)
+            s = tl.zeros((BLOCK_V,), ACC)
+            rs = tl.zeros((BLOCK_V,), ACC)
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                mask = offs < V
+                x = tl.load(row + offs, mask=mask, other=float("-inf")).to(ACC)
+                m_new = tl.maximum(m, x)
+                dead = m_new == float("-inf")
+                s = s * tl.where(dead, 0.0, tl.exp(m - m_new)) + tl.where(dead, 0.0, tl.exp(x - m_new))
+                rs += tl.where(mask, x, 0.0)
+                m = m_new
+            mx = tl.max(m, 0)
+            tot = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0)
+            lse = mx + tl.log(tot)
+            tl.store(LSE + r, lse)
+            tl.store(ROWSUM + r, tl.sum(rs, 0))
+        is_blank = ks == K - 1
+        valid = (ks < L) | is_blank
+        lab = tl.load(TGT + b * stride_tb + ks, mask=ks < L, other=0)
+        col = tl.where(is_blank, blank, lab)
+        xv = tl.load(row + col, mask=valid, other=float("-inf")).to(ACC)
+        em = tl.where(valid, xv - lse, float("-inf"))
+        tl.store(EM + r * K + ks, em, mask=ks < K)
+
+
+@triton.jit
+def _lse3(a, b, c):
+    m = tl.maximum(tl.maximum(a, b), c)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    tot = tl.exp(a - ms) + tl.exp(b - ms) + tl.exp(c - ms)
+    return tl.where(m == float("-inf"), float("-inf"), ms + tl.log(tot))
+
+
+@triton.jit
+def _lattice_kernel(EM, TGT, stride_tb, TL, QL, NLL, POST, ALPHA, BETA, T, K, LSE, ROWSUM, SMOOTH,
+                    V, SMOOTH_ON: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_T: tl.constexpr, ACC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    tb = tl.load(QL + b).to(tl.int64)
+    L = tl.load(TL + b).to(tl.int64)
+    W = 2 * L + 1
+    s = tl.arange(0, BLOCK_W)
+    odd = (s % 2) == 1
+    kidx = s // 2
+    slot = tl.where(odd, kidx, K - 1)
+    valid = s < W
+    tgt = TGT + b * stride_tb
+    lab = tl.load(tgt + kidx, mask=odd & valid, other=-1)
+    lab_prev = tl.load(tgt + kidx - 1, mask=odd & valid & (s >= 3), other=-1)
+    skip = odd & valid & (s >= 3) & (lab != lab_prev)
+    lab_next = tl.load(tgt + kidx + 1, mask=odd & (s + 2 < W), other=-1)
+    skip_next = odd & (s + 2 < W) & (lab_next != lab)
+    em = EM + b * T * K
+    ab = ALPHA + b * T * BLOCK_W
+    bb = BETA + b * T * BLOCK_W
+    ninf = float("-inf")
+    has = tb > 0
+    has_v = (s * 0 + tb) > 0  # the same, as a block (masks must be blocks)
+
+    # alpha
+    a = tl.load(em + slot, mask=valid & has_v, other=ninf).to(ACC)
+    a = tl.where(s < 2, a, ninf)
+    tl.store(ab + s, a, mask=has_v)
+    for t in range(1, tb):
+        tl.debug_barrier()
+        base = ab + (t - 1) * BLOCK_W
+        p1 = tl.load(base + s - 1, mask=s >= 1, other=ninf)
+        p2 = tl.load(base + s - 2, mask=skip, other=ninf)
+        et = tl.load(em + t * K + slot, mask=valid, other=ninf).to(ACC)
+        a = tl.where(valid, _lse3(a, p1, p2) + et, ninf)
+        tl.store(ab + t * BLOCK_W + s, a)
+    ends = (s == W - 1) | (s == W - 2)
+    fin = tl.where(ends & valid, a, ninf)
+    mf = tl.max(fin, 0)
+    mfs = tl.where(mf == ninf, 0.0, mf)
+    ll = tl.where(mf == ninf, ninf, mfs + tl.log(tl.sum(tl.exp(fin - mfs), 0)))
+    nll = -ll
+    nll = tl.where(has, nll, tl.where(L == 0, 0.0, float("inf")))
+    tl.store(NLL + b, nll)
+
+    # beta
+    tlast = tl.maximum(tb - 1, 0)
+    bcur = tl.load(em + tlast * K + slot, mask=valid & has_v, other=ninf).to(ACC)
+    bcur = tl.where(ends, bcur, ninf)
+    tl.store(bb + tlast * BLOCK_W + s, bcur, mask=has_v)
+    for i in range(1, tb):
+        t = tb - 1 - i
+        tl.debug_barrier()
+        base = bb + (t + 1) * BLOCK_W
+        n1 = tl.load(base + s + 1, mask=s + 1 < W, other=ninf)
+        n2 = tl.load(base + s + 2, mask=skip_next, other=ninf)
+        et = tl.load(em + t * K + slot, mask=valid, other=ninf).to(ACC)
+        bcur = tl.where(valid, _lse3(bcur, n1, n2) + et, ninf)
+        tl.store(bb + t * BLOCK_W + s, bcur)
+    tl.debug_barrier()
+
+    # posteriors per column
+    finite = (nll == nll) & (nll != float("inf"))
+    kk = tl.arange(0, BLOCK_K)
+    labk = tl.load(tgt + kk, mask=kk < L, other=-2)
+    eq = (labk[:, None] == lab[None, :]) & (odd & valid)[None, :]
+    for t in range(0, tb):
+        at = tl.load(ab + t * BLOCK_W + s)
+        bt = tl.load(bb + t * BLOCK_W + s)
+        et = tl.load(em + t * K + slot, mask=valid, other=ninf).to(ACC)
+        dead = (at == ninf) | (bt == ninf) | (~valid)
+        g = tl.where(dead, 0.0, tl.exp(at + bt - et + nll))
+        g = tl.where(finite, g, float("nan"))
+        gblank = tl.sum(tl.where(odd | (~valid), 0.0, g), 0)
+        pk = tl.sum(tl.where(eq, g[None, :], 0.0), 1)
+        pk = tl.where(kk < L, pk, 0.0)
+        out = tl.where(kk == K - 1, gblank, pk)
+        tl.store(POST + (b * T + t) * K + kk, out, mask=kk < K)
+
+    if SMOOTH_ON:
+        acc = tl.zeros((BLOCK_T,), ACC)
+        for t0 in range(0, T, BLOCK_T):
+            ts = t0 + tl.arange(0, BLOCK_T)
+            m = ts < tb
+            rsum = tl.load(ROWSUM + b * T + ts, mask=m, other=0.0).to(ACC)
+            lse = tl.load(LSE + b * T + ts, mask=m, other=0.0).to(ACC)
+            acc += tl.where(m, rsum - V * lse, 0.0)
+        denom = tl.maximum(tb, 1).to(ACC) * V
+        tl.store(SMOOTH + b, tl.where(has, tl.sum(acc, 0) / denom, 0.0))
+
+
+@triton.jit
+def _qctc_grad_kernel(X, stride_b, stride_n, G, N, V, LSE, POST, K, TGT, stride_tb, TL, QL, GN, GS,
+                      blank, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    pv = tl.program_id(1).to(tl.int64)
+    b = r // N
+    n = r % N
+    nb = tl.load(QL + b)
+    L = tl.load(TL + b)
+    active = n < nb
+    gn = tl.load(GN + b).to(ACC)
+    gs = tl.load(GS + b).to(ACC)
+    nbf = tl.maximum(nb, 1).to(ACC)
+    A = gn - gs / nbf
+    C = gs / (nbf * V)
+    lse = tl.load(LSE + r).to(ACC)
+    row = X + b * stride_b + n * stride_n
+    grow = G + r * V
+    v0 = pv * BLOCK_V
+    offs = v0 + tl.arange(0, BLOCK_V)
+    mask = offs < V
+    x = tl.load(row + offs, mask=mask & ((offs * 0 + n) < nb), other=0.0).to(ACC)
+    g = tl.where(active, A * tl.exp(x - lse) + C, 0.0)
+    tl.store(grow + offs, g.to(G.dtype.element_ty), mask=mask)
+    tl.debug_barrier()
+    kk = tl.arange(0, BLOCK_K)
+    is_blank = kk == K - 1
+    lab = tl.load(TGT + b * stride_tb + kk, mask=kk < L, other=0)
+    col = tl.where(is_blank, blank, lab)
+    fix = ((kk < L) | is_blank) & ((kk * 0 + n) < nb) & (col >= v0) & (col < v0 + BLOCK_V)
+    xc = tl.load(row + col, mask=fix, other=0.0).to(ACC)
+    p = tl.load(POST + r * K + kk, mask=fix, other=0.0).to(ACC)
+    corr = tl.where(gn != 0.0, gn * p, 0.0)
+    val = A * tl.exp(xc - lse) + C - corr
+    tl.store(grow + col, val.to(G.dtype.element_ty), mask=fix)
+
+
+@triton.jit
+def _ctc_scatter_kernel(G, stride_t, stride_b, POST, T, K, TGT, stride_tb, TL, IL, GN, blank,
+                        BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    b = r // T
+    t = r % T
+    tb = tl.load(IL + b)
+    L = tl.load(TL + b)
+    gn = tl.load(GN + b).to(ACC)
+    kk = tl.arange(0, BLOCK_K)
+    active = ((kk * 0 + t) < tb) & ((kk * 0.0 + gn) != 0.0)
+    is_blank = kk == K - 1
+    lab = tl.load(TGT + b * stride_tb + kk, mask=kk < L, other=0)
+    col = tl.where(is_blank, blank, lab)
+    ok = ((kk < L) | is_blank) & active
+    p = tl.load(POST + (b * T + t) * K + kk, mask=ok, other=0.0).to(ACC)
+    tl.store(G + t * stride_t + b * stride_b + col, (-gn * p).to(G.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------- launchers
+
+
+def _lengths(x, device):
+    return x.to(device=device, dtype=torch.int64).contiguous()
+
+
+def _stats_block(V):
+    return max(16, min(4096, triton.next_power_of_2(V)))
+
+
+def _lattice(em, targets, tl_, ql, T, lse, rowsum, V, smooth_on, acc):
+    B, _, K = em.shape
+    S = K - 1
+    dev = em.device
+    odt = em.dtype
+    bw = triton.next_power_of_2(2 * S + 1)
+    nll = torch.empty(B, dtype=odt, device=dev)
+    smooth = torch.zeros(B, dtype=odt, device=dev)
+    post = torch.zeros(B, T, K, dtype=odt, device=dev)
+    alpha = torch.empty(B, max(T, 1), bw, dtype=odt, device=dev)
+    beta = torch.empty_like(alpha)
+    _lattice_kernel[(B,)](
+        em, targets, targets.stride(0), tl_, ql, nll, post, alpha, beta, T, K,
+        lse, rowsum, smooth, V, SMOOTH_ON=smooth_on, BLOCK_W=bw,
+        BLOCK_K=triton.next_power_of_2(K), BLOCK_T=min(1024, triton.next_power_of_2(max(T, 1))),
+        ACC=acc, num_warps=1 if bw <= 64 else 4)
+    return nll, smooth, post
+
+
+def qctc_fwd(logits, targets, target_lengths, query_lengths, blank):
+    """logits: (B, N, V) -> (nll (B,), smooth (B,), lse (B, N), post (B, N, S+1)), fp32/fp64."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    B, N, V = logits.shape
+    dev = logits.device
+    targets = targets.to(device=dev, dtype=torch.int64).contiguous()
+    K = targets.shape[1] + 1
+    tl_, ql = _lengths(target_lengths, dev), _lengths(query_lengths, dev)
+    odt, acc = _out_dtype(logits.dtype), _acc(logits.dtype)
+    lse = torch.zeros(B, N, dtype=odt, device=dev)
+    rowsum = torch.zeros(B, N, dtype=odt, device=dev)
+    em = torch.empty(B, N, K, dtype=odt, device=dev)
+    if B * N > 0:
+        _row_kernel[(B * N,)](
+            logits, logits.stride(0), logits.stride(1), N, V, targets, targets.stride(0), tl_, ql,
+            lse, rowsum, em, K, blank, NORMALIZED=False, BLOCK_V=_stats_block(V),
+            BLOCK_K=triton.next_power_of_2(K), ACC=acc, num_warps=8)
+    nll, smooth, post = _lattice(em, targets, tl_, ql, N, lse, rowsum, V, True, acc)
+    return nll, smooth, lse, post
+
+
+def qctc_bwd(grad_nll, grad_smooth, logits, lse, post, targets, target_lengths, query_lengths, blank):
+    """Gradient of sum_b (grad_nll[b] * nll_b + grad_smooth[b] * smooth_b) w.r.t. logits (B, N, V)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    B, N, V = logits.shape
+    dev = logits.device
+    targets = targets.to(device=dev, dtype=torch.int64).contiguous()
+    K = targets.shape[1] + 1
+    grad = torch.empty(B, N, V, dtype=logits.dtype, device=dev)
+    if grad.numel() == 0:
+        return grad
+    bv = max(16, min(2048, triton.next_power_of_2(V)))
+    _qctc_grad_kernel[(B * N, triton.cdiv(V, bv))](
+        logits, logits.stride(0), logits.stride(1), grad, N, V, lse.contiguous(), post.contiguous(),
+        K, targets, targets.stride(0), _lengths(target_lengths, dev), _lengths(query_lengths, dev),
+        grad_nll.contiguous(), grad_smooth.contiguous(), blank, BLOCK_V=bv,
+        BLOCK_K=triton.next_power_of_2(K), ACC=_acc(logits.dtype), num_warps=8)
+    return grad
+
+
+def ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank):
+    """log_probs: (T, B, C) -> (nll (B,), post (B, T, S+1))."""
+    if log_probs.stride(-1) != 1:
+        log_probs = log_probs.contiguous()
+    T, B, C = log_probs.shape
+    dev = log_probs.device
+    targets = targets.to(device=dev, dtype=torch.int64).contiguous()
+    K = targets.shape[1] + 1
+    tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
+    odt, acc = _out_dtype(log_probs.dtype), _acc(log_probs.dtype)
+    em = torch.empty(B, T, K, dtype=odt, device=dev)
+    dummy = torch.empty(1, dtype=odt, device=dev)
+    if B * T > 0:
+        _row_kernel[(B * T,)](
+            log_probs, log_probs.stride(1), log_probs.stride(0), T, C, targets, targets.stride(0),
+            tl_, il, dummy, dummy, em, K, blank, NORMALIZED=True, BLOCK_V=16,
+            BLOCK_K=triton.next_power_of_2(K), ACC=acc, num_warps=1)
+    nll, _, post = _lattice(em, targets, tl_, il, T, dummy, dummy, C, False, acc)
+    return nll, post
+
+
+def ctc_bwd(grad_nll, log_probs, post, targets, input_lengths, target_lengths, blank):
+    """Gradient of sum_b grad_nll[b] * nll_b w.r.t. log_probs (T, B, C): -grad_nll * post."""
+    T, B, C = log_probs.shape
+    dev = log_probs.device
+    targets = targets.to(device=dev, dtype=torch.int64).contiguous()
+    K = targets.shape[1] + 1
+    grad = torch.zeros(T, B, C, dtype=log_probs.dtype, device=dev)
+    if B * T > 0:
+        _ctc_scatter_kernel[(B * T,)](
+            grad, grad.stride(0), grad.stride(1), post.contiguous(), T, K, targets,
+            targets.stride(0), _lengths(target_lengths, dev), _lengths(input_lengths, dev),
+            grad_nll.contiguous(), blank, BLOCK_K=triton.next_power_of_2(K),
+            ACC=_acc(log_probs.dtype), num_warps=1)
+    return grad

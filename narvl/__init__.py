@@ -1,0 +1,13 @@
+"""narvl: fast kernels and models for NARVL, the non-autoregressive vision-language model.
+
+Public API: ``narvl.ctc_loss`` (drop-in for F.ctc_loss), ``narvl.qctc_loss`` (fused
+log-softmax + Q-CTC on decoder logits), ``narvl.nn`` modules. The backend is chosen per call
+by ``NARVL_BACKEND`` (see ``narvl._backend``).
+"""
+from . import _backend
+from ._backend import native_available
+from .ops.ctc import ctc_loss, qctc_loss
+from . import nn, reference  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["ctc_loss", "qctc_loss", "nn", "reference", "native_available"]

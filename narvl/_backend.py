@@ -1,0 +1,106 @@
+"""Backend selection and the native extension.
+
+``NARVL_BACKEND`` (read at every call) picks the implementation:
+
+* ``auto`` (default): CUDA tensors -> Triton kernels, CPU tensors -> C++ kernels (``narvl._C``);
+  when the native build is absent, CPU calls fall back to the PyTorch reference with a warning.
+* ``cpp``: the C++ kernels; CPU tensors only; a clear error if ``narvl._C`` was not built.
+* ``triton``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (the
+  interpreter, used by the test suite), otherwise a clear error.
+* ``reference``: the pure-PyTorch float64 reference (slow; for checking).
+
+``NARVL_CHECK=0`` turns off the value checks on lengths and labels (they cost one host
+synchronisation on CUDA); shape, dtype and device checks always run.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+_native_error: str | None = None
+try:  # registers torch.ops.narvl.* and their CPU kernels
+    from . import _C  # noqa: F401
+
+    NATIVE = True
+except ImportError as exc:  # pragma: no cover - exercised by the no-build test in a subprocess
+    NATIVE = False
+    _native_error = str(exc)
+
+
+def native_available() -> bool:
+    return NATIVE
+
+
+def checks_enabled() -> bool:
+    return os.environ.get("NARVL_CHECK", "1").strip() not in ("0", "false", "False", "off")
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
+
+
+def requested_backend() -> str:
+    name = os.environ.get("NARVL_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"NARVL_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_native() -> None:
+    warnings.warn(
+        "narvl: the native extension narvl._C is not built "
+        f"({_native_error}); CPU calls use the slow PyTorch reference. "
+        "Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def resolve(device: torch.device) -> str:
+    """The backend that serves a call on ``device``: 'cpp', 'triton' or 'reference'."""
+    name = requested_backend()
+    dev = device.type
+    if name == "auto":
+        if dev == "cuda":
+            return "triton"
+        if dev == "cpu":
+            if NATIVE:
+                return "cpp"
+            _warn_no_native()
+        return "reference"
+    if name == "cpp":
+        if dev != "cpu":
+            raise ValueError(f"NARVL_BACKEND=cpp runs on CPU tensors only, got a {dev} tensor")
+        if not NATIVE:
+            raise RuntimeError(
+                "NARVL_BACKEND=cpp needs the native extension narvl._C, which is not built "
+                f"({_native_error}); install with `pip install --no-build-isolation -e .`"
+            )
+        return "cpp"
+    if name == "triton":
+        if dev == "cpu" and not interpret_mode():
+            raise RuntimeError(
+                "NARVL_BACKEND=triton on CPU tensors needs the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before the first narvl call, or use CUDA tensors"
+            )
+        if dev not in ("cpu", "cuda"):
+            raise ValueError(f"NARVL_BACKEND=triton does not run on {dev} tensors")
+        return "triton"
+    return "reference"
+
+
+def triton_kernels():
+    """Imports ``narvl.kernels`` lazily (Triton reads TRITON_INTERPRET when kernels are defined)."""
+    try:
+        from . import kernels
+    except ImportError as exc:
+        raise RuntimeError(
+            f"narvl: the Triton backend needs the `triton` package ({exc}); `pip install triton`"
+        ) from exc
+    return kernels

@@ -1,0 +1,17 @@
+"""Operator schemas of the ``narvl`` namespace, as Python strings.
+
+The authoritative block is ``TORCH_LIBRARY(narvl, m)`` in ``csrc/narvl.cpp``. These strings are
+used only when the native extension is absent, so that the ops (with their Triton CUDA and
+reference CPU implementations) still exist; ``tests/test_schema.py`` checks that both agree.
+"""
+
+SCHEMAS = {
+    "qctc_fwd": "(Tensor logits, Tensor targets, Tensor target_lengths, Tensor query_lengths, "
+    "int blank) -> (Tensor, Tensor, Tensor, Tensor)",
+    "qctc_bwd": "(Tensor grad_nll, Tensor grad_smooth, Tensor logits, Tensor lse, Tensor post, "
+    "Tensor targets, Tensor target_lengths, Tensor query_lengths, int blank) -> Tensor",
+    "ctc_fwd": "(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
+    "int blank) -> (Tensor, Tensor)",
+    "ctc_bwd": "(Tensor grad_nll, Tensor log_probs, Tensor post, Tensor targets, "
+    "Tensor input_lengths, Tensor target_lengths, int blank) -> Tensor",
+}

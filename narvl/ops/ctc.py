@@ -1,0 +1,425 @@
+"""CTC and Q-CTC: op registration, autograd, and the drop-in functional APIs.
+
+Layers: kernels (csrc/ctc_cpu.cpp, kernels/ctc.py) -> ops ``torch.ops.narvl.{qctc,ctc}_{fwd,bwd}``
+(registered here: fake tensors, autograd, the CUDA kernel) -> ``qctc_loss`` / ``ctc_loss``
+(validation, backend choice, reduction) -> ``narvl.nn.QCTCLoss`` / ``narvl.nn.CTCLoss``.
+
+The forward ops return per-sample terms: ``nll_b`` (CTC negative log-likelihood) and, for
+Q-CTC, ``smooth_b = mean_{n < N_b, v} log_softmax(logits)[b, n, v]``; the reduction is plain
+PyTorch on (B,) tensors, so its gradient reaches the backward ops as ``grad_nll``/``grad_smooth``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _library  # noqa: F401  (_library defines the schemas if needed)
+from ..reference import ctc as ref
+
+_OPS = torch.ops.narvl
+
+# ------------------------------------------------------------------------------ fake tensors
+
+
+def _float_out(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("narvl::qctc_fwd")
+def _qctc_fwd_fake(logits, targets, target_lengths, query_lengths, blank):
+    B, N, _ = logits.shape
+    K = targets.shape[1] + 1
+    dt = _float_out(logits.dtype)
+    new = logits.new_empty
+    return new((B,), dtype=dt), new((B,), dtype=dt), new((B, N), dtype=dt), new((B, N, K), dtype=dt)
+
+
+@torch.library.register_fake("narvl::qctc_bwd")
+def _qctc_bwd_fake(grad_nll, grad_smooth, logits, lse, post, targets, target_lengths,
+                   query_lengths, blank):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("narvl::ctc_fwd")
+def _ctc_fwd_fake(log_probs, targets, input_lengths, target_lengths, blank):
+    T, B, _ = log_probs.shape
+    K = targets.shape[1] + 1
+    dt = _float_out(log_probs.dtype)
+    return log_probs.new_empty((B,), dtype=dt), log_probs.new_empty((B, T, K), dtype=dt)
+
+
+@torch.library.register_fake("narvl::ctc_bwd")
+def _ctc_bwd_fake(grad_nll, log_probs, post, targets, input_lengths, target_lengths, blank):
+    return log_probs.new_empty(log_probs.shape)
+
+
+# ------------------------------------------------------------------------------------ autograd
+
+
+def _qctc_setup(ctx, inputs, output):
+    logits, targets, target_lengths, query_lengths, blank = inputs
+    _, _, lse, post = output
+    ctx.save_for_backward(logits, lse, post, targets, target_lengths, query_lengths)
+    ctx.blank = blank
+    ctx.mark_non_differentiable(lse, post)
+
+
+def _qctc_backward(ctx, g_nll, g_smooth, _g_lse, _g_post):
+    logits, lse, post, targets, tl, ql = ctx.saved_tensors
+    B = logits.shape[0]
+    z = lse.new_zeros(B)
+    g_nll = z if g_nll is None else g_nll
+    g_smooth = z if g_smooth is None else g_smooth
+    grad = _OPS.qctc_bwd(g_nll, g_smooth, logits, lse, post, targets, tl, ql, ctx.blank)
+    return grad, None, None, None, None
+
+
+def _ctc_setup(ctx, inputs, output):
+    log_probs, targets, input_lengths, target_lengths, blank = inputs
+    _, post = output
+    ctx.save_for_backward(log_probs, post, targets, input_lengths, target_lengths)
+    ctx.blank = blank
+    ctx.mark_non_differentiable(post)
+
+
+def _ctc_backward(ctx, g_nll, _g_post):
+    log_probs, post, targets, il, tl = ctx.saved_tensors
+    if g_nll is None:
+        return None, None, None, None, None
+    grad = _OPS.ctc_bwd(g_nll, log_probs, post, targets, il, tl, ctx.blank)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd("narvl::qctc_fwd", _qctc_backward, setup_context=_qctc_setup)
+torch.library.register_autograd("narvl::ctc_fwd", _ctc_backward, setup_context=_ctc_setup)
+
+# --------------------------------------------------------------------- per-device kernels
+# CUDA -> Triton. CPU -> C++ (csrc/ctc_cpu.cpp, registered by narvl._C); without the native
+# build, CPU -> the float64 reference (slow but exact), so the ops exist everywhere.
+
+
+def _tk():
+    return _backend.triton_kernels().ctc
+
+
+@torch.library.register_kernel("narvl::qctc_fwd", "cuda")
+def _qctc_fwd_cuda(logits, targets, target_lengths, query_lengths, blank):
+    return _tk().qctc_fwd(logits, targets, target_lengths, query_lengths, blank)
+
+
+@torch.library.register_kernel("narvl::qctc_bwd", "cuda")
+def _qctc_bwd_cuda(grad_nll, grad_smooth, logits, lse, post, targets, tl, ql, blank):
+    return _tk().qctc_bwd(grad_nll, grad_smooth, logits, lse, post, targets, tl, ql, blank)
+
+
+@torch.library.register_kernel("narvl::ctc_fwd", "cuda")
+def _ctc_fwd_cuda(log_probs, targets, input_lengths, target_lengths, blank):
+    return _tk().ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank)
+
+
+@torch.library.register_kernel("narvl::ctc_bwd", "cuda")
+def _ctc_bwd_cuda(grad_nll, log_probs, post, targets, input_lengths, target_lengths, blank):
+    return _tk().ctc_bwd(grad_nll, log_probs, post, targets, input_lengths, target_lengths, blank)
+
+
+def _qctc_fwd_ref(logits, targets, target_lengths, query_lengths, blank):
+    B, N, V = logits.shape
+    lp = torch.log_softmax(logits.double(), -1)
+    nll, post = ref.column_posteriors(lp, targets, query_lengths, target_lengths, blank)
+    rows = torch.arange(N)[None, :] < query_lengths.long()[:, None]
+    smooth = (lp.sum(-1) * rows).sum(1) / (query_lengths.long().clamp_min(1) * V)
+    lse = torch.where(rows, torch.logsumexp(logits.double(), -1), 0.0)
+    dt = _float_out(logits.dtype)
+    return nll.to(dt), smooth.to(dt), lse.to(dt), post.to(dt)
+
+
+def _qctc_bwd_ref(grad_nll, grad_smooth, logits, lse, post, targets, tl, ql, blank):
+    B, N, V = logits.shape
+    x = logits.double()
+    sm = torch.exp(x - lse.double()[..., None])
+    nb = ql.long().clamp_min(1).double()[:, None, None]
+    gn = grad_nll.double()[:, None, None]
+    gs = grad_smooth.double()[:, None, None]
+    grad = (gn - gs / nb) * sm + gs / (nb * V)
+    cols = torch.cat([targets.long().clamp(0, V - 1), torch.full((B, 1), blank)], 1)
+    p = torch.where(gn != 0, gn * post.double(), 0.0)
+    # duplicate labels carry the same column total, so overwriting by scatter is exact
+    fixed = grad.gather(2, cols[:, None, :].expand(B, N, -1)) - p
+    kmask = torch.cat([torch.arange(targets.shape[1])[None, :] < tl.long()[:, None],
+                       torch.ones(B, 1, dtype=torch.bool)], 1)
+    fixed = torch.where(kmask[:, None, :], fixed, grad.gather(2, cols[:, None, :].expand(B, N, -1)))
+    grad = grad.scatter(2, cols[:, None, :].expand(B, N, -1), fixed)
+    rows = torch.arange(N)[None, :] < ql.long()[:, None]
+    return torch.where(rows[..., None], grad, 0.0).to(logits.dtype)
+
+
+def _ctc_fwd_ref(log_probs, targets, input_lengths, target_lengths, blank):
+    nll, post = ref.column_posteriors(log_probs.transpose(0, 1), targets, input_lengths,
+                                      target_lengths, blank)
+    dt = _float_out(log_probs.dtype)
+    return nll.to(dt), post.to(dt)
+
+
+def _ctc_bwd_ref(grad_nll, log_probs, post, targets, input_lengths, target_lengths, blank):
+    T, B, C = log_probs.shape
+    cols = torch.cat([targets.long().clamp(0, C - 1), torch.full((B, 1), blank)], 1)
+    kmask = torch.cat([torch.arange(targets.shape[1])[None, :] < target_lengths.long()[:, None],
+                       torch.ones(B, 1, dtype=torch.bool)], 1)
+    gn = grad_nll.double()[:, None, None]
+    val = torch.where(kmask[:, None, :] & (gn != 0), -gn * post.double(), 0.0)  # (B, T, K)
+    g = torch.zeros(B, T, C, dtype=torch.float64).scatter(2, cols[:, None, :].expand(B, T, -1), val)
+    return g.transpose(0, 1).contiguous().to(log_probs.dtype)
+
+
+if not _backend.NATIVE:
+    torch.library.register_kernel("narvl::qctc_fwd", "cpu", _qctc_fwd_ref)
+    torch.library.register_kernel("narvl::qctc_bwd", "cpu", _qctc_bwd_ref)
+    torch.library.register_kernel("narvl::ctc_fwd", "cpu", _ctc_fwd_ref)
+    torch.library.register_kernel("narvl::ctc_bwd", "cpu", _ctc_bwd_ref)
+
+
+class _TritonOnCPU(torch.autograd.Function):
+    """NARVL_BACKEND=triton on CPU tensors (Triton interpreter): same kernels, same formulas."""
+
+    @staticmethod
+    def forward(ctx, kind, x, targets, lengths, target_lengths, blank):
+        k = _tk()
+        if kind == "qctc":
+            nll, smooth, lse, post = k.qctc_fwd(x, targets, target_lengths, lengths, blank)
+            ctx.save_for_backward(x, lse, post, targets, target_lengths, lengths)
+        else:
+            nll, post = k.ctc_fwd(x, targets, lengths, target_lengths, blank)
+            smooth = nll.new_zeros(nll.shape)
+            ctx.save_for_backward(x, post, targets, lengths, target_lengths)
+        ctx.kind, ctx.blank = kind, blank
+        return nll, smooth
+
+    @staticmethod
+    def backward(ctx, g_nll, g_smooth):
+        k = _tk()
+        if ctx.kind == "qctc":
+            x, lse, post, targets, tl, ql = ctx.saved_tensors
+            g = k.qctc_bwd(g_nll.contiguous(), g_smooth.contiguous(), x, lse, post, targets, tl, ql,
+                           ctx.blank)
+        else:
+            x, post, targets, il, tl = ctx.saved_tensors
+            g = k.ctc_bwd(g_nll.contiguous(), x, post, targets, il, tl, ctx.blank)
+        return None, g, None, None, None, None
+
+
+# --------------------------------------------------------------------------------- validation
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _as_lengths(x, name, batch, device):
+    if isinstance(x, (list, tuple)):
+        x = torch.tensor(x, dtype=torch.long)
+    elif isinstance(x, int):
+        x = torch.tensor([x], dtype=torch.long)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, tuple or list of integers, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got {x.dtype}")
+    x = x.reshape(-1) if x.dim() == 0 else x
+    if x.dim() != 1 or x.shape[0] != batch:
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(x.shape)}")
+    return x.to(device=device, dtype=torch.long)
+
+
+def _check_range(x, lo, hi, name, what):
+    if not _eager_checks() or x.numel() == 0:
+        return
+    bad = (x < lo) | (x > hi)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {int(x[i])} is outside [{lo}, {hi}] ({what})")
+
+
+def _eager_checks():
+    return _backend.checks_enabled() and not torch.compiler.is_compiling()
+
+
+def _check_labels(targets, target_lengths, vocab, blank):
+    if not _eager_checks() or targets.numel() == 0:
+        return
+    S = targets.shape[1]
+    live = torch.arange(S, device=targets.device)[None, :] < target_lengths[:, None]
+    oob = live & ((targets < 0) | (targets >= vocab))
+    if bool(oob.any()):
+        b, k = (int(v) for v in oob.nonzero()[0])
+        raise ValueError(f"targets[{b}, {k}] = {int(targets[b, k])} is outside [0, {vocab})")
+    isblank = live & (targets == blank)
+    if bool(isblank.any()):
+        b, k = (int(v) for v in isblank.nonzero()[0])
+        raise ValueError(f"targets[{b}, {k}] equals the blank index {blank}")
+
+
+def _check_common(x, xname, targets, blank, reduction, vocab):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{xname} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{xname} must be a floating-point tensor, got {x.dtype}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integers, got {targets.dtype}")
+    if isinstance(blank, bool) or not isinstance(blank, int):
+        raise TypeError(f"blank must be an int, got {type(blank).__name__}")
+    if not 0 <= blank < vocab:
+        raise ValueError(f"blank = {blank} is outside [0, {vocab}) for a vocabulary of {vocab}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _check_finite_result(nll, smooth, xname):
+    if not _eager_checks():
+        return
+    bad = torch.isnan(nll) if smooth is None else torch.isnan(nll) | torch.isnan(smooth)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{xname} holds NaN (or +inf) values in sample {i}")
+
+
+def _pad_concatenated(targets, target_lengths):
+    """1-D concatenated targets -> (B, max L) padded with 0."""
+    B = target_lengths.shape[0]
+    total = int(target_lengths.sum()) if B else 0
+    if targets.numel() != total:
+        raise ValueError(f"concatenated targets have {targets.numel()} labels but "
+                         f"target_lengths sum to {total}")
+    S = int(target_lengths.max()) if B else 0
+    offsets = torch.cumsum(target_lengths, 0) - target_lengths
+    k = torch.arange(S, device=targets.device)
+    live = k[None, :] < target_lengths[:, None]
+    idx = (offsets[:, None] + k[None, :]).clamp(max=max(total - 1, 0))
+    if total == 0:
+        return targets.new_zeros((B, S), dtype=torch.long)
+    return torch.where(live, targets.long()[idx], 0)
+
+
+# --------------------------------------------------------------------------------- public API
+
+
+def _run(kind, x, targets, lengths, target_lengths, blank):
+    """Per-sample (nll, smooth) from the backend chosen for x's device."""
+    backend = _backend.resolve(x.device)
+    if backend == "reference":
+        if kind == "qctc":
+            nll, smooth = ref.qctc_terms_reference(x, targets, target_lengths, lengths, blank)
+        else:
+            nll = ref.ctc_nll_reference(x.transpose(0, 1), targets, lengths, target_lengths, blank)
+            smooth = None
+        dt = _float_out(x.dtype)
+        return nll.to(dt), (None if smooth is None else smooth.to(dt))
+    if backend == "triton" and x.device.type == "cpu":
+        nll, smooth = _TritonOnCPU.apply(kind, x, targets, lengths, target_lengths, blank)
+        return nll, (smooth if kind == "qctc" else None)
+    if kind == "qctc":
+        nll, smooth, _, _ = _OPS.qctc_fwd(x, targets, target_lengths, lengths, blank)
+        return nll, smooth
+    nll, _ = _OPS.ctc_fwd(x, targets, lengths, target_lengths, blank)
+    return nll, None
+
+
+def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, reduction="mean",
+              zero_infinity=True, label_smoothing=0.0, weights=None):
+    """Q-CTC loss on raw decoder logits, fused with the log-softmax.
+
+    Args:
+        logits: (B, N, V) float32/float16/bfloat16 (float64 accepted) decoder outputs, batch-first.
+        targets: (B, S) padded integer labels (answer tokens + EOS); entries at k >= L_b ignored.
+        target_lengths: (B,) integers L_b in [0, S].
+        query_lengths: (B,) integers N_b in [0, N], default N (queries are normally unpadded).
+        blank: blank index in [0, V) (NARVL uses V - 1).
+        reduction: 'none' | 'mean' | 'sum'.
+        zero_infinity: infeasible samples (L_b + repeats > N_b) give 0 loss and 0 gradient.
+        label_smoothing: eps in [0, 1].
+        weights: optional (B,) per-sample weights w_b (e.g. VQA answer confidence).
+
+    With lp = log_softmax(logits) in fp32 and ctc_b the CTC nll of sample b over its first N_b slots:
+        'none': loss_b = w_b * ((1 - eps) * ctc_b - eps * mean_{n<N_b, v} lp[b, n, v])
+        'sum':  sum_b loss_b
+        'mean': mean_b w_b * ((1 - eps) * ctc_b / max(L_b, 1) - eps * mean_{n<N_b, v} lp[b, n, v])
+    Returns a float32 loss (float64 for float64 logits); the gradient has the logits' dtype.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be 3-D (B, N, V), got shape {tuple(logits.shape)}")
+    B, N, V = logits.shape
+    _check_common(logits, "logits", targets, blank, reduction, max(V, 1))
+    if B == 0:
+        raise ValueError("logits has an empty batch (B = 0)")
+    if N == 0 or V == 0:
+        raise ValueError(f"logits has an empty query or vocabulary axis: shape {tuple(logits.shape)}")
+    if targets.dim() != 2 or targets.shape[0] != B:
+        raise ValueError(f"targets must be (B={B}, S), got shape {tuple(targets.shape)}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets is on {targets.device} but logits on {logits.device}")
+    tl_ = _as_lengths(target_lengths, "target_lengths", B, logits.device)
+    ql = (torch.full((B,), N, dtype=torch.long, device=logits.device) if query_lengths is None
+          else _as_lengths(query_lengths, "query_lengths", B, logits.device))
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor):
+            weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape != (B,):
+            raise ValueError(f"weights must have shape ({B},), got {tuple(weights.shape)}")
+        weights = weights.to(logits.device)
+    _check_range(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets")
+    _check_range(ql, 0, N, "query_lengths", "a query length must fit in the N query slots")
+    _check_labels(targets, tl_, V, blank)
+    targets = targets.long()
+    nll, smooth = _run("qctc", logits, targets, ql, tl_, blank)
+    _check_finite_result(nll, smooth, "logits")
+    return ref._reduce(nll, smooth, tl_, reduction, zero_infinity, eps, weights)
+
+
+def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean",
+             zero_infinity=False):
+    """Drop-in for ``torch.nn.functional.ctc_loss``.
+
+    log_probs: (T, B, C) or unbatched (T, C) log-probabilities; targets: padded (B, S), or 1-D
+    concatenated (sum(target_lengths),), or unbatched (S,); lengths as tensors, tuples or lists.
+    Same values as F.ctc_loss. The gradient w.r.t. log_probs is the exact one, -posterior
+    (F.ctc_loss returns exp(log_probs) - posterior instead); both give the same gradient with
+    respect to logits when log_probs = log_softmax(logits), which is the supported use.
+    """
+    if not isinstance(log_probs, torch.Tensor):
+        raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
+    unbatched = log_probs.dim() == 2
+    if unbatched:
+        log_probs = log_probs.unsqueeze(1)
+        if isinstance(targets, torch.Tensor):
+            if targets.dim() != 1:
+                raise ValueError(f"unbatched targets must be 1-D, got shape {tuple(targets.shape)}")
+            targets = targets.unsqueeze(0)
+    if log_probs.dim() != 3:
+        raise ValueError(f"log_probs must be (T, B, C) or (T, C), got shape {tuple(log_probs.shape)}")
+    T, B, C = log_probs.shape
+    _check_common(log_probs, "log_probs", targets, blank, reduction, max(C, 1))
+    if B == 0:
+        raise ValueError("log_probs has an empty batch (B = 0)")
+    if T == 0 or C == 0:
+        raise ValueError(f"log_probs has an empty time or class axis: shape {tuple(log_probs.shape)}")
+    if targets.device != log_probs.device:
+        raise ValueError(f"targets is on {targets.device} but log_probs on {log_probs.device}")
+    il = _as_lengths(input_lengths, "input_lengths", B, log_probs.device)
+    tl_ = _as_lengths(target_lengths, "target_lengths", B, log_probs.device)
+    _check_range(il, 0, T, "input_lengths", "an input length must fit in the T frames")
+    if targets.dim() == 1:
+        _check_range(tl_, 0, targets.numel(), "target_lengths", "lengths must fit the targets")
+        targets = _pad_concatenated(targets, tl_)
+    elif targets.dim() != 2 or targets.shape[0] != B:
+        raise ValueError(f"targets must be (B={B}, S) or 1-D concatenated, got {tuple(targets.shape)}")
+    _check_range(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets")
+    _check_labels(targets, tl_, C, blank)
+    targets = targets.long()
+    nll, _ = _run("ctc", log_probs, targets, il, tl_, blank)
+    _check_finite_result(nll, None, "log_probs")
+    loss = ref._reduce(nll, None, tl_, reduction, zero_infinity, 0.0, None)
+    if unbatched and reduction == "none":
+        loss = loss[0]
+    return loss.to(log_probs.dtype)
