@@ -68,7 +68,9 @@ def _row_kernel(X, stride_b, stride_n, N, V, TGT, stride_tb, TL, QL, LSE, ROWSUM
 
 @triton.jit
 def _lse3(a, b, c):
-    m = tl.maximum(tl.maximum(a, b), c)
+    # NaN must survive (a NaN input is reported as bad input, never turned into -inf)
+    m = tl.maximum(tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL), c,
+                   propagate_nan=tl.PropagateNan.ALL)
     ms = tl.where(m == float("-inf"), 0.0, m)
     tot = tl.exp(a - ms) + tl.exp(b - ms) + tl.exp(c - ms)
     return tl.where(m == float("-inf"), float("-inf"), ms + tl.log(tot))
@@ -117,7 +119,7 @@ def _lattice_kernel(EM, TGT, stride_tb, TL, QL, NLL, POST, ALPHA, BETA, T, K, LS
     mf = tl.max(fin, 0)
     mfs = tl.where(mf == ninf, 0.0, mf)
     ll = tl.where(mf == ninf, ninf, mfs + tl.log(tl.sum(tl.exp(fin - mfs), 0)))
-    nll = -ll
+    nll = tl.where(tl.sum(tl.where(fin != fin, 1, 0), 0) > 0, float("nan"), -ll)
     nll = tl.where(has, nll, tl.where(L == 0, 0.0, float("inf")))
     tl.store(NLL + b, nll)
 

@@ -123,13 +123,18 @@ def column_posteriors(log_probs, targets, input_lengths, target_lengths, blank):
     blank for k = S (duplicate labels share a column and so the value); 0 elsewhere. Computed
     by autograd through ``ctc_nll_reference``. log_probs: (B, T, C).
     """
-    lp = log_probs.detach().double().requires_grad_(True)
+    lp = log_probs.detach().double()
     B, T, C = lp.shape
     S = targets.shape[1]
     tl = torch.as_tensor(target_lengths, device=lp.device).long()
-    nll = ctc_nll_reference(lp, targets, input_lengths, tl, blank)
+
+    def total(x):
+        nll = ctc_nll_reference(x, targets, input_lengths, tl, blank)
+        return torch.where(torch.isfinite(nll), nll, torch.zeros_like(nll)).sum(), nll
+
+    # torch.func.grad also works inside an op kernel (below the autograd dispatch key)
+    g, nll = torch.func.grad(total, has_aux=True)(lp)
     finite = torch.isfinite(nll)
-    (g,) = torch.autograd.grad(torch.where(finite, nll, torch.zeros_like(nll)).sum(), lp)
     cols = torch.cat([targets.long().clamp(0, C - 1),
                       torch.full((B, 1), blank, device=lp.device, dtype=torch.long)], 1)
     post = -g.gather(2, cols[:, None, :].expand(B, T, S + 1))

@@ -1,0 +1,272 @@
+"""CTC / Q-CTC kernels against the float64 reference and torch, on odd shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import narvl
+from narvl.reference import column_posteriors, ctc_loss_reference, qctc_loss_reference
+
+TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-5, 2e-5),
+       torch.bfloat16: (3e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
+
+
+def make_case(B, N, V, S, blank, lengths=None, query_lengths=None, dtype=torch.float32, scale=2.0):
+    logits = (torch.randn(B, N, V, dtype=torch.float64) * scale).to(dtype)
+    labels = [v for v in range(V) if v != blank]
+    targets = torch.tensor(labels)[torch.randint(0, len(labels), (B, S))]
+    if lengths is None:
+        lengths = torch.randint(0, S + 1, (B,))
+    tl = torch.as_tensor(lengths)
+    ql = None if query_lengths is None else torch.as_tensor(query_lengths)
+    return logits, targets, tl, ql
+
+
+def grads(fn, x):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), g
+
+
+SHAPES = [  # B, N, V, S, blank
+    (3, 7, 11, 4, 10),
+    (5, 20, 37, 9, 0),
+    (2, 6, 2, 3, 1),  # V = 2
+    (4, 1, 5, 1, 4),  # N = 1
+    (1, 13, 97, 6, 96),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_qctc_matches_reference(backend, shape, dtype, reduction):
+    B, N, V, S, blank = shape
+    logits, targets, tl, _ = make_case(B, N, V, S, blank, dtype=dtype)
+    ql = torch.randint(max(1, N // 2), N + 1, (B,))
+    w = torch.rand(B) + 0.5
+    kw = dict(query_lengths=ql, blank=blank, reduction=reduction, label_smoothing=0.1, weights=w)
+    got, g = grads(lambda x: narvl.qctc_loss(x, targets, tl, **kw), logits)
+    want, gw = grads(lambda x: qctc_loss_reference(x, targets, tl, **kw), logits)
+    rtol, atol = TOL[dtype]
+    assert g.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+    torch.testing.assert_close(g.double(), gw.double(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qctc_low_precision(backend, dtype):
+    logits, targets, tl, _ = make_case(4, 9, 53, 5, 52, dtype=dtype)
+    kw = dict(blank=52, label_smoothing=0.1)
+    got, g = grads(lambda x: narvl.qctc_loss(x, targets, tl, **kw), logits)
+    want, gw = grads(lambda x: qctc_loss_reference(x, targets, tl, **kw), logits)
+    assert got.dtype == torch.float32 and g.dtype == dtype
+    # the loss is computed from the low-precision logits exactly (fp32 accumulation)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(g.double(), gw.double(), rtol=rtol, atol=atol)
+
+
+def test_qctc_equals_fairseq_style_torch_composition(backend):
+    """NARVL's training loss as the authors compute it: log_softmax + F.ctc_loss + smoothing."""
+    B, N, V = 6, 20, 41
+    blank = V - 1
+    logits, targets, tl, _ = make_case(B, N, V, 8, blank, lengths=torch.randint(1, 9, (B,)))
+    eps = 0.1
+
+    def peer(x):
+        lp = torch.log_softmax(x.float(), -1)
+        ctc = F.ctc_loss(lp.transpose(0, 1), targets, torch.full((B,), N), tl, blank=blank,
+                         reduction="mean", zero_infinity=True)
+        return (1 - eps) * ctc - eps * lp.mean()
+
+    got, g = grads(lambda x: narvl.qctc_loss(x, targets, tl, blank=blank, label_smoothing=eps), logits)
+    want, gw = grads(peer, logits)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, gw, rtol=1e-5, atol=1e-6)
+
+
+def test_edge_cases(backend):
+    V, blank, N = 6, 5, 4
+    logits = torch.randn(5, N, V, dtype=torch.float64)
+    targets = torch.tensor([[1, 1, 0, 0],   # repeat: needs a blank between, 3 frames
+                            [0, 0, 0, 0],   # empty target
+                            [1, 2, 1, 2],   # L = N, no room for blank: feasible
+                            [3, 3, 3, 0],   # 3 repeats need 5 frames > N: infeasible
+                            [2, 2, 0, 0]])
+    tl = torch.tensor([2, 0, 4, 3, 2])
+    ql = torch.tensor([4, 4, 4, 4, 2])     # the last: 2 repeats in 2 frames: infeasible
+    nll = narvl.qctc_loss(logits, targets, tl, query_lengths=ql, blank=blank, reduction="none",
+                          zero_infinity=False)
+    ref = qctc_loss_reference(logits, targets, tl, ql, blank, "none", False)
+    assert torch.isinf(nll[3]) and torch.isinf(nll[4])
+    torch.testing.assert_close(nll[:3], ref[:3])
+    # zero_infinity: infeasible samples give 0 and no gradient
+    x = logits.clone().requires_grad_(True)
+    loss = narvl.qctc_loss(x, targets, tl, query_lengths=ql, blank=blank, reduction="none")
+    assert loss[3] == 0 and loss[4] == 0
+    loss.sum().backward()
+    assert torch.all(x.grad[3:] == 0)
+    assert torch.all(x.grad[:3].isfinite()) and x.grad[:3].abs().sum() > 0
+    # query slots beyond N_b get no gradient
+    x1 = logits[:1].clone().requires_grad_(True)
+    narvl.qctc_loss(x1, targets[:1], tl[:1], query_lengths=torch.tensor([3]), blank=blank).backward()
+    assert torch.all(x1.grad[0, 3] == 0) and x1.grad[0, :3].abs().sum() > 0
+
+
+def test_posteriors_match_reference(backend):
+    """The saved per-column posteriors (duplicate labels summed) equal -d nll / d log p."""
+    B, N, V, S = 4, 9, 7, 4
+    logits, targets, tl, _ = make_case(B, N, V, S, 0, lengths=torch.tensor([4, 3, 0, 2]))
+    targets[0] = torch.tensor([2, 3, 2, 2])  # duplicate columns
+    ql = torch.tensor([9, 7, 5, 9])
+    lp = torch.log_softmax(logits.double(), -1)
+    want_nll, want_post = column_posteriors(lp, targets, ql, tl, 0)
+    if backend == "cpp":
+        nll, _, _, post = torch.ops.narvl.qctc_fwd(logits, targets, tl, ql, 0)
+    else:
+        nll, _, _, post = narvl._backend.triton_kernels().ctc.qctc_fwd(logits, targets, tl, ql, 0)
+    torch.testing.assert_close(nll.double(), want_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(post.double(), want_post, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("blank", [0, 8])
+def test_gradcheck_float64(backend, blank):
+    logits, targets, tl, _ = make_case(3, 6, 9, 3, blank, lengths=torch.tensor([3, 1, 2]))
+    ql = torch.tensor([6, 4, 5])
+    w = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    x = logits.double().requires_grad_(True)
+
+    def f(x):
+        return narvl.qctc_loss(x, targets, tl, query_lengths=ql, blank=blank, reduction="none",
+                               label_smoothing=0.2, weights=w)
+
+    # the interpreted Triton kernels are slow: random-projection (fast mode) gradcheck there
+    fast = backend == "triton"
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6, fast_mode=fast)
+    lp = torch.log_softmax(logits.double(), -1).transpose(0, 1).contiguous().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda y: narvl.ctc_loss(y, targets, ql, tl, blank=blank, reduction="sum"), (lp,),
+        eps=1e-6, atol=1e-6, fast_mode=fast)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_ctc_loss_matches_torch(backend, reduction, zero_infinity):
+    T, B, C = 12, 5, 13
+    logits = torch.randn(T, B, C, dtype=torch.float64)
+    targets = torch.randint(1, C, (B, 6))
+    tl = torch.tensor([6, 0, 3, 5, 6])
+    il = torch.tensor([12, 10, 4, 12, 5])  # the last is infeasible
+    got, g = grads(lambda x: narvl.ctc_loss(x.log_softmax(-1), targets, il, tl, 0, reduction,
+                                            zero_infinity), logits)
+    want, gw = grads(lambda x: F.ctc_loss(x.log_softmax(-1), targets, il, tl, 0, reduction,
+                                          zero_infinity), logits)
+    torch.testing.assert_close(got, want)
+    if zero_infinity or reduction == "none":
+        finite = slice(None) if zero_infinity else slice(0, 4)
+        torch.testing.assert_close(g[:, finite], gw[:, finite])
+    ref = ctc_loss_reference(logits.log_softmax(-1), targets, il, tl, 0, reduction, zero_infinity)
+    torch.testing.assert_close(got, ref)
+
+
+def test_ctc_loss_input_forms(backend):
+    T, B, C = 10, 3, 7
+    lp = torch.randn(T, B, C).log_softmax(-1)
+    tl = (3, 1, 2)
+    padded = torch.tensor([[1, 2, 3], [4, 0, 0], [5, 5, 0]])
+    concat = torch.tensor([1, 2, 3, 4, 5, 5])
+    il = (10, 8, 9)
+    want = F.ctc_loss(lp, padded, il, tl, reduction="none")
+    torch.testing.assert_close(narvl.ctc_loss(lp, padded, il, tl, reduction="none"), want)
+    torch.testing.assert_close(narvl.ctc_loss(lp, concat, list(il), list(tl), reduction="none"), want)
+    one = narvl.ctc_loss(lp[:, 0], padded[0], 10, 3, reduction="none")
+    torch.testing.assert_close(one, F.ctc_loss(lp[:, 0], padded[0], (10,), (3,), reduction="none"))
+    assert one.dim() == 0
+    m = narvl.nn.CTCLoss(blank=0, zero_infinity=True)
+    torch.testing.assert_close(m(lp, padded, il, tl), torch.nn.CTCLoss(zero_infinity=True)(lp, padded, il, tl))
+
+
+def test_qctc_module_and_weights(backend):
+    logits, targets, tl, _ = make_case(4, 6, 9, 3, 8, lengths=torch.tensor([3, 2, 1, 0]))
+    w = torch.tensor([1.0, 0.9, 0.6, 0.3])
+    m = narvl.nn.QCTCLoss(blank=8, label_smoothing=0.1)
+    got = m(logits, targets, tl, weights=w)
+    want = qctc_loss_reference(logits, targets, tl, blank=8, label_smoothing=0.1, weights=w)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    per = narvl.qctc_loss(logits, targets, tl, blank=8, reduction="none", weights=w)
+    unw = narvl.qctc_loss(logits, targets, tl, blank=8, reduction="none")
+    torch.testing.assert_close(per, unw * w)
+
+
+def test_noncontiguous_inputs(backend):
+    logits, targets, tl, _ = make_case(3, 8, 21, 4, 20)
+    xt = logits.transpose(0, 1).contiguous().transpose(0, 1)  # (B, N, V) view with odd strides
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(narvl.qctc_loss(xt, targets, tl, blank=20),
+                               narvl.qctc_loss(logits, targets, tl, blank=20))
+
+
+def test_cpp_deterministic_across_threads(monkeypatch):
+    monkeypatch.setenv("NARVL_BACKEND", "cpp")
+    logits, targets, tl, _ = make_case(6, 10, 3001, 5, 3000)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2, 2, 1):
+            torch.set_num_threads(n)
+            out.append(grads(lambda x: narvl.qctc_loss(x, targets, tl, blank=3000, label_smoothing=0.1),
+                             logits))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, g in out[1:]:
+        assert torch.equal(loss, out[0][0]) and torch.equal(g, out[0][1])
+
+
+def test_cpp_large_rows_match_reference(monkeypatch):
+    """Rows longer than the vector tail logic, odd V, extreme logits (exp underflow)."""
+    monkeypatch.setenv("NARVL_BACKEND", "cpp")
+    logits, targets, tl, _ = make_case(2, 5, 4999, 3, 4998, scale=30.0)
+    got, g = grads(lambda x: narvl.qctc_loss(x, targets, tl, blank=4998, reduction="sum"), logits)
+    want, gw = grads(lambda x: qctc_loss_reference(x, targets, tl, blank=4998, reduction="sum"), logits)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g.double(), gw.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_ops():
+    logits, targets, tl, _ = make_case(3, 5, 7, 2, 6, lengths=torch.tensor([2, 1, 0]))
+    ql = torch.tensor([5, 4, 3])
+    x = logits.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.narvl.qctc_fwd.default, (x, targets, tl, ql, 6))
+    nll, sm, lse, post = torch.ops.narvl.qctc_fwd(logits, targets, tl, ql, 6)
+    g = torch.rand(3)
+    torch.library.opcheck(torch.ops.narvl.qctc_bwd.default,
+                          (g, g, logits, lse, post, targets, tl, ql, 6))
+    lp = torch.randn(5, 3, 7).log_softmax(-1)
+    torch.library.opcheck(torch.ops.narvl.ctc_fwd.default,
+                          (lp.clone().requires_grad_(True), targets, ql, tl, 6))
+    nll, post = torch.ops.narvl.ctc_fwd(lp, targets, ql, tl, 6)
+    torch.library.opcheck(torch.ops.narvl.ctc_bwd.default, (g, lp, post, targets, ql, tl, 6))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    logits, targets, tl, _ = make_case(3, 6, 17, 3, 16, lengths=torch.tensor([3, 2, 1]))
+
+    def step(x):
+        return narvl.qctc_loss(x, targets, tl, blank=16, label_smoothing=0.1)
+
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    eager = step(x1)
+    eager.backward()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x2)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(x2.grad, x1.grad)
+
+
+def test_reference_backend_env(monkeypatch):
+    monkeypatch.setenv("NARVL_BACKEND", "reference")
+    logits, targets, tl, _ = make_case(2, 5, 7, 2, 6)
+    got = narvl.qctc_loss(logits, targets, tl, blank=6)
+    torch.testing.assert_close(got.double(), qctc_loss_reference(logits, targets, tl, blank=6))
