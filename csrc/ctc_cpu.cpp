@@ -18,6 +18,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <string>
 #include <limits>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -90,22 +93,73 @@ void row_grad(const scalar_t* x, int64_t V, double lse, double A, double C, scal
   }
 }
 
-// A fresh multi-megabyte gradient is written exactly once; on Linux its first-touch page faults
-// (4 KiB each) cost more than the kernel itself. Asking for transparent huge pages before the
-// first write cuts the faults 512-fold. Advisory only: harmless where THP is off.
-Tensor empty_for_streaming_write(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  Tensor t = torch::empty(sizes, opt);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t bytes = t.nbytes();
-  if (bytes >= (size_t(8) << 20)) {
-    const uintptr_t page = 4096;
-    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t a = (p + page - 1) & ~(page - 1);
-    const uintptr_t e = (p + bytes) & ~(page - 1);
-    if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+// Gradient buffers. A fresh multi-megabyte gradient is written exactly once, and on Linux a
+// freshly mapped buffer costs more in first-touch page faults (and the kernel's zeroing) than
+// the kernel itself. Like the CUDA caching allocator, large buffers are therefore recycled: the
+// tensor's deleter returns its block to a small cache (at most kCacheBlocks blocks, matched by
+// exact size), so a training loop reuses warm pages. New blocks are 2 MiB aligned and advised
+// for transparent huge pages. NARVL_GRAD_CACHE=0 turns the cache off.
+constexpr size_t kBigBlock = size_t(8) << 20;
+constexpr size_t kCacheBlocks = 2;
+
+struct BlockCache {
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> blocks;  // oldest first
+};
+
+BlockCache& block_cache() {
+  static BlockCache* c = new BlockCache();  // leaked on purpose: deleters may run at exit
+  return *c;
+}
+
+bool cache_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("NARVL_GRAD_CACHE");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
+void release_block(void* p, size_t n) {
+  if (cache_enabled()) {
+    BlockCache& c = block_cache();
+    std::lock_guard<std::mutex> g(c.mu);
+    c.blocks.emplace_back(p, n);
+    if (c.blocks.size() <= kCacheBlocks) return;
+    p = c.blocks.front().first;
+    c.blocks.erase(c.blocks.begin());
   }
+  std::free(p);
+}
+
+void* acquire_block(size_t n) {
+  if (cache_enabled()) {
+    BlockCache& c = block_cache();
+    std::lock_guard<std::mutex> g(c.mu);
+    for (auto it = c.blocks.rbegin(); it != c.blocks.rend(); ++it) {
+      if (it->second == n) {
+        void* p = it->first;
+        c.blocks.erase(std::next(it).base());
+        return p;
+      }
+    }
+  }
+  void* p = nullptr;
+  const size_t align = size_t(2) << 20;
+  if (posix_memalign(&p, align, (n + align - 1) / align * align) != 0) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(p, (n + align - 1) / align * align, MADV_HUGEPAGE);
 #endif
-  return t;
+  return p;
+}
+
+Tensor empty_for_streaming_write(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  size_t numel = 1;
+  for (auto s : sizes) numel *= static_cast<size_t>(s);
+  const size_t bytes = numel * c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
+  if (bytes < kBigBlock) return torch::empty(sizes, opt);
+  void* p = acquire_block(bytes);
+  return torch::from_blob(p, sizes, [bytes](void* q) { release_block(q, bytes); }, opt);
 }
 
 int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }

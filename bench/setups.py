@@ -1,0 +1,21 @@
+"""One setup per op, shared by the benchmarks (and importable for ad-hoc runs)."""
+import torch
+
+V_OFA = 59458  # OFA's vocabulary + NARVL's blank (narvl-facts.md)
+
+# name: (B, N or T, V, min L, max L)
+CTC_SHAPES = {
+    "vqa": (64, 6, V_OFA, 1, 5),
+    "caption": (32, 20, V_OFA, 4, 16),
+    "asr": (16, 100, 1000, 10, 50),
+}
+
+
+def ctc_inputs(name, dtype=torch.float32, device="cpu", seed=0):
+    """logits (B, N, V), padded targets (B, Lmax), target_lengths (B,), blank = V - 1."""
+    B, N, V, lo, hi = CTC_SHAPES[name]
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, N, V, generator=g).to(device=device, dtype=dtype)
+    tl = torch.randint(lo, hi + 1, (B,), generator=g)
+    targets = torch.randint(0, V - 1, (B, hi), generator=g)
+    return logits, targets.to(device), tl.to(device), V - 1
