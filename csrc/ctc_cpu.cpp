@@ -2,8 +2,9 @@
 //
 // qctc_fwd streams each (b, n) logits row once for its max and row sum and once more (from
 // cache) for sum exp(x - max), then gathers the <= L+1 label/blank logits: lse and the slot
-// emissions e[b, n, k] = x[col_k] - lse. The alpha-beta recursion (ctc_lattice.h) runs per
-// sample on that small lattice. qctc_bwd streams each row once, writing
+// emissions e[b, n, k] = x[col_k] - lse (saved). The alpha recursion (ctc_lattice.h) then runs
+// per sample on that small lattice. qctc_bwd runs alpha-beta on the saved emissions for the
+// per-column posteriors, then streams each row once, writing
 //     grad[v] = A * softmax[v] + C - gn * post[v]
 // with A = gn - gs / N_b and C = gs / (N_b * V) (gn, gs: upstream gradients of the sample's
 // CTC nll and of its smoothing term mean_{n<N_b, v} lp), post being non-zero only on the
@@ -206,8 +207,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qctc_fwd_impl(const Tensor& logits, c
   const int64_t S = targets.size(1), K = S + 1;
   const auto fopt = logits.options().dtype(c10::CppTypeToScalarType<out_t>::value);
   Tensor nll = torch::empty({B}, fopt), smooth = torch::empty({B}, fopt);
-  Tensor lse = torch::zeros({B, N}, fopt), post = torch::empty({B, N, K}, fopt);
-  Tensor em = torch::empty({B, N, K}, fopt);
+  Tensor lse = torch::zeros({B, N}, fopt);
+  Tensor em = torch::full({B, N, K}, -std::numeric_limits<double>::infinity(), fopt);
   std::vector<double> rowsum(B * N, 0.0);
   const scalar_t* X = logits.data_ptr<scalar_t>();
   const int64_t sB = logits.stride(0), sN = logits.stride(1);
@@ -234,25 +235,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qctc_fwd_impl(const Tensor& logits, c
 
   out_t* nll_p = nll.data_ptr<out_t>();
   out_t* sm_p = smooth.data_ptr<out_t>();
-  out_t* post_p = post.data_ptr<out_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     static thread_local LatticeScratch ws;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t Nb = QL[b], L = TL[b];
-      nll_p[b] = static_cast<out_t>(
-          ctc_lattice(em_p + b * N * K, K, Nb, N, tgt + b * S, L, post_p + b * N * K, ws));
+      nll_p[b] = static_cast<out_t>(ctc_lattice(em_p + b * N * K, K, Nb, N, tgt + b * S, L,
+                                                static_cast<out_t*>(nullptr), ws));
       double acc = 0.0;
       for (int64_t n = 0; n < Nb; ++n)
         acc += rowsum[b * N + n] - static_cast<double>(V) * static_cast<double>(lse_p[b * N + n]);
       sm_p[b] = static_cast<out_t>(Nb > 0 ? acc / (static_cast<double>(Nb) * V) : 0.0);
     }
   });
-  return {nll, smooth, lse, post};
+  return {nll, smooth, lse, em};
+}
+
+// Per-column posteriors (B, T, K) from the slot emissions: the alpha-beta pass of the backward.
+template <typename out_t>
+Tensor posteriors(const Tensor& em_in, const int64_t* tgt, int64_t S, const int64_t* lengths,
+                  int64_t T, const int64_t* TL, int64_t B) {
+  const int64_t K = S + 1;
+  const Tensor em = em_in.to(c10::CppTypeToScalarType<out_t>::value).contiguous();
+  TORCH_CHECK(em.dim() == 3 && em.size(0) == B && em.size(1) == T && em.size(2) == K,
+              "narvl: em must be (B, T, S+1)");
+  Tensor post = torch::empty({B, T, K}, em.options());
+  const out_t* em_p = em.data_ptr<out_t>();
+  out_t* post_p = post.data_ptr<out_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    static thread_local LatticeScratch ws;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t Tb = checked_length(lengths, b, T, "lengths");
+      const int64_t L = checked_length(TL, b, S, "target_lengths");
+      ctc_lattice(em_p + b * T * K, K, Tb, T, tgt + b * S, L, post_p + b * T * K, ws);
+    }
+  });
+  return post;
 }
 
 template <typename scalar_t>
 Tensor qctc_bwd_impl(const Tensor& gn_t, const Tensor& gs_t, const Tensor& logits, const Tensor& lse,
-                     const Tensor& post, const Tensor& targets, const Tensor& tl, const Tensor& ql,
+                     const Tensor& em, const Tensor& targets, const Tensor& tl, const Tensor& ql,
                      int64_t blank) {
   using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t B = logits.size(0), N = logits.size(1), V = logits.size(2);
@@ -260,7 +282,10 @@ Tensor qctc_bwd_impl(const Tensor& gn_t, const Tensor& gs_t, const Tensor& logit
   Tensor grad = empty_for_streaming_write({B, N, V}, logits.options());
   const Tensor gn64 = gn_t.to(torch::kDouble).contiguous(), gs64 = gs_t.to(torch::kDouble).contiguous();
   const Tensor lse_c = lse.to(c10::CppTypeToScalarType<out_t>::value).contiguous();
-  const Tensor post_c = post.to(c10::CppTypeToScalarType<out_t>::value).contiguous();
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  const int64_t* TL = tl.data_ptr<int64_t>();
+  const int64_t* QL = ql.data_ptr<int64_t>();
+  const Tensor post_c = posteriors<out_t>(em, tgt, S, QL, N, TL, B);
   const double* gn = gn64.data_ptr<double>();
   const double* gs = gs64.data_ptr<double>();
   const out_t* lse_p = lse_c.data_ptr<out_t>();
@@ -268,9 +293,6 @@ Tensor qctc_bwd_impl(const Tensor& gn_t, const Tensor& gs_t, const Tensor& logit
   const scalar_t* X = logits.data_ptr<scalar_t>();
   scalar_t* G = grad.data_ptr<scalar_t>();
   const int64_t sB = logits.stride(0), sN = logits.stride(1);
-  const int64_t* tgt = targets.data_ptr<int64_t>();
-  const int64_t* TL = tl.data_ptr<int64_t>();
-  const int64_t* QL = ql.data_ptr<int64_t>();
 
   at::parallel_for(0, B * N, grain_for(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -320,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qctc_fwd_cpu(const Tensor& logits_in,
 }
 
 Tensor qctc_bwd_cpu(const Tensor& grad_nll, const Tensor& grad_smooth, const Tensor& logits_in,
-                    const Tensor& lse, const Tensor& post, const Tensor& targets_in,
+                    const Tensor& lse, const Tensor& em, const Tensor& targets_in,
                     const Tensor& target_lengths, const Tensor& query_lengths, int64_t blank) {
   const int64_t B = logits_in.size(0);
   check_common(logits_in, targets_in, target_lengths, query_lengths, B, blank);
@@ -331,7 +353,7 @@ Tensor qctc_bwd_cpu(const Tensor& grad_nll, const Tensor& grad_smooth, const Ten
   const Tensor ql = query_lengths.to(torch::kLong).contiguous();
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "qctc_bwd_cpu", [&] {
-    out = qctc_bwd_impl<scalar_t>(grad_nll, grad_smooth, logits, lse, post, targets, tl, ql, blank);
+    out = qctc_bwd_impl<scalar_t>(grad_nll, grad_smooth, logits, lse, em, targets, tl, ql, blank);
   });
   return out;
 }
@@ -347,8 +369,8 @@ std::tuple<Tensor, Tensor> ctc_fwd_impl(const Tensor& lp, const Tensor& targets,
   const int64_t T = lp.size(0), B = lp.size(1), C = lp.size(2);
   const int64_t S = targets.size(1), K = S + 1;
   const auto fopt = lp.options().dtype(c10::CppTypeToScalarType<out_t>::value);
-  Tensor nll = torch::empty({B}, fopt), post = torch::empty({B, T, K}, fopt);
-  Tensor em = torch::empty({B, T, K}, fopt);
+  Tensor nll = torch::empty({B}, fopt);
+  Tensor em = torch::full({B, T, K}, -std::numeric_limits<double>::infinity(), fopt);
   const scalar_t* X = lp.data_ptr<scalar_t>();
   const int64_t sT = lp.stride(0), sB = lp.stride(1);
   const int64_t* tgt = targets.data_ptr<int64_t>();
@@ -356,7 +378,6 @@ std::tuple<Tensor, Tensor> ctc_fwd_impl(const Tensor& lp, const Tensor& targets,
   const int64_t* TL = tl.data_ptr<int64_t>();
   out_t* em_p = em.data_ptr<out_t>();
   out_t* nll_p = nll.data_ptr<out_t>();
-  out_t* post_p = post.data_ptr<out_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     static thread_local LatticeScratch ws;
     for (int64_t b = b0; b < b1; ++b) {
@@ -364,28 +385,28 @@ std::tuple<Tensor, Tensor> ctc_fwd_impl(const Tensor& lp, const Tensor& targets,
       const int64_t L = checked_length(TL, b, S, "target_lengths");
       for (int64_t t = 0; t < Tb; ++t)
         gather_slots(X + t * sT + b * sB, C, 0.0, tgt + b * S, L, K, blank, em_p + (b * T + t) * K);
-      nll_p[b] = static_cast<out_t>(
-          ctc_lattice(em_p + b * T * K, K, Tb, T, tgt + b * S, L, post_p + b * T * K, ws));
+      nll_p[b] = static_cast<out_t>(ctc_lattice(em_p + b * T * K, K, Tb, T, tgt + b * S, L,
+                                                static_cast<out_t*>(nullptr), ws));
     }
   });
-  return {nll, post};
+  return {nll, em};
 }
 
 template <typename scalar_t>
-Tensor ctc_bwd_impl(const Tensor& gn_t, const Tensor& lp, const Tensor& post, const Tensor& targets,
+Tensor ctc_bwd_impl(const Tensor& gn_t, const Tensor& lp, const Tensor& em, const Tensor& targets,
                     const Tensor& il, const Tensor& tl, int64_t blank) {
   using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t T = lp.size(0), B = lp.size(1), C = lp.size(2);
   const int64_t S = targets.size(1), K = S + 1;
   Tensor grad = empty_for_streaming_write({T, B, C}, lp.options());
   const Tensor gn64 = gn_t.to(torch::kDouble).contiguous();
-  const Tensor post_c = post.to(c10::CppTypeToScalarType<out_t>::value).contiguous();
-  const double* gn = gn64.data_ptr<double>();
-  const out_t* post_p = post_c.data_ptr<out_t>();
-  scalar_t* G = grad.data_ptr<scalar_t>();
   const int64_t* tgt = targets.data_ptr<int64_t>();
   const int64_t* IL = il.data_ptr<int64_t>();
   const int64_t* TL = tl.data_ptr<int64_t>();
+  const Tensor post_c = posteriors<out_t>(em, tgt, S, IL, T, TL, B);
+  const double* gn = gn64.data_ptr<double>();
+  const out_t* post_p = post_c.data_ptr<out_t>();
+  scalar_t* G = grad.data_ptr<scalar_t>();
   at::parallel_for(0, T * B, grain_for(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / B, b = r % B;
@@ -422,7 +443,7 @@ std::tuple<Tensor, Tensor> ctc_fwd_cpu(const Tensor& lp_in, const Tensor& target
   return out;
 }
 
-Tensor ctc_bwd_cpu(const Tensor& grad_nll, const Tensor& lp_in, const Tensor& post,
+Tensor ctc_bwd_cpu(const Tensor& grad_nll, const Tensor& lp_in, const Tensor& em,
                    const Tensor& targets_in, const Tensor& input_lengths, const Tensor& target_lengths,
                    int64_t blank) {
   TORCH_CHECK(lp_in.dim() == 3, "narvl: log_probs must be (T, B, C)");
@@ -433,7 +454,7 @@ Tensor ctc_bwd_cpu(const Tensor& grad_nll, const Tensor& lp_in, const Tensor& po
   const Tensor tl = target_lengths.to(torch::kLong).contiguous();
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp_in.scalar_type(), "ctc_bwd_cpu", [&] {
-    out = ctc_bwd_impl<scalar_t>(grad_nll, lp_in, post, targets, il, tl, blank);
+    out = ctc_bwd_impl<scalar_t>(grad_nll, lp_in, em, targets, il, tl, blank);
   });
   return out;
 }

@@ -16,6 +16,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -34,12 +35,16 @@ struct LatticeScratch {
   std::vector<double> acc;
 };
 
-// Returns nll; writes post for frames [0, T_pad). em and post have K = S + 1 slots per frame.
+// Returns nll. With post != nullptr also runs beta and writes post for frames [0, T_pad); the
+// forward of a loss needs only alpha. em and post have K = S + 1 slots per frame. Only the band
+// of states that are reachable from the start and can still reach the end is visited:
+// W - 2 (T - t) <= s <= 2 t + 1.
 template <typename em_t, typename post_t>
 double ctc_lattice(const em_t* em, int64_t K, int64_t T, int64_t T_pad, const int64_t* labels,
                    int64_t L, post_t* post, LatticeScratch& ws) {
   const double ninf = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < T_pad * K; ++i) post[i] = post_t(0);
+  if (post != nullptr)
+    for (int64_t i = 0; i < T_pad * K; ++i) post[i] = post_t(0);
   if (T == 0) return L == 0 ? 0.0 : std::numeric_limits<double>::infinity();
   const int64_t W = 2 * L + 1;
   const int64_t blank_slot = K - 1;
@@ -47,16 +52,16 @@ double ctc_lattice(const em_t* em, int64_t K, int64_t T, int64_t T_pad, const in
   auto e = [&](int64_t t, int64_t s) { return static_cast<double>(em[t * K + slot(s)]); };
   auto skip = [&](int64_t s) { return s >= 3 && (s & 1) && labels[(s - 1) / 2] != labels[(s - 3) / 2]; };
 
+  auto lo = [&](int64_t t) { return std::max<int64_t>(0, W - 2 * (T - t)); };
+  auto hi = [&](int64_t t) { return std::min<int64_t>(W, 2 * t + 2); };
   ws.alpha.assign(T * W, ninf);
-  ws.beta.assign(T * W, ninf);
   double* a = ws.alpha.data();
-  double* b = ws.beta.data();
-  a[0] = e(0, 0);
-  if (W > 1) a[1] = e(0, 1);
+  if (lo(0) <= 0) a[0] = e(0, 0);
+  if (W > 1 && lo(0) <= 1) a[1] = e(0, 1);
   for (int64_t t = 1; t < T; ++t) {
     const double* ap = a + (t - 1) * W;
     double* at = a + t * W;
-    for (int64_t s = 0; s < W; ++s) {
+    for (int64_t s = lo(t); s < hi(t); ++s) {
       double v = ap[s];
       if (s >= 1) v = log_add(v, ap[s - 1]);
       if (skip(s)) v = log_add(v, ap[s - 2]);
@@ -66,14 +71,17 @@ double ctc_lattice(const em_t* em, int64_t K, int64_t T, int64_t T_pad, const in
   const double* alast = a + (T - 1) * W;
   const double ll = log_add(alast[W - 1], W > 1 ? alast[W - 2] : ninf);
   const double nll = -ll;
+  if (post == nullptr) return nll;
 
+  ws.beta.assign(T * W, ninf);
+  double* b = ws.beta.data();
   double* blast = b + (T - 1) * W;
   blast[W - 1] = e(T - 1, W - 1);
   if (W > 1) blast[W - 2] = e(T - 1, W - 2);
   for (int64_t t = T - 2; t >= 0; --t) {
     const double* bn = b + (t + 1) * W;
     double* bt = b + t * W;
-    for (int64_t s = 0; s < W; ++s) {
+    for (int64_t s = lo(t); s < hi(t); ++s) {
       double v = bn[s];
       if (s + 1 < W) v = log_add(v, bn[s + 1]);
       if (s + 2 < W && skip(s + 2)) v = log_add(v, bn[s + 2]);

@@ -6,19 +6,20 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(narvl, m) {
-  // Q-CTC on raw logits (B, N, V): returns (nll (B,), smooth (B,), lse (B, N), post (B, N, S+1)).
+  // Q-CTC on raw logits (B, N, V): returns (nll (B,), smooth (B,), lse (B, N), em (B, N, S+1)),
+  // em being the label/blank log-probabilities the backward re-derives the posteriors from.
   m.def(
       "qctc_fwd(Tensor logits, Tensor targets, Tensor target_lengths, Tensor query_lengths, "
       "int blank) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "qctc_bwd(Tensor grad_nll, Tensor grad_smooth, Tensor logits, Tensor lse, Tensor post, "
+      "qctc_bwd(Tensor grad_nll, Tensor grad_smooth, Tensor logits, Tensor lse, Tensor em, "
       "Tensor targets, Tensor target_lengths, Tensor query_lengths, int blank) -> Tensor");
-  // CTC on log-probabilities (T, B, C): returns (nll (B,), post (B, T, S+1)).
+  // CTC on log-probabilities (T, B, C): returns (nll (B,), em (B, T, S+1)).
   m.def(
       "ctc_fwd(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
       "int blank) -> (Tensor, Tensor)");
   m.def(
-      "ctc_bwd(Tensor grad_nll, Tensor log_probs, Tensor post, Tensor targets, "
+      "ctc_bwd(Tensor grad_nll, Tensor log_probs, Tensor em, Tensor targets, "
       "Tensor input_lengths, Tensor target_lengths, int blank) -> Tensor");
 }
 

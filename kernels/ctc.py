@@ -3,10 +3,11 @@
 Stage 1 (``_row_kernel``, one program per (b, n) row): an online max / sum-exp over V in
 BLOCK_V chunks (fp32 accumulation, fp64 for fp64 input), the plain row sum (for label
 smoothing), and the gather of the <= S+1 slot emissions e[b, n, k] = x[col_k] - lse.
-Stage 2 (``_lattice_kernel``, one program per sample): the alpha and beta recursions in log
-space over the 2L+1 lattice positions held in one block, through a global scratch row per frame
-(a barrier separates the store of frame t from the shifted loads of frame t+1), then the
-per-column posteriors post[b, t, k] (duplicate labels summed), the nll and the smoothing term.
+Stage 2 (``_lattice_kernel``, one program per sample): the alpha recursion in log space over
+the 2L+1 lattice positions held in one block, through a global scratch row per frame (a barrier
+separates the store of frame t from the shifted loads of frame t+1): the nll and the smoothing
+term. The backward runs the same kernel with NEED_POST, adding beta and the per-column
+posteriors post[b, t, k] (duplicate labels summed), from the emissions the forward saved.
 Stage 3 (``_qctc_grad_kernel``, one program per (row, V chunk)): grad = A * softmax + C, then
 the label / blank columns in the chunk are overwritten with their exact value minus gn * post.
 No atomics anywhere, so results are deterministic; offsets are int64.
@@ -78,8 +79,8 @@ def _lse3(a, b, c):
 
 @triton.jit
 def _lattice_kernel(EM, TGT, stride_tb, TL, QL, NLL, POST, ALPHA, BETA, T, K, LSE, ROWSUM, SMOOTH,
-                    V, SMOOTH_ON: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_T: tl.constexpr, ACC: tl.constexpr):
+                    V, SMOOTH_ON: tl.constexpr, NEED_POST: tl.constexpr, BLOCK_W: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     tb = tl.load(QL + b).to(tl.int64)
     L = tl.load(TL + b).to(tl.int64)
@@ -123,39 +124,40 @@ def _lattice_kernel(EM, TGT, stride_tb, TL, QL, NLL, POST, ALPHA, BETA, T, K, LS
     nll = tl.where(has, nll, tl.where(L == 0, 0.0, float("inf")))
     tl.store(NLL + b, nll)
 
-    # beta
-    tlast = tl.maximum(tb - 1, 0)
-    bcur = tl.load(em + tlast * K + slot, mask=valid & has_v, other=ninf).to(ACC)
-    bcur = tl.where(ends, bcur, ninf)
-    tl.store(bb + tlast * BLOCK_W + s, bcur, mask=has_v)
-    for i in range(1, tb):
-        t = tb - 1 - i
+    if NEED_POST:  # backward only: beta, then the per-column posteriors
+        # beta
+        tlast = tl.maximum(tb - 1, 0)
+        bcur = tl.load(em + tlast * K + slot, mask=valid & has_v, other=ninf).to(ACC)
+        bcur = tl.where(ends, bcur, ninf)
+        tl.store(bb + tlast * BLOCK_W + s, bcur, mask=has_v)
+        for i in range(1, tb):
+            t = tb - 1 - i
+            tl.debug_barrier()
+            base = bb + (t + 1) * BLOCK_W
+            n1 = tl.load(base + s + 1, mask=s + 1 < W, other=ninf)
+            n2 = tl.load(base + s + 2, mask=skip_next, other=ninf)
+            et = tl.load(em + t * K + slot, mask=valid, other=ninf).to(ACC)
+            bcur = tl.where(valid, _lse3(bcur, n1, n2) + et, ninf)
+            tl.store(bb + t * BLOCK_W + s, bcur)
         tl.debug_barrier()
-        base = bb + (t + 1) * BLOCK_W
-        n1 = tl.load(base + s + 1, mask=s + 1 < W, other=ninf)
-        n2 = tl.load(base + s + 2, mask=skip_next, other=ninf)
-        et = tl.load(em + t * K + slot, mask=valid, other=ninf).to(ACC)
-        bcur = tl.where(valid, _lse3(bcur, n1, n2) + et, ninf)
-        tl.store(bb + t * BLOCK_W + s, bcur)
-    tl.debug_barrier()
 
-    # posteriors per column
-    finite = (nll == nll) & (nll != float("inf"))
-    kk = tl.arange(0, BLOCK_K)
-    labk = tl.load(tgt + kk, mask=kk < L, other=-2)
-    eq = (labk[:, None] == lab[None, :]) & (odd & valid)[None, :]
-    for t in range(0, tb):
-        at = tl.load(ab + t * BLOCK_W + s)
-        bt = tl.load(bb + t * BLOCK_W + s)
-        et = tl.load(em + t * K + slot, mask=valid, other=ninf).to(ACC)
-        dead = (at == ninf) | (bt == ninf) | (~valid)
-        g = tl.where(dead, 0.0, tl.exp(at + bt - et + nll))
-        g = tl.where(finite, g, float("nan"))
-        gblank = tl.sum(tl.where(odd | (~valid), 0.0, g), 0)
-        pk = tl.sum(tl.where(eq, g[None, :], 0.0), 1)
-        pk = tl.where(kk < L, pk, 0.0)
-        out = tl.where(kk == K - 1, gblank, pk)
-        tl.store(POST + (b * T + t) * K + kk, out, mask=kk < K)
+        # posteriors per column
+        finite = (nll == nll) & (nll != float("inf"))
+        kk = tl.arange(0, BLOCK_K)
+        labk = tl.load(tgt + kk, mask=kk < L, other=-2)
+        eq = (labk[:, None] == lab[None, :]) & (odd & valid)[None, :]
+        for t in range(0, tb):
+            at = tl.load(ab + t * BLOCK_W + s)
+            bt = tl.load(bb + t * BLOCK_W + s)
+            et = tl.load(em + t * K + slot, mask=valid, other=ninf).to(ACC)
+            dead = (at == ninf) | (bt == ninf) | (~valid)
+            g = tl.where(dead, 0.0, tl.exp(at + bt - et + nll))
+            g = tl.where(finite, g, float("nan"))
+            gblank = tl.sum(tl.where(odd | (~valid), 0.0, g), 0)
+            pk = tl.sum(tl.where(eq, g[None, :], 0.0), 1)
+            pk = tl.where(kk < L, pk, 0.0)
+            out = tl.where(kk == K - 1, gblank, pk)
+            tl.store(POST + (b * T + t) * K + kk, out, mask=kk < K)
 
     if SMOOTH_ON:
         acc = tl.zeros((BLOCK_T,), ACC)
@@ -236,7 +238,8 @@ def _stats_block(V):
     return max(16, min(4096, triton.next_power_of_2(V)))
 
 
-def _lattice(em, targets, tl_, ql, T, lse, rowsum, V, smooth_on, acc):
+def _lattice(em, targets, tl_, ql, T, lse, rowsum, V, smooth_on, need_post, acc):
+    """Alpha (with need_post also beta + posteriors) per sample -> (nll, smooth, post or None)."""
     B, _, K = em.shape
     S = K - 1
     dev = em.device
@@ -244,19 +247,19 @@ def _lattice(em, targets, tl_, ql, T, lse, rowsum, V, smooth_on, acc):
     bw = triton.next_power_of_2(2 * S + 1)
     nll = torch.empty(B, dtype=odt, device=dev)
     smooth = torch.zeros(B, dtype=odt, device=dev)
-    post = torch.zeros(B, T, K, dtype=odt, device=dev)
+    post = torch.zeros(B, T, K, dtype=odt, device=dev) if need_post else nll
     alpha = torch.empty(B, max(T, 1), bw, dtype=odt, device=dev)
-    beta = torch.empty_like(alpha)
+    beta = torch.empty_like(alpha) if need_post else alpha
     _lattice_kernel[(B,)](
         em, targets, targets.stride(0), tl_, ql, nll, post, alpha, beta, T, K,
-        lse, rowsum, smooth, V, SMOOTH_ON=smooth_on, BLOCK_W=bw,
+        lse, rowsum, smooth, V, SMOOTH_ON=smooth_on, NEED_POST=need_post, BLOCK_W=bw,
         BLOCK_K=triton.next_power_of_2(K), BLOCK_T=min(1024, triton.next_power_of_2(max(T, 1))),
         ACC=acc, num_warps=1 if bw <= 64 else 4)
-    return nll, smooth, post
+    return nll, smooth, (post if need_post else None)
 
 
 def qctc_fwd(logits, targets, target_lengths, query_lengths, blank):
-    """logits: (B, N, V) -> (nll (B,), smooth (B,), lse (B, N), post (B, N, S+1)), fp32/fp64."""
+    """logits: (B, N, V) -> (nll (B,), smooth (B,), lse (B, N), em (B, N, S+1)), fp32/fp64."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     B, N, V = logits.shape
@@ -267,17 +270,17 @@ def qctc_fwd(logits, targets, target_lengths, query_lengths, blank):
     odt, acc = _out_dtype(logits.dtype), _acc(logits.dtype)
     lse = torch.zeros(B, N, dtype=odt, device=dev)
     rowsum = torch.zeros(B, N, dtype=odt, device=dev)
-    em = torch.empty(B, N, K, dtype=odt, device=dev)
+    em = torch.full((B, N, K), float("-inf"), dtype=odt, device=dev)
     if B * N > 0:
         _row_kernel[(B * N,)](
             logits, logits.stride(0), logits.stride(1), N, V, targets, targets.stride(0), tl_, ql,
             lse, rowsum, em, K, blank, NORMALIZED=False, BLOCK_V=_stats_block(V),
             BLOCK_K=triton.next_power_of_2(K), ACC=acc, num_warps=8)
-    nll, smooth, post = _lattice(em, targets, tl_, ql, N, lse, rowsum, V, True, acc)
-    return nll, smooth, lse, post
+    nll, smooth, _ = _lattice(em, targets, tl_, ql, N, lse, rowsum, V, True, False, acc)
+    return nll, smooth, lse, em
 
 
-def qctc_bwd(grad_nll, grad_smooth, logits, lse, post, targets, target_lengths, query_lengths, blank):
+def qctc_bwd(grad_nll, grad_smooth, logits, lse, em, targets, target_lengths, query_lengths, blank):
     """Gradient of sum_b (grad_nll[b] * nll_b + grad_smooth[b] * smooth_b) w.r.t. logits (B, N, V)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -288,17 +291,20 @@ def qctc_bwd(grad_nll, grad_smooth, logits, lse, post, targets, target_lengths, 
     grad = torch.empty(B, N, V, dtype=logits.dtype, device=dev)
     if grad.numel() == 0:
         return grad
+    tl_, ql = _lengths(target_lengths, dev), _lengths(query_lengths, dev)
+    em = em.to(_out_dtype(logits.dtype)).contiguous()
+    _, _, post = _lattice(em, targets, tl_, ql, N, em, em, V, False, True, _acc(logits.dtype))
     bv = max(16, min(2048, triton.next_power_of_2(V)))
     _qctc_grad_kernel[(B * N, triton.cdiv(V, bv))](
-        logits, logits.stride(0), logits.stride(1), grad, N, V, lse.contiguous(), post.contiguous(),
-        K, targets, targets.stride(0), _lengths(target_lengths, dev), _lengths(query_lengths, dev),
+        logits, logits.stride(0), logits.stride(1), grad, N, V, lse.contiguous(), post,
+        K, targets, targets.stride(0), tl_, ql,
         grad_nll.contiguous(), grad_smooth.contiguous(), blank, BLOCK_V=bv,
         BLOCK_K=triton.next_power_of_2(K), ACC=_acc(logits.dtype), num_warps=8)
     return grad
 
 
 def ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank):
-    """log_probs: (T, B, C) -> (nll (B,), post (B, T, S+1))."""
+    """log_probs: (T, B, C) -> (nll (B,), em (B, T, S+1))."""
     if log_probs.stride(-1) != 1:
         log_probs = log_probs.contiguous()
     T, B, C = log_probs.shape
@@ -307,28 +313,31 @@ def ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank):
     K = targets.shape[1] + 1
     tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
     odt, acc = _out_dtype(log_probs.dtype), _acc(log_probs.dtype)
-    em = torch.empty(B, T, K, dtype=odt, device=dev)
+    em = torch.full((B, T, K), float("-inf"), dtype=odt, device=dev)
     dummy = torch.empty(1, dtype=odt, device=dev)
     if B * T > 0:
         _row_kernel[(B * T,)](
             log_probs, log_probs.stride(1), log_probs.stride(0), T, C, targets, targets.stride(0),
             tl_, il, dummy, dummy, em, K, blank, NORMALIZED=True, BLOCK_V=16,
             BLOCK_K=triton.next_power_of_2(K), ACC=acc, num_warps=1)
-    nll, _, post = _lattice(em, targets, tl_, il, T, dummy, dummy, C, False, acc)
-    return nll, post
+    nll, _, _ = _lattice(em, targets, tl_, il, T, dummy, dummy, C, False, False, acc)
+    return nll, em
 
 
-def ctc_bwd(grad_nll, log_probs, post, targets, input_lengths, target_lengths, blank):
+def ctc_bwd(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
     """Gradient of sum_b grad_nll[b] * nll_b w.r.t. log_probs (T, B, C): -grad_nll * post."""
     T, B, C = log_probs.shape
     dev = log_probs.device
     targets = targets.to(device=dev, dtype=torch.int64).contiguous()
     K = targets.shape[1] + 1
     grad = torch.zeros(T, B, C, dtype=log_probs.dtype, device=dev)
+    tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
+    em = em.to(_out_dtype(log_probs.dtype)).contiguous()
     if B * T > 0:
+        _, _, post = _lattice(em, targets, tl_, il, T, em, em, C, False, True, _acc(log_probs.dtype))
         _ctc_scatter_kernel[(B * T,)](
-            grad, grad.stride(0), grad.stride(1), post.contiguous(), T, K, targets,
-            targets.stride(0), _lengths(target_lengths, dev), _lengths(input_lengths, dev),
+            grad, grad.stride(0), grad.stride(1), post, T, K, targets,
+            targets.stride(0), tl_, il,
             grad_nll.contiguous(), blank, BLOCK_K=triton.next_power_of_2(K),
             ACC=_acc(log_probs.dtype), num_warps=1)
     return grad

@@ -8,10 +8,10 @@ reference CPU implementations) still exist; ``tests/test_schema.py`` checks that
 SCHEMAS = {
     "qctc_fwd": "(Tensor logits, Tensor targets, Tensor target_lengths, Tensor query_lengths, "
     "int blank) -> (Tensor, Tensor, Tensor, Tensor)",
-    "qctc_bwd": "(Tensor grad_nll, Tensor grad_smooth, Tensor logits, Tensor lse, Tensor post, "
+    "qctc_bwd": "(Tensor grad_nll, Tensor grad_smooth, Tensor logits, Tensor lse, Tensor em, "
     "Tensor targets, Tensor target_lengths, Tensor query_lengths, int blank) -> Tensor",
     "ctc_fwd": "(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
     "int blank) -> (Tensor, Tensor)",
-    "ctc_bwd": "(Tensor grad_nll, Tensor log_probs, Tensor post, Tensor targets, "
+    "ctc_bwd": "(Tensor grad_nll, Tensor log_probs, Tensor em, Tensor targets, "
     "Tensor input_lengths, Tensor target_lengths, int blank) -> Tensor",
 }

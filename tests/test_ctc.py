@@ -114,20 +114,33 @@ def test_edge_cases(backend):
     assert torch.all(x1.grad[0, 3] == 0) and x1.grad[0, :3].abs().sum() > 0
 
 
-def test_posteriors_match_reference(backend):
-    """The saved per-column posteriors (duplicate labels summed) equal -d nll / d log p."""
-    B, N, V, S = 4, 9, 7, 4
-    logits, targets, tl, _ = make_case(B, N, V, S, 0, lengths=torch.tensor([4, 3, 0, 2]))
-    targets[0] = torch.tensor([2, 3, 2, 2])  # duplicate columns
-    ql = torch.tensor([9, 7, 5, 9])
-    lp = torch.log_softmax(logits.double(), -1)
-    want_nll, want_post = column_posteriors(lp, targets, ql, tl, 0)
-    if backend == "cpp":
-        nll, _, _, post = torch.ops.narvl.qctc_fwd(logits, targets, tl, ql, 0)
-    else:
-        nll, _, _, post = narvl._backend.triton_kernels().ctc.qctc_fwd(logits, targets, tl, ql, 0)
-    torch.testing.assert_close(nll.double(), want_nll, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(post.double(), want_post, rtol=1e-5, atol=1e-6)
+def test_duplicate_labels_share_their_column(backend):
+    """The backward sums the posteriors of repeated labels (a a, a b a) into one column."""
+    B, N, V = 4, 9, 7
+    logits = torch.randn(B, N, V, dtype=torch.float64)
+    targets = torch.tensor([[2, 3, 2, 2], [1, 1, 1, 0], [4, 5, 6, 4], [3, 0, 0, 0]])
+    tl = torch.tensor([4, 3, 4, 1])
+    ql = torch.tensor([9, 7, 8, 9])
+    kw = dict(query_lengths=ql, blank=0, reduction="sum")
+    got, g = grads(lambda x: narvl.qctc_loss(x, targets, tl, **kw), logits)
+    want, gw = grads(lambda x: qctc_loss_reference(x, targets, tl, **kw), logits)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g, gw)
+
+
+def test_posteriors_reference_is_minus_the_gradient():
+    """column_posteriors (used by the no-build fallback) against a finite difference."""
+    lp = torch.randn(2, 6, 5, dtype=torch.float64).log_softmax(-1)
+    targets = torch.tensor([[1, 1, 2], [3, 0, 0]])
+    il, tl = torch.tensor([6, 4]), torch.tensor([3, 1])
+    nll, post = column_posteriors(lp, targets, il, tl, 0)
+    h = 1e-6
+    for b, t, k, col in [(0, 2, 0, 1), (0, 3, 2, 2), (1, 1, 3, 0), (1, 2, 0, 3)]:
+        d = torch.zeros_like(lp)
+        d[b, t, col] = h
+        from narvl.reference import ctc_nll_reference
+        fd = (ctc_nll_reference(lp + d, targets, il, tl, 0) - ctc_nll_reference(lp - d, targets, il, tl, 0))[b] / (2 * h)
+        assert abs(float(fd) + float(post[b, t, k])) < 1e-6
 
 
 @pytest.mark.parametrize("blank", [0, 8])

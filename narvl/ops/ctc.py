@@ -34,7 +34,7 @@ def _qctc_fwd_fake(logits, targets, target_lengths, query_lengths, blank):
 
 
 @torch.library.register_fake("narvl::qctc_bwd")
-def _qctc_bwd_fake(grad_nll, grad_smooth, logits, lse, post, targets, target_lengths,
+def _qctc_bwd_fake(grad_nll, grad_smooth, logits, lse, em, targets, target_lengths,
                    query_lengths, blank):
     return logits.new_empty(logits.shape)
 
@@ -48,7 +48,7 @@ def _ctc_fwd_fake(log_probs, targets, input_lengths, target_lengths, blank):
 
 
 @torch.library.register_fake("narvl::ctc_bwd")
-def _ctc_bwd_fake(grad_nll, log_probs, post, targets, input_lengths, target_lengths, blank):
+def _ctc_bwd_fake(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
     return log_probs.new_empty(log_probs.shape)
 
 
@@ -57,35 +57,35 @@ def _ctc_bwd_fake(grad_nll, log_probs, post, targets, input_lengths, target_leng
 
 def _qctc_setup(ctx, inputs, output):
     logits, targets, target_lengths, query_lengths, blank = inputs
-    _, _, lse, post = output
-    ctx.save_for_backward(logits, lse, post, targets, target_lengths, query_lengths)
+    _, _, lse, em = output
+    ctx.save_for_backward(logits, lse, em, targets, target_lengths, query_lengths)
     ctx.blank = blank
-    ctx.mark_non_differentiable(lse, post)
+    ctx.mark_non_differentiable(lse, em)
 
 
-def _qctc_backward(ctx, g_nll, g_smooth, _g_lse, _g_post):
-    logits, lse, post, targets, tl, ql = ctx.saved_tensors
+def _qctc_backward(ctx, g_nll, g_smooth, _g_lse, _g_em):
+    logits, lse, em, targets, tl, ql = ctx.saved_tensors
     B = logits.shape[0]
     z = lse.new_zeros(B)
     g_nll = z if g_nll is None else g_nll
     g_smooth = z if g_smooth is None else g_smooth
-    grad = _OPS.qctc_bwd(g_nll, g_smooth, logits, lse, post, targets, tl, ql, ctx.blank)
+    grad = _OPS.qctc_bwd(g_nll, g_smooth, logits, lse, em, targets, tl, ql, ctx.blank)
     return grad, None, None, None, None
 
 
 def _ctc_setup(ctx, inputs, output):
     log_probs, targets, input_lengths, target_lengths, blank = inputs
-    _, post = output
-    ctx.save_for_backward(log_probs, post, targets, input_lengths, target_lengths)
+    _, em = output
+    ctx.save_for_backward(log_probs, em, targets, input_lengths, target_lengths)
     ctx.blank = blank
-    ctx.mark_non_differentiable(post)
+    ctx.mark_non_differentiable(em)
 
 
-def _ctc_backward(ctx, g_nll, _g_post):
-    log_probs, post, targets, il, tl = ctx.saved_tensors
+def _ctc_backward(ctx, g_nll, _g_em):
+    log_probs, em, targets, il, tl = ctx.saved_tensors
     if g_nll is None:
         return None, None, None, None, None
-    grad = _OPS.ctc_bwd(g_nll, log_probs, post, targets, il, tl, ctx.blank)
+    grad = _OPS.ctc_bwd(g_nll, log_probs, em, targets, il, tl, ctx.blank)
     return grad, None, None, None, None
 
 
@@ -107,8 +107,8 @@ def _qctc_fwd_cuda(logits, targets, target_lengths, query_lengths, blank):
 
 
 @torch.library.register_kernel("narvl::qctc_bwd", "cuda")
-def _qctc_bwd_cuda(grad_nll, grad_smooth, logits, lse, post, targets, tl, ql, blank):
-    return _tk().qctc_bwd(grad_nll, grad_smooth, logits, lse, post, targets, tl, ql, blank)
+def _qctc_bwd_cuda(grad_nll, grad_smooth, logits, lse, em, targets, tl, ql, blank):
+    return _tk().qctc_bwd(grad_nll, grad_smooth, logits, lse, em, targets, tl, ql, blank)
 
 
 @torch.library.register_kernel("narvl::ctc_fwd", "cuda")
@@ -117,55 +117,86 @@ def _ctc_fwd_cuda(log_probs, targets, input_lengths, target_lengths, blank):
 
 
 @torch.library.register_kernel("narvl::ctc_bwd", "cuda")
-def _ctc_bwd_cuda(grad_nll, log_probs, post, targets, input_lengths, target_lengths, blank):
-    return _tk().ctc_bwd(grad_nll, log_probs, post, targets, input_lengths, target_lengths, blank)
+def _ctc_bwd_cuda(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
+    return _tk().ctc_bwd(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank)
+
+
+def _slot_columns(targets, target_lengths, blank, vocab):
+    """(cols (B, S+1), live (B, S+1)): the column of each slot and whether the slot is used."""
+    B, S = targets.shape
+    cols = torch.cat([targets.long().clamp(0, vocab - 1), torch.full((B, 1), blank)], 1)
+    live = torch.cat([torch.arange(S)[None, :] < target_lengths.long()[:, None],
+                      torch.ones(B, 1, dtype=torch.bool)], 1)
+    return cols, live
+
+
+def _slot_emissions(lp, targets, target_lengths, lengths, blank):
+    """em (B, T, S+1) gathered from lp (B, T, C); -inf on unused slots and frames."""
+    B, T, C = lp.shape
+    cols, live = _slot_columns(targets, target_lengths, blank, C)
+    em = lp.gather(2, cols[:, None, :].expand(B, T, -1))
+    rows = torch.arange(T)[None, :] < lengths.long()[:, None]
+    return torch.where(live[:, None, :] & rows[..., None], em, float("-inf"))
+
+
+def _posteriors_from_em(em, targets, lengths, target_lengths, blank):
+    """Column posteriors (B, T, S+1) from slot emissions, through the float64 reference."""
+    B, T, K = em.shape
+    # a log-prob table whose label/blank columns are the emissions (other columns never read)
+    live_labels = torch.where(_slot_columns(targets, target_lengths, blank, 1)[1][:, :-1], targets, 0)
+    C = max(int(live_labels.max()) if live_labels.numel() else 0, blank) + 1
+    cols, live = _slot_columns(targets, target_lengths, blank, C)
+    lp = torch.full((B, T, C), float("-inf"), dtype=torch.float64)
+    lp = lp.scatter(2, torch.where(live, cols, blank)[:, None, :].expand(B, T, -1),
+                    torch.where(live[:, None, :], em.double(), em.double()[..., -1:]))
+    _, post = ref.column_posteriors(lp, targets, lengths, target_lengths, blank)
+    return post
 
 
 def _qctc_fwd_ref(logits, targets, target_lengths, query_lengths, blank):
     B, N, V = logits.shape
     lp = torch.log_softmax(logits.double(), -1)
-    nll, post = ref.column_posteriors(lp, targets, query_lengths, target_lengths, blank)
+    nll = ref.ctc_nll_reference(lp, targets, query_lengths, target_lengths, blank)
     rows = torch.arange(N)[None, :] < query_lengths.long()[:, None]
     smooth = (lp.sum(-1) * rows).sum(1) / (query_lengths.long().clamp_min(1) * V)
     lse = torch.where(rows, torch.logsumexp(logits.double(), -1), 0.0)
+    em = _slot_emissions(lp, targets, target_lengths, query_lengths, blank)
     dt = _float_out(logits.dtype)
-    return nll.to(dt), smooth.to(dt), lse.to(dt), post.to(dt)
+    return nll.to(dt), smooth.to(dt), lse.to(dt), em.to(dt)
 
 
-def _qctc_bwd_ref(grad_nll, grad_smooth, logits, lse, post, targets, tl, ql, blank):
+def _qctc_bwd_ref(grad_nll, grad_smooth, logits, lse, em, targets, tl, ql, blank):
     B, N, V = logits.shape
+    post = _posteriors_from_em(em, targets, ql, tl, blank)
     x = logits.double()
     sm = torch.exp(x - lse.double()[..., None])
     nb = ql.long().clamp_min(1).double()[:, None, None]
     gn = grad_nll.double()[:, None, None]
     gs = grad_smooth.double()[:, None, None]
     grad = (gn - gs / nb) * sm + gs / (nb * V)
-    cols = torch.cat([targets.long().clamp(0, V - 1), torch.full((B, 1), blank)], 1)
-    p = torch.where(gn != 0, gn * post.double(), 0.0)
+    cols, live = _slot_columns(targets, tl, blank, V)
+    idx = cols[:, None, :].expand(B, N, -1)
     # duplicate labels carry the same column total, so overwriting by scatter is exact
-    fixed = grad.gather(2, cols[:, None, :].expand(B, N, -1)) - p
-    kmask = torch.cat([torch.arange(targets.shape[1])[None, :] < tl.long()[:, None],
-                       torch.ones(B, 1, dtype=torch.bool)], 1)
-    fixed = torch.where(kmask[:, None, :], fixed, grad.gather(2, cols[:, None, :].expand(B, N, -1)))
-    grad = grad.scatter(2, cols[:, None, :].expand(B, N, -1), fixed)
+    p = torch.where((gn != 0) & live[:, None, :], gn * post, 0.0)
+    grad = grad.scatter(2, idx, grad.gather(2, idx) - p)
     rows = torch.arange(N)[None, :] < ql.long()[:, None]
     return torch.where(rows[..., None], grad, 0.0).to(logits.dtype)
 
 
 def _ctc_fwd_ref(log_probs, targets, input_lengths, target_lengths, blank):
-    nll, post = ref.column_posteriors(log_probs.transpose(0, 1), targets, input_lengths,
-                                      target_lengths, blank)
+    lp = log_probs.transpose(0, 1).double()
+    nll = ref.ctc_nll_reference(lp, targets, input_lengths, target_lengths, blank)
+    em = _slot_emissions(lp, targets, target_lengths, input_lengths, blank)
     dt = _float_out(log_probs.dtype)
-    return nll.to(dt), post.to(dt)
+    return nll.to(dt), em.to(dt)
 
 
-def _ctc_bwd_ref(grad_nll, log_probs, post, targets, input_lengths, target_lengths, blank):
+def _ctc_bwd_ref(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
     T, B, C = log_probs.shape
-    cols = torch.cat([targets.long().clamp(0, C - 1), torch.full((B, 1), blank)], 1)
-    kmask = torch.cat([torch.arange(targets.shape[1])[None, :] < target_lengths.long()[:, None],
-                       torch.ones(B, 1, dtype=torch.bool)], 1)
+    post = _posteriors_from_em(em, targets, input_lengths, target_lengths, blank)
+    cols, live = _slot_columns(targets, target_lengths, blank, C)
     gn = grad_nll.double()[:, None, None]
-    val = torch.where(kmask[:, None, :] & (gn != 0), -gn * post.double(), 0.0)  # (B, T, K)
+    val = torch.where(live[:, None, :] & (gn != 0), -gn * post, 0.0)  # (B, T, K)
     g = torch.zeros(B, T, C, dtype=torch.float64).scatter(2, cols[:, None, :].expand(B, T, -1), val)
     return g.transpose(0, 1).contiguous().to(log_probs.dtype)
 
@@ -184,12 +215,12 @@ class _TritonOnCPU(torch.autograd.Function):
     def forward(ctx, kind, x, targets, lengths, target_lengths, blank):
         k = _tk()
         if kind == "qctc":
-            nll, smooth, lse, post = k.qctc_fwd(x, targets, target_lengths, lengths, blank)
-            ctx.save_for_backward(x, lse, post, targets, target_lengths, lengths)
+            nll, smooth, lse, em = k.qctc_fwd(x, targets, target_lengths, lengths, blank)
+            ctx.save_for_backward(x, lse, em, targets, target_lengths, lengths)
         else:
-            nll, post = k.ctc_fwd(x, targets, lengths, target_lengths, blank)
+            nll, em = k.ctc_fwd(x, targets, lengths, target_lengths, blank)
             smooth = nll.new_zeros(nll.shape)
-            ctx.save_for_backward(x, post, targets, lengths, target_lengths)
+            ctx.save_for_backward(x, em, targets, lengths, target_lengths)
         ctx.kind, ctx.blank = kind, blank
         return nll, smooth
 
@@ -197,12 +228,12 @@ class _TritonOnCPU(torch.autograd.Function):
     def backward(ctx, g_nll, g_smooth):
         k = _tk()
         if ctx.kind == "qctc":
-            x, lse, post, targets, tl, ql = ctx.saved_tensors
-            g = k.qctc_bwd(g_nll.contiguous(), g_smooth.contiguous(), x, lse, post, targets, tl, ql,
+            x, lse, em, targets, tl, ql = ctx.saved_tensors
+            g = k.qctc_bwd(g_nll.contiguous(), g_smooth.contiguous(), x, lse, em, targets, tl, ql,
                            ctx.blank)
         else:
-            x, post, targets, il, tl = ctx.saved_tensors
-            g = k.ctc_bwd(g_nll.contiguous(), x, post, targets, il, tl, ctx.blank)
+            x, em, targets, il, tl = ctx.saved_tensors
+            g = k.ctc_bwd(g_nll.contiguous(), x, em, targets, il, tl, ctx.blank)
         return None, g, None, None, None, None
 
 
