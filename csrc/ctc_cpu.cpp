@@ -236,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qctc_fwd_impl(const Tensor& logits, c
   out_t* nll_p = nll.data_ptr<out_t>();
   out_t* sm_p = smooth.data_ptr<out_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    static thread_local LatticeScratch ws;
+    static thread_local LatticeScratch<out_t> ws;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t Nb = QL[b], L = TL[b];
       nll_p[b] = static_cast<out_t>(ctc_lattice(em_p + b * N * K, K, Nb, N, tgt + b * S, L,
@@ -262,7 +262,7 @@ Tensor posteriors(const Tensor& em_in, const int64_t* tgt, int64_t S, const int6
   const out_t* em_p = em.data_ptr<out_t>();
   out_t* post_p = post.data_ptr<out_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    static thread_local LatticeScratch ws;
+    static thread_local LatticeScratch<out_t> ws;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t Tb = checked_length(lengths, b, T, "lengths");
       const int64_t L = checked_length(TL, b, S, "target_lengths");
@@ -379,7 +379,7 @@ std::tuple<Tensor, Tensor> ctc_fwd_impl(const Tensor& lp, const Tensor& targets,
   out_t* em_p = em.data_ptr<out_t>();
   out_t* nll_p = nll.data_ptr<out_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    static thread_local LatticeScratch ws;
+    static thread_local LatticeScratch<out_t> ws;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t Tb = checked_length(IL, b, T, "input_lengths");
       const int64_t L = checked_length(TL, b, S, "target_lengths");

@@ -18,74 +18,113 @@
 #include <cstdint>
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "vec_math.h"
 
 namespace narvl {
 
+// Math in the lattice's precision: float (fast vectorisable exp/log) or double (libm).
 template <typename acc_t>
-inline acc_t log_add(acc_t a, acc_t b) {
-  if (a < b) std::swap(a, b);
-  if (b == -std::numeric_limits<acc_t>::infinity()) return a;
-  return a + std::log1p(std::exp(b - a));
+struct LatticeMath;
+template <>
+struct LatticeMath<float> {
+  static float exp(float x) { return exp_f32(x); }
+  static float log(float x) { return log_f32(x); }
+};
+template <>
+struct LatticeMath<double> {
+  static double exp(double x) { return std::exp(x); }
+  static double log(double x) { return std::log(x); }
+};
+
+// logsumexp(a0, a1, a2) + e, branch-free. All -inf stays -inf; a NaN input stays NaN.
+template <typename acc_t>
+inline acc_t lse3_plus(acc_t a0, acc_t a1, acc_t a2, acc_t e) {
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  acc_t m = a0;
+  m = a1 > m ? a1 : m;
+  m = a2 > m ? a2 : m;
+  const bool dead = m == ninf;
+  const acc_t ms = dead ? acc_t(0) : m;
+  const acc_t sum = LatticeMath<acc_t>::exp(a0 - ms) + LatticeMath<acc_t>::exp(a1 - ms) +
+                    LatticeMath<acc_t>::exp(a2 - ms);
+  const acc_t r = ms + LatticeMath<acc_t>::log(sum) + e;
+  return dead ? a0 + a1 + a2 : r;
 }
 
+template <typename acc_t>
 struct LatticeScratch {
-  std::vector<double> alpha, beta;
+  std::vector<acc_t> alpha, beta, ext, skip, skip_next;
   std::vector<int64_t> rep;
   std::vector<double> acc;
 };
 
+constexpr int64_t kPad = 2;  // -inf cells on both sides of every lattice row
+
 // Returns nll. With post != nullptr also runs beta and writes post for frames [0, T_pad); the
-// forward of a loss needs only alpha. em and post have K = S + 1 slots per frame. Only the band
-// of states that are reachable from the start and can still reach the end is visited:
-// W - 2 (T - t) <= s <= 2 t + 1.
-template <typename em_t, typename post_t>
-double ctc_lattice(const em_t* em, int64_t K, int64_t T, int64_t T_pad, const int64_t* labels,
-                   int64_t L, post_t* post, LatticeScratch& ws) {
-  const double ninf = -std::numeric_limits<double>::infinity();
+// forward of a loss needs only alpha. em and post have K = S + 1 slots per frame. The lattice
+// runs in em's precision. Rows carry kPad -inf cells on each side and skip transitions are an
+// additive 0 / -inf mask, so each frame is one branch-free loop over the states of the band
+// W - 2 (T - t) <= s <= 2 t + 1 (reachable from the start, able to reach the end).
+template <typename acc_t, typename post_t>
+acc_t ctc_lattice(const acc_t* em, int64_t K, int64_t T, int64_t T_pad, const int64_t* labels,
+                  int64_t L, post_t* post, LatticeScratch<acc_t>& ws) {
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   if (post != nullptr)
     for (int64_t i = 0; i < T_pad * K; ++i) post[i] = post_t(0);
-  if (T == 0) return L == 0 ? 0.0 : std::numeric_limits<double>::infinity();
-  const int64_t W = 2 * L + 1;
+  if (T == 0) return L == 0 ? acc_t(0) : std::numeric_limits<acc_t>::infinity();
+  const int64_t W = 2 * L + 1, R = W + 2 * kPad;
   const int64_t blank_slot = K - 1;
   auto slot = [&](int64_t s) { return (s & 1) ? (s >> 1) : blank_slot; };
-  auto e = [&](int64_t t, int64_t s) { return static_cast<double>(em[t * K + slot(s)]); };
-  auto skip = [&](int64_t s) { return s >= 3 && (s & 1) && labels[(s - 1) / 2] != labels[(s - 3) / 2]; };
-
   auto lo = [&](int64_t t) { return std::max<int64_t>(0, W - 2 * (T - t)); };
   auto hi = [&](int64_t t) { return std::min<int64_t>(W, 2 * t + 2); };
-  ws.alpha.assign(T * W, ninf);
-  double* a = ws.alpha.data();
-  if (lo(0) <= 0) a[0] = e(0, 0);
-  if (W > 1 && lo(0) <= 1) a[1] = e(0, 1);
+  // skip[s] = 0 where the s-2 -> s transition exists, -inf elsewhere; skip_next[s] = skip[s+2].
+  ws.skip.assign(R, ninf);
+  for (int64_t s = 3; s < W; s += 2)
+    if (labels[(s - 1) / 2] != labels[(s - 3) / 2]) ws.skip[s + kPad] = 0;
+  ws.skip_next.assign(R, ninf);
+  for (int64_t s = 0; s + 2 < W; ++s) ws.skip_next[s + kPad] = ws.skip[s + 2 + kPad];
+  const acc_t* sk = ws.skip.data() + kPad;
+  const acc_t* skn = ws.skip_next.data() + kPad;
+  // ext[t][s] = emission of lattice state s at frame t
+  ws.ext.resize(T * W);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t s = 0; s < W; ++s) ws.ext[t * W + s] = em[t * K + slot(s)];
+
+  ws.alpha.assign(T * R, ninf);
+  acc_t* a = ws.alpha.data() + kPad;
+  if (lo(0) <= 0) a[0] = ws.ext[0];
+  if (W > 1 && lo(0) <= 1) a[1] = ws.ext[1];
   for (int64_t t = 1; t < T; ++t) {
-    const double* ap = a + (t - 1) * W;
-    double* at = a + t * W;
-    for (int64_t s = lo(t); s < hi(t); ++s) {
-      double v = ap[s];
-      if (s >= 1) v = log_add(v, ap[s - 1]);
-      if (skip(s)) v = log_add(v, ap[s - 2]);
-      at[s] = v == ninf ? ninf : v + e(t, s);
+    const acc_t* ap = a + (t - 1) * R;
+    acc_t* at = a + t * R;
+    const acc_t* e = ws.ext.data() + t * W;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      lattice_row_fwd_f32(ap, sk, e, at, lo(t), hi(t));
+    } else {
+      const int64_t s1 = hi(t);
+      for (int64_t s = lo(t); s < s1; ++s) at[s] = lse3_plus(ap[s], ap[s - 1], ap[s - 2] + sk[s], e[s]);
     }
   }
-  const double* alast = a + (T - 1) * W;
-  const double ll = log_add(alast[W - 1], W > 1 ? alast[W - 2] : ninf);
-  const double nll = -ll;
+  const acc_t* alast = a + (T - 1) * R;
+  const acc_t nll = -lse3_plus(alast[W - 1], alast[W - 2], ninf, acc_t(0));  // alast[-1] = -inf pad
   if (post == nullptr) return nll;
 
-  ws.beta.assign(T * W, ninf);
-  double* b = ws.beta.data();
-  double* blast = b + (T - 1) * W;
-  blast[W - 1] = e(T - 1, W - 1);
-  if (W > 1) blast[W - 2] = e(T - 1, W - 2);
+  ws.beta.assign(T * R, ninf);
+  acc_t* b = ws.beta.data() + kPad;
+  b[(T - 1) * R + W - 1] = ws.ext[(T - 1) * W + W - 1];
+  if (W > 1) b[(T - 1) * R + W - 2] = ws.ext[(T - 1) * W + W - 2];
   for (int64_t t = T - 2; t >= 0; --t) {
-    const double* bn = b + (t + 1) * W;
-    double* bt = b + t * W;
-    for (int64_t s = lo(t); s < hi(t); ++s) {
-      double v = bn[s];
-      if (s + 1 < W) v = log_add(v, bn[s + 1]);
-      if (s + 2 < W && skip(s + 2)) v = log_add(v, bn[s + 2]);
-      bt[s] = v == ninf ? ninf : v + e(t, s);
+    const acc_t* bn = b + (t + 1) * R;
+    acc_t* bt = b + t * R;
+    const acc_t* e = ws.ext.data() + t * W;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      lattice_row_bwd_f32(bn, skn, e, bt, lo(t), hi(t));
+    } else {
+      const int64_t s1 = hi(t);
+      for (int64_t s = lo(t); s < s1; ++s) bt[s] = lse3_plus(bn[s], bn[s + 1], bn[s + 2] + skn[s], e[s]);
     }
   }
 
@@ -100,7 +139,8 @@ double ctc_lattice(const em_t* em, int64_t K, int64_t T, int64_t T_pad, const in
       }
   }
   ws.acc.assign(L > 0 ? L : 1, 0.0);
-  const bool finite = std::isfinite(nll);
+  const bool finite = std::isfinite(static_cast<double>(nll));
+  std::vector<acc_t>& g = ws.skip;  // reuse as the per-frame occupancy buffer (size >= W)
   for (int64_t t = 0; t < T; ++t) {
     post_t* pt = post + t * K;
     if (!finite) {
@@ -108,17 +148,18 @@ double ctc_lattice(const em_t* em, int64_t K, int64_t T, int64_t T_pad, const in
       pt[blank_slot] = post_t(NAN);
       continue;
     }
-    const double* at = a + t * W;
-    const double* bt = b + t * W;
-    auto gamma = [&](int64_t s) {
-      if (at[s] == ninf || bt[s] == ninf) return 0.0;
-      return std::exp(at[s] + bt[s] - e(t, s) + nll);
-    };
+    const acc_t* at = a + t * R;
+    const acc_t* bt = b + t * R;
+    const acc_t* e = ws.ext.data() + t * W;
+    for (int64_t s = 0; s < W; ++s) {
+      const acc_t v = at[s] + bt[s] - e[s] + nll;
+      g[s] = (at[s] == ninf || bt[s] == ninf) ? acc_t(0) : LatticeMath<acc_t>::exp(v);
+    }
     double gb = 0.0;
-    for (int64_t s = 0; s < W; s += 2) gb += gamma(s);
+    for (int64_t s = 0; s < W; s += 2) gb += g[s];
     pt[blank_slot] = post_t(gb);
     for (int64_t k = 0; k < L; ++k) ws.acc[k] = 0.0;
-    for (int64_t k = 0; k < L; ++k) ws.acc[ws.rep[k]] += gamma(2 * k + 1);
+    for (int64_t k = 0; k < L; ++k) ws.acc[ws.rep[k]] += g[2 * k + 1];
     for (int64_t k = 0; k < L; ++k) pt[k] = post_t(ws.acc[ws.rep[k]]);
   }
   return nll;

@@ -47,4 +47,27 @@ NARVL_CLONES void row_softmax_affine_f32(const float* x, int64_t V, float shift,
   for (int64_t v = 0; v < V; ++v) out[v] = A * exp_f32(x[v] - shift) + C;
 }
 
+static inline float lse3_plus_f32(float a0, float a1, float a2, float e) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  float m = a0;
+  m = a1 > m ? a1 : m;
+  m = a2 > m ? a2 : m;
+  const bool dead = m == ninf;
+  const float ms = dead ? 0.f : m;
+  const float r = ms + log_f32(exp_f32(a0 - ms) + exp_f32(a1 - ms) + exp_f32(a2 - ms)) + e;
+  return dead ? a0 + a1 + a2 : r;
+}
+
+NARVL_CLONES void lattice_row_fwd_f32(const float* prev, const float* skip, const float* e,
+                                      float* out, int64_t lo, int64_t hi) {
+  for (int64_t s = lo; s < hi; ++s)
+    out[s] = lse3_plus_f32(prev[s], prev[s - 1], prev[s - 2] + skip[s], e[s]);
+}
+
+NARVL_CLONES void lattice_row_bwd_f32(const float* next, const float* skip, const float* e,
+                                      float* out, int64_t lo, int64_t hi) {
+  for (int64_t s = lo; s < hi; ++s)
+    out[s] = lse3_plus_f32(next[s], next[s + 1], next[s + 2] + skip[s], e[s]);
+}
+
 }  // namespace narvl

@@ -44,6 +44,34 @@ static inline float exp_f32(float x) {
 
 // (Defined with NARVL_CLONES in vec_math.cpp: the declaration stays plain so that other
 // translation units call the ifunc dispatcher.)
+// log(x) for positive normal x (Cephes-style: x = 2^e * m, polynomial in m - 1); NaN -> NaN.
+static inline float log_f32(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(float));
+  const int32_t e = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof(float));
+  const bool small = m < 0.70710678f;
+  const float ef = static_cast<float>(small ? e - 1 : e);
+  const float f = small ? (m + m - 1.f) : (m - 1.f);
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += ef * -2.12194440e-4f;
+  y += -0.5f * z;
+  float r = f + y + ef * 0.693359375f;
+  return x != x ? x : r;
+}
+
 // max_v x[v], sum_v x[v] (the plain row sum, needed by label smoothing) and, in a second pass
 // over the row (from cache), sum_v exp(x[v] - max).
 void row_stats_f32(const float* x, int64_t V, float* out_max, double* out_sumexp,
@@ -52,5 +80,14 @@ void row_stats_f32(const float* x, int64_t V, float* out_max, double* out_sumexp
 // out[v] = A * exp(x[v] - shift) + C.
 void row_softmax_affine_f32(const float* x, int64_t V, float shift, float A, float C,
                                          float* out);
+
+// One frame of the float lattice recursions (see ctc_lattice.h), for s in [lo, hi):
+//   forward:  out[s] = lse(prev[s], prev[s-1], prev[s-2] + skip[s]) + e[s]
+//   backward: out[s] = lse(next[s], next[s+1], next[s+2] + skip[s]) + e[s]
+// Rows are padded with -inf so that the shifted reads stay in bounds.
+void lattice_row_fwd_f32(const float* prev, const float* skip, const float* e, float* out,
+                         int64_t lo, int64_t hi);
+void lattice_row_bwd_f32(const float* next, const float* skip, const float* e, float* out,
+                         int64_t lo, int64_t hi);
 
 }  // namespace narvl

@@ -237,13 +237,26 @@ def test_cpp_deterministic_across_threads(monkeypatch):
 
 
 def test_cpp_large_rows_match_reference(monkeypatch):
-    """Rows longer than the vector tail logic, odd V, extreme logits (exp underflow)."""
+    """Rows longer than the vector tail logic, odd V, extreme logits (exp underflow).
+
+    The lattice runs in the input precision (fp32 here, as torch's CTC does), so the bound on
+    the gradient error is twice the error of torch's own fp32 log_softmax + F.ctc_loss."""
     monkeypatch.setenv("NARVL_BACKEND", "cpp")
-    logits, targets, tl, _ = make_case(2, 5, 4999, 3, 4998, scale=30.0)
-    got, g = grads(lambda x: narvl.qctc_loss(x, targets, tl, blank=4998, reduction="sum"), logits)
-    want, gw = grads(lambda x: qctc_loss_reference(x, targets, tl, blank=4998, reduction="sum"), logits)
+    B, N, V = 2, 5, 4999
+    logits, targets, tl, _ = make_case(B, N, V, 3, V - 1, scale=30.0)
+    kw = dict(blank=V - 1, reduction="sum")
+    got, g = grads(lambda x: narvl.qctc_loss(x, targets, tl, **kw), logits)
+    want, gw = grads(lambda x: qctc_loss_reference(x.double(), targets, tl, **kw), logits.double())
+
+    def peer(x):
+        lp = torch.log_softmax(x, -1).transpose(0, 1)
+        return F.ctc_loss(lp, targets, torch.full((B,), N), tl, blank=V - 1, reduction="sum",
+                          zero_infinity=True)
+
+    _, gt = grads(peer, logits)
+    torch_err = (gt.double() - gw).abs().max().item()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(g.double(), gw.double(), rtol=1e-5, atol=1e-6)
+    assert (g.double() - gw).abs().max().item() <= max(2 * torch_err, 1e-5)
 
 
 def test_opcheck_ops():
