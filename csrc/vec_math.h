@@ -48,13 +48,15 @@ static inline float exp_f32(float x) {
 static inline float log_f32(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(float));
-  const int32_t e = ((bits >> 23) & 0xff) - 126;
+  const float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
   bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
   float m;
   std::memcpy(&m, &bits, sizeof(float));
-  const bool small = m < 0.70710678f;
-  const float ef = static_cast<float>(small ? e - 1 : e);
-  const float f = small ? (m + m - 1.f) : (m - 1.f);
+  // m < sqrt(1/2): use 2m - 1 and e - 1. Both sides are computed and then selected, so that the
+  // loop stays branch-free (GCC will not speculate trapping FP ops inside a conditional).
+  const float sm = m < 0.70710678f ? 1.f : 0.f;
+  const float ef = e - sm;
+  const float f = m + m * sm - 1.f;
   const float z = f * f;
   float y = 7.0376836292e-2f;
   y = y * f - 1.1514610310e-1f;
@@ -68,7 +70,7 @@ static inline float log_f32(float x) {
   y = y * f * z;
   y += ef * -2.12194440e-4f;
   y += -0.5f * z;
-  float r = f + y + ef * 0.693359375f;
+  const float r = f + y + ef * 0.693359375f;
   return x != x ? x : r;
 }
 
