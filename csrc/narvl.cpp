@@ -21,6 +21,17 @@ TORCH_LIBRARY(narvl, m) {
   m.def(
       "ctc_bwd(Tensor grad_nll, Tensor log_probs, Tensor em, Tensor targets, "
       "Tensor input_lengths, Tensor target_lengths, int blank) -> Tensor");
+  // CTC decoding of (B, T, V) scores (batch-first).
+  // Greedy: argmax per frame, merge repeats, drop blanks -> (tokens (B, T) int64 padded with -1,
+  // lengths (B,) int64).
+  m.def("ctc_greedy_decode(Tensor scores, Tensor lengths, int blank) -> (Tensor, Tensor)");
+  // Prefix beam search -> (tokens (B, nbest, T) int64 padded with -1, lengths (B, nbest) int64,
+  // scores (B, nbest) float32 log-probabilities, timesteps (B, nbest, T) int64 padded with -1).
+  // log_input: scores are log-probabilities (else probabilities). num_threads <= 0: torch's.
+  m.def(
+      "ctc_beam_search(Tensor scores, Tensor lengths, int beam_width, int blank, int cutoff_top_n, "
+      "float cutoff_prob, int nbest, bool log_input, int num_threads) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -7,7 +7,9 @@ by ``NARVL_BACKEND`` (see ``narvl._backend``).
 from . import _backend
 from ._backend import native_available
 from .ops.ctc import ctc_loss, qctc_loss
+from .ops.decode import BeamSearchResult, CTCBeamDecoder, ctc_greedy_decode, ctc_prefix_beam_search
 from . import nn, reference  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ctc_loss", "qctc_loss", "nn", "reference", "native_available"]
+__all__ = ["ctc_loss", "qctc_loss", "ctc_greedy_decode", "ctc_prefix_beam_search",
+           "CTCBeamDecoder", "BeamSearchResult", "nn", "reference", "native_available"]

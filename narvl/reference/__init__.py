@@ -6,3 +6,8 @@ from .ctc import (  # noqa: F401
     qctc_loss_reference,
     qctc_terms_reference,
 )
+from .decode import (  # noqa: F401
+    beam_search_reference,
+    greedy_decode_reference,
+    labeling_logprobs_bruteforce,
+)

@@ -1,0 +1,238 @@
+"""CTC decoding: greedy and prefix beam search, and a drop-in for ctcdecode's CTCBeamDecoder.
+
+Layers: kernels (csrc/decode_cpu.cpp; kernels/decode.py on CUDA) -> ops
+``torch.ops.narvl.ctc_greedy_decode`` / ``ctc_beam_search`` (fake + CUDA registrations here) ->
+``ctc_greedy_decode`` / ``ctc_prefix_beam_search`` -> ``CTCBeamDecoder``.
+
+Scores are batch-first (B, T, V): log-probabilities (or logits for greedy: same argmax), or
+probabilities where a ``log_probs_input=False`` option says so.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .. import _backend, _library  # noqa: F401
+from ..reference import decode as ref
+
+_OPS = torch.ops.narvl
+
+
+@torch.library.register_fake("narvl::ctc_greedy_decode")
+def _greedy_fake(scores, lengths, blank):
+    B, T, _ = scores.shape
+    return scores.new_empty((B, T), dtype=torch.long), scores.new_empty((B,), dtype=torch.long)
+
+
+@torch.library.register_fake("narvl::ctc_beam_search")
+def _beam_fake(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, log_input,
+               num_threads):
+    B, T, _ = scores.shape
+    new = scores.new_empty
+    return (new((B, nbest, T), dtype=torch.long), new((B, nbest), dtype=torch.long),
+            new((B, nbest), dtype=torch.float32), new((B, nbest, T), dtype=torch.long))
+
+
+def _tk():
+    return _backend.triton_kernels().decode
+
+
+@torch.library.register_kernel("narvl::ctc_greedy_decode", "cuda")
+def _greedy_cuda(scores, lengths, blank):
+    return _tk().greedy_decode(scores, lengths, blank)
+
+
+@torch.library.register_kernel("narvl::ctc_beam_search", "cuda")
+def _beam_cuda(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, log_input,
+               num_threads):
+    return _tk().beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest,
+                             log_input)
+
+
+if not _backend.NATIVE:
+    torch.library.register_kernel("narvl::ctc_greedy_decode", "cpu", ref.greedy_decode_reference)
+    torch.library.register_kernel("narvl::ctc_beam_search", "cpu",
+                                  lambda s, l, bw, bl, n, cp, nb, li, th:
+                                  ref.beam_search_reference(s, l, bw, bl, n, cp, nb, li))
+
+
+class BeamSearchResult(NamedTuple):
+    """tokens (B, nbest, T) int64 padded with -1; lengths (B, nbest); scores (B, nbest) float32
+    log-probabilities of each labeling summed over the alignments the beam kept (-inf for empty
+    slots); timesteps (B, nbest, T) the frame at which each token was emitted (-1 padded)."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    scores: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def _check_scores(scores, name):
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {scores.dtype}")
+    if scores.dim() != 3:
+        raise ValueError(f"{name} must be 3-D (B, T, V), got shape {tuple(scores.shape)}")
+    B, T, V = scores.shape
+    if B == 0:
+        raise ValueError(f"{name} has an empty batch (B = 0)")
+    if V == 0:
+        raise ValueError(f"{name} has an empty vocabulary axis")
+    if _checks() and bool(torch.isnan(scores).any()):
+        raise ValueError(f"{name} contains NaN")
+    return B, T, V
+
+
+def _checks():
+    return _backend.checks_enabled() and not torch.compiler.is_compiling()
+
+
+def _lengths(lengths, name, B, T, device):
+    if lengths is None:
+        return torch.full((B,), T, dtype=torch.long, device=device)
+    if isinstance(lengths, (list, tuple)):
+        lengths = torch.tensor(lengths, dtype=torch.long)
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, list or tuple of integers")
+    if lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(f"{name} must have shape ({B},), got {tuple(lengths.shape)}")
+    lengths = lengths.to(device=device, dtype=torch.long)
+    if _checks() and bool(((lengths < 0) | (lengths > T)).any()):
+        raise ValueError(f"{name} must lie in [0, {T}], got {lengths.tolist()}")
+    return lengths
+
+
+def _check_int(x, name, lo, hi=None):
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < lo or (hi is not None and x >= hi):
+        rng = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} = {x} must be {rng}")
+
+
+def _route(scores):
+    """'op' (the registered kernels), 'triton-cpu' or 'reference' for this call."""
+    backend = _backend.resolve(scores.device)
+    if backend == "reference":
+        return "reference"
+    if backend == "triton" and scores.device.type == "cpu":
+        return "triton-cpu"
+    return "op"
+
+
+def ctc_greedy_decode(log_probs, lengths=None, blank=0):
+    """Greedy CTC decoding: argmax per frame, merge repeats, drop blanks.
+
+    log_probs: (B, T, V) log-probabilities, probabilities or logits (the argmax is the same).
+    lengths: (B,) valid frames per sample (default T). Returns (tokens (B, T) int64 padded
+    with -1, out_lens (B,) int64), on the input's device.
+    """
+    B, T, V = _check_scores(log_probs, "log_probs")
+    _check_int(blank, "blank", 0, V)
+    lengths = _lengths(lengths, "lengths", B, T, log_probs.device)
+    route = _route(log_probs)
+    if route == "reference":
+        return ref.greedy_decode_reference(log_probs, lengths, blank)
+    if route == "triton-cpu":
+        return _tk().greedy_decode(log_probs, lengths, blank)
+    return _OPS.ctc_greedy_decode(log_probs, lengths, blank)
+
+
+def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, cutoff_top_n=40,
+                           cutoff_prob=1.0, nbest=None, log_probs_input=True, num_threads=0):
+    """CTC prefix beam search.
+
+    log_probs: (B, T, V) log-probabilities (probabilities with ``log_probs_input=False``).
+    Each frame expands the ``cutoff_top_n`` most probable tokens, cut further to the smallest
+    set whose probability reaches ``cutoff_prob``; each prefix carries the probabilities of its
+    alignments ending in blank and in non-blank, merged exactly; the ``beam_width`` most probable
+    prefixes survive each frame. Returns a ``BeamSearchResult`` with ``nbest`` (default
+    beam_width) hypotheses per sample, best first.
+    """
+    B, T, V = _check_scores(log_probs, "log_probs")
+    _check_int(blank, "blank", 0, V)
+    _check_int(beam_width, "beam_width", 1)
+    _check_int(cutoff_top_n, "cutoff_top_n", 1)
+    nbest = beam_width if nbest is None else nbest
+    _check_int(nbest, "nbest", 1)
+    if nbest > beam_width:
+        raise ValueError(f"nbest = {nbest} cannot exceed beam_width = {beam_width}")
+    cutoff_prob = float(cutoff_prob)
+    if not 0.0 < cutoff_prob <= 1.0 or math.isnan(cutoff_prob):
+        raise ValueError(f"cutoff_prob must be in (0, 1], got {cutoff_prob}")
+    if not log_probs_input and _checks() and bool((log_probs < 0).any()):
+        raise ValueError("log_probs holds negative values but log_probs_input=False (probabilities)")
+    lengths = _lengths(lengths, "lengths", B, T, log_probs.device)
+    args = (log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest,
+            bool(log_probs_input))
+    route = _route(log_probs)
+    if route == "reference":
+        out = ref.beam_search_reference(*args)
+    elif route == "triton-cpu":
+        out = _tk().beam_search(*args)
+    else:
+        out = _OPS.ctc_beam_search(*args, int(num_threads))
+    return BeamSearchResult(*out)
+
+
+class CTCBeamDecoder:
+    """Drop-in for parlance/ctcdecode's ``CTCBeamDecoder`` (no language model).
+
+    ``decode(probs, seq_lens=None)`` -> (beam_results int32 (B, beam, T), beam_scores float32
+    (B, beam) negative log-probabilities (lower is better), timesteps int32 (B, beam, T),
+    out_lens int32 (B, beam)); read a result as ``beam_results[b, k, :out_lens[b, k]]``.
+    ``probs`` (B, T, V) are probabilities unless ``log_probs_input``; any device (the result
+    comes back on the CPU, as ctcdecode's does). ``num_processes`` sets the CPU threads.
+    """
+
+    def __init__(self, labels, model_path=None, alpha=0, beta=0, cutoff_top_n=40, cutoff_prob=1.0,
+                 beam_width=100, num_processes=4, blank_id=0, log_probs_input=False):
+        if model_path is not None:
+            raise NotImplementedError(
+                "narvl.CTCBeamDecoder has no language-model (KenLM) scoring: model_path must be "
+                "None (alpha and beta are then unused)")
+        self._labels = list(labels)
+        if not self._labels:
+            raise ValueError("labels must not be empty")
+        _check_int(blank_id, "blank_id", 0, len(self._labels))
+        _check_int(beam_width, "beam_width", 1)
+        _check_int(cutoff_top_n, "cutoff_top_n", 1)
+        _check_int(num_processes, "num_processes", 1)
+        if not 0.0 < float(cutoff_prob) <= 1.0:
+            raise ValueError(f"cutoff_prob must be in (0, 1], got {cutoff_prob}")
+        self._beam_width, self._blank = beam_width, blank_id
+        self._cutoff_top_n, self._cutoff_prob = cutoff_top_n, float(cutoff_prob)
+        self._num_processes, self._log_probs_input = num_processes, bool(log_probs_input)
+
+    def decode(self, probs, seq_lens=None):
+        if not isinstance(probs, torch.Tensor):
+            raise TypeError(f"probs must be a torch.Tensor, got {type(probs).__name__}")
+        if probs.dim() != 3:
+            raise ValueError(f"probs must be 3-D (batch, time, vocabulary), got {tuple(probs.shape)}")
+        if probs.shape[2] != len(self._labels):
+            raise ValueError(f"probs has a vocabulary of {probs.shape[2]} but labels has "
+                             f"{len(self._labels)} entries")
+        res = ctc_prefix_beam_search(
+            probs, seq_lens, beam_width=self._beam_width, blank=self._blank,
+            cutoff_top_n=self._cutoff_top_n, cutoff_prob=self._cutoff_prob,
+            log_probs_input=self._log_probs_input, num_threads=self._num_processes)
+        tokens = res.tokens.clamp_min(0).to(torch.int32).cpu()
+        steps = res.timesteps.clamp_min(0).to(torch.int32).cpu()
+        return tokens, (-res.scores).float().cpu(), steps, res.lengths.to(torch.int32).cpu()
+
+    def character_based(self):
+        return True
+
+    def max_order(self):
+        return 0
+
+    def dict_size(self):
+        return 0
+
+    def reset_params(self, alpha, beta):
+        pass

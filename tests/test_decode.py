@@ -1,0 +1,152 @@
+"""CTC decoding kernels against the Python references and brute-force enumeration."""
+import pytest
+import torch
+
+import narvl
+from narvl.reference import (beam_search_reference, greedy_decode_reference,
+                             labeling_logprobs_bruteforce)
+
+
+def case(B, T, V, scale=1.0, lengths=None):
+    lp = (torch.randn(B, T, V) * scale).log_softmax(-1)
+    L = torch.randint(0, T + 1, (B,)) if lengths is None else torch.as_tensor(lengths)
+    return lp, L
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (4, 20, 37), (2, 1, 3), (5, 13, 2)])
+@pytest.mark.parametrize("blank", ["first", "last"])
+def test_greedy_matches_reference(backend, shape, blank):
+    B, T, V = shape
+    blank = 0 if blank == "first" else V - 1
+    lp, L = case(B, T, V)
+    tok, n = narvl.ctc_greedy_decode(lp, L, blank=blank)
+    rt, rn = greedy_decode_reference(lp, L, blank)
+    assert torch.equal(tok, rt) and torch.equal(n, rn)
+    # logits and bf16 give the same argmax
+    tok2, n2 = narvl.ctc_greedy_decode((lp * 3 + 1).bfloat16().float(), L, blank=blank)
+    rt2, rn2 = greedy_decode_reference((lp * 3 + 1).bfloat16().float(), L, blank)
+    assert torch.equal(tok2, rt2) and torch.equal(n2, rn2)
+
+
+def check_timesteps(res):
+    for b in range(res.tokens.shape[0]):
+        for k in range(res.tokens.shape[1]):
+            n = int(res.lengths[b, k])
+            ts = res.timesteps[b, k, :n]
+            assert torch.all(ts[1:] > ts[:-1]) and (n == 0 or int(ts[0]) >= 0)
+            assert torch.all(res.timesteps[b, k, n:] == -1) and torch.all(res.tokens[b, k, n:] == -1)
+
+
+@pytest.mark.parametrize("shape, beam, top_n, cutoff", [
+    ((3, 7, 5, 0), 8, 5, 1.0),
+    ((2, 12, 11, 10), 4, 6, 1.0),
+    ((3, 9, 9, 0), 3, 9, 0.7),
+    ((2, 6, 3, 1), 1, 3, 1.0),
+])
+def test_beam_matches_reference(backend, shape, beam, top_n, cutoff):
+    B, T, V, blank = shape
+    lp, L = case(B, T, V, scale=2.0)
+    nbest = min(beam, 3)
+    res = narvl.ctc_prefix_beam_search(lp, L, beam_width=beam, blank=blank, cutoff_top_n=top_n,
+                                       cutoff_prob=cutoff, nbest=nbest)
+    rt, rl, rs, rts = beam_search_reference(lp, L, beam, blank, top_n, cutoff, nbest)
+    assert torch.equal(res.tokens, rt) and torch.equal(res.lengths, rl)
+    torch.testing.assert_close(res.scores, rs, rtol=1e-5, atol=1e-5)
+    if backend == "cpp":  # the CPU trie records the frame a prefix was first formed, as the reference
+        assert torch.equal(res.timesteps, rts)
+    check_timesteps(res)
+
+
+def test_wide_beam_is_exact(backend):
+    """A beam that keeps every prefix scores each labeling with its exact probability."""
+    T, V = 5, 4
+    lp, _ = case(2, T, V, scale=1.5)
+    res = narvl.ctc_prefix_beam_search(lp, beam_width=64, cutoff_top_n=V, nbest=6)
+    for b in range(2):
+        exact = sorted(labeling_logprobs_bruteforce(lp[b], 0).items(), key=lambda kv: -kv[1])[:6]
+        got = [(tuple(res.tokens[b, k, : res.lengths[b, k]].tolist()), float(res.scores[b, k]))
+               for k in range(6)]
+        for (lab, s), (glab, gs) in zip(exact, got):
+            assert lab == glab
+            assert abs(s - gs) < 1e-5
+
+
+def test_greedy_equals_beam_on_peaked_scores(backend):
+    lp, L = case(4, 15, 9, scale=25.0, lengths=[15, 12, 9, 1])
+    tok, n = narvl.ctc_greedy_decode(lp, L, blank=8)
+    res = narvl.ctc_prefix_beam_search(lp, L, beam_width=5, blank=8, nbest=1)
+    assert torch.equal(res.lengths[:, 0], n)
+    assert torch.equal(res.tokens[:, 0], tok)
+
+
+def test_probability_input(backend):
+    lp, L = case(2, 8, 6)
+    a = narvl.ctc_prefix_beam_search(lp, L, beam_width=4, log_probs_input=True)
+    b = narvl.ctc_prefix_beam_search(lp.exp(), L, beam_width=4, log_probs_input=False)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_ctc_beam_decoder_contract(backend):
+    V, T, B = 6, 10, 3
+    labels = ["_"] + list("abcde")
+    lp, _ = case(B, T, V, scale=2.0)
+    seq = torch.tensor([10, 7, 3])
+    dec = narvl.CTCBeamDecoder(labels, beam_width=4, cutoff_top_n=V, blank_id=0)
+    out, scores, steps, lens = dec.decode(lp.exp(), seq)
+    assert out.dtype == steps.dtype == lens.dtype == torch.int32 and scores.dtype == torch.float32
+    assert out.shape == (B, 4, T) and scores.shape == (B, 4) and lens.shape == (B, 4)
+    ref = narvl.ctc_prefix_beam_search(lp, seq, beam_width=4, cutoff_top_n=V)
+    torch.testing.assert_close(scores, -ref.scores)
+    for b in range(B):
+        for k in range(4):
+            n = int(lens[b, k])
+            assert out[b, k, :n].tolist() == ref.tokens[b, k, :n].tolist()
+    assert torch.all(scores[:, 1:] >= scores[:, :-1])  # best (lowest) first
+    dec_log = narvl.CTCBeamDecoder(labels, beam_width=4, cutoff_top_n=V, log_probs_input=True)
+    assert torch.equal(dec_log.decode(lp, seq)[0], out)
+
+
+@pytest.mark.parametrize("probs, seq, exc, word", [
+    (torch.rand(3, 6), None, ValueError, "probs"),
+    (torch.rand(2, 5, 4), None, ValueError, "labels"),
+    (torch.rand(2, 5, 6), torch.tensor([6, 2]), ValueError, "lengths"),
+    (torch.rand(2, 5, 6), torch.tensor([-1, 2]), ValueError, "lengths"),
+    (torch.rand(2, 5, 6), torch.tensor([5, 2, 1]), ValueError, "lengths"),
+    (torch.full((2, 5, 6), float("nan")), None, ValueError, "NaN"),
+    (torch.randint(0, 3, (2, 5, 6)), None, TypeError, "floating"),
+])
+def test_decoder_bad_input(probs, seq, exc, word):
+    dec = narvl.CTCBeamDecoder(list("_abcde"), beam_width=3)
+    with pytest.raises(exc, match=word):
+        dec.decode(probs, seq)
+
+
+def test_decoder_bad_config():
+    with pytest.raises(ValueError, match="beam_width"):
+        narvl.CTCBeamDecoder(list("_ab"), beam_width=0)
+    with pytest.raises(ValueError, match="blank_id"):
+        narvl.CTCBeamDecoder(list("_ab"), blank_id=3)
+    with pytest.raises(NotImplementedError, match="language-model"):
+        narvl.CTCBeamDecoder(list("_ab"), model_path="lm.arpa")
+    with pytest.raises(ValueError, match="blank"):
+        narvl.ctc_greedy_decode(torch.randn(2, 3, 4), blank=4)
+    with pytest.raises(ValueError, match="nbest"):
+        narvl.ctc_prefix_beam_search(torch.randn(2, 3, 4), beam_width=2, nbest=3)
+    with pytest.raises(ValueError, match="empty batch"):
+        narvl.ctc_greedy_decode(torch.randn(0, 3, 4))
+
+
+def test_decode_opcheck():
+    lp, L = case(3, 6, 5, lengths=[6, 3, 0])
+    torch.library.opcheck(torch.ops.narvl.ctc_greedy_decode.default, (lp, L, 0))
+    torch.library.opcheck(torch.ops.narvl.ctc_beam_search.default,
+                          (lp, L, 4, 0, 5, 1.0, 2, True, 0))
+
+
+def test_beam_threads_do_not_change_results(monkeypatch):
+    monkeypatch.setenv("NARVL_BACKEND", "cpp")
+    lp, L = case(9, 12, 30, scale=2.0)
+    a = narvl.ctc_prefix_beam_search(lp, L, beam_width=6, num_threads=1)
+    b = narvl.ctc_prefix_beam_search(lp, L, beam_width=6, num_threads=2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
