@@ -36,5 +36,6 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "triton", "numpy"],
         "triton": ["triton"],
+        "bench": ["pytest-benchmark", "flashlight-text", "pyctcdecode"],
     },
 )

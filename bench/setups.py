@@ -19,3 +19,21 @@ def ctc_inputs(name, dtype=torch.float32, device="cpu", seed=0):
     tl = torch.randint(lo, hi + 1, (B,), generator=g)
     targets = torch.randint(0, V - 1, (B, hi), generator=g)
     return logits, targets.to(device), tl.to(device), V - 1
+
+
+# name: (B, T, V)
+DECODE_SHAPES = {
+    "vqa": (64, 6, V_OFA),
+    "caption": (32, 20, V_OFA),
+    "asr": (16, 200, 1000),
+}
+BEAMS = (1, 10, 64)
+CUTOFF_TOP_N = 40
+
+
+def decode_inputs(name, device="cpu", seed=0):
+    """log-probabilities (B, T, V) float32, contiguous; blank = V - 1 (NARVL's choice)."""
+    B, T, V = DECODE_SHAPES[name]
+    g = torch.Generator().manual_seed(seed)
+    lp = (torch.randn(B, T, V, generator=g) * 4).log_softmax(-1)
+    return lp.to(device), V - 1

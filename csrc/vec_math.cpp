@@ -47,6 +47,81 @@ NARVL_CLONES void row_softmax_affine_f32(const float* x, int64_t V, float shift,
   for (int64_t v = 0; v < V; ++v) out[v] = A * exp_f32(x[v] - shift) + C;
 }
 
+// GCC vector extensions: 16 float lanes, lowered to the ISA of each target_clones variant
+// (one zmm on AVX-512, two ymm on AVX2, four xmm on the baseline).
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+NARVL_CLONES int64_t row_argmax_f32(const float* x, int64_t V, bool* nan) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  v16f best = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf,
+               ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+  v16i arg = {0}, bad = {0};
+  v16i idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes) {
+    const v16f v = load16(x + i);
+    const v16i up = v > best;  // strict: each lane keeps its first maximum
+    best = up ? v : best;
+    arg = up ? idx : arg;
+    bad |= v != v;
+    idx += kLanes;
+  }
+  float m = ninf;
+  int64_t a = 0;
+  bool any_bad = false;
+  for (int j = 0; j < kLanes; ++j) {
+    any_bad |= bad[j] != 0;
+    if (best[j] > m || (best[j] == m && arg[j] < a)) {
+      m = best[j];
+      a = arg[j];
+    }
+  }
+  for (int64_t t = i; t < V; ++t) {  // the tail comes after every lane's index
+    any_bad |= x[t] != x[t];
+    if (x[t] > m) {
+      m = x[t];
+      a = t;
+    }
+  }
+  *nan = any_bad;
+  return m == ninf ? 0 : a;
+}
+
+NARVL_CLONES bool block_max_f32(const float* x, int64_t V, int64_t block, float* out) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  v16i bad = {0};
+  bool tail_bad = false;
+  int64_t b = 0;
+  for (int64_t s = 0; s < V; s += block, ++b) {
+    const int64_t e = s + block <= V ? s + block : V;
+    v16f mx = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf,
+               ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+    int64_t i = s;
+    for (; i + kLanes <= e; i += kLanes) {
+      const v16f v = load16(x + i);
+      mx = v > mx ? v : mx;
+      bad |= v != v;
+    }
+    float m = mx[0];
+    for (int j = 1; j < kLanes; ++j) m = mx[j] > m ? mx[j] : m;
+    for (; i < e; ++i) {
+      m = x[i] > m ? x[i] : m;
+      tail_bad |= x[i] != x[i];
+    }
+    out[b] = m;
+  }
+  bool any = tail_bad;
+  for (int j = 0; j < kLanes; ++j) any |= bad[j] != 0;
+  return any;
+}
+
 static inline float lse3_plus_f32(float a0, float a1, float a2, float e) {
   const float ninf = -std::numeric_limits<float>::infinity();
   float m = a0;

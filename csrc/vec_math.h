@@ -92,4 +92,11 @@ void lattice_row_fwd_f32(const float* prev, const float* skip, const float* e, f
 void lattice_row_bwd_f32(const float* next, const float* skip, const float* e, float* out,
                          int64_t lo, int64_t hi);
 
+// First index of the maximum of a float row (torch.argmax semantics); *nan set if x has NaN.
+int64_t row_argmax_f32(const float* x, int64_t V, bool* nan);
+
+// out[i] = max of x[i*block, (i+1)*block) (the last block may be short), block a multiple of 16;
+// returns whether x holds a NaN.
+bool block_max_f32(const float* x, int64_t V, int64_t block, float* out);
+
 }  // namespace narvl

@@ -61,7 +61,10 @@ if not _backend.NATIVE:
 class BeamSearchResult(NamedTuple):
     """tokens (B, nbest, T) int64 padded with -1; lengths (B, nbest); scores (B, nbest) float32
     log-probabilities of each labeling summed over the alignments the beam kept (-inf for empty
-    slots); timesteps (B, nbest, T) the frame at which each token was emitted (-1 padded)."""
+    slots); timesteps (B, nbest, T) a frame at which each token is emitted along the alignments
+    the beam kept, strictly increasing (-1 padded): the CPU path reports the frame at which the
+    prefix ending in that token was first built, the GPU path the frame at which the surviving
+    hypothesis appended it."""
 
     tokens: torch.Tensor
     lengths: torch.Tensor
@@ -81,9 +84,23 @@ def _check_scores(scores, name):
         raise ValueError(f"{name} has an empty batch (B = 0)")
     if V == 0:
         raise ValueError(f"{name} has an empty vocabulary axis")
-    if _checks() and bool(torch.isnan(scores).any()):
-        raise ValueError(f"{name} contains NaN")
     return B, T, V
+
+
+def _run_checked(route, name, scores, fn):
+    """Runs fn(); NaN in scores -> ValueError. The C++ kernels detect NaN in their row scans
+    (no extra pass); elsewhere one isnan pass runs first."""
+    native = route == "op" and scores.device.type == "cpu" and _backend.NATIVE
+    if not native:
+        if _checks() and bool(torch.isnan(scores).any()):
+            raise ValueError(f"{name} contains NaN")
+        return fn()
+    try:
+        return fn()
+    except RuntimeError as exc:
+        if "narvl: NaN in scores" in str(exc):
+            raise ValueError(f"{name} contains NaN") from None
+        raise
 
 
 def _checks():
@@ -137,10 +154,12 @@ def ctc_greedy_decode(log_probs, lengths=None, blank=0):
     lengths = _lengths(lengths, "lengths", B, T, log_probs.device)
     route = _route(log_probs)
     if route == "reference":
-        return ref.greedy_decode_reference(log_probs, lengths, blank)
-    if route == "triton-cpu":
-        return _tk().greedy_decode(log_probs, lengths, blank)
-    return _OPS.ctc_greedy_decode(log_probs, lengths, blank)
+        fn = lambda: ref.greedy_decode_reference(log_probs, lengths, blank)  # noqa: E731
+    elif route == "triton-cpu":
+        fn = lambda: _tk().greedy_decode(log_probs, lengths, blank)  # noqa: E731
+    else:
+        fn = lambda: _OPS.ctc_greedy_decode(log_probs, lengths, blank)  # noqa: E731
+    return _run_checked(route, "log_probs", log_probs, fn)
 
 
 def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, cutoff_top_n=40,
@@ -165,19 +184,17 @@ def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, c
     cutoff_prob = float(cutoff_prob)
     if not 0.0 < cutoff_prob <= 1.0 or math.isnan(cutoff_prob):
         raise ValueError(f"cutoff_prob must be in (0, 1], got {cutoff_prob}")
-    if not log_probs_input and _checks() and bool((log_probs < 0).any()):
-        raise ValueError("log_probs holds negative values but log_probs_input=False (probabilities)")
     lengths = _lengths(lengths, "lengths", B, T, log_probs.device)
     args = (log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest,
             bool(log_probs_input))
     route = _route(log_probs)
     if route == "reference":
-        out = ref.beam_search_reference(*args)
+        fn = lambda: ref.beam_search_reference(*args)  # noqa: E731
     elif route == "triton-cpu":
-        out = _tk().beam_search(*args)
+        fn = lambda: _tk().beam_search(*args)  # noqa: E731
     else:
-        out = _OPS.ctc_beam_search(*args, int(num_threads))
-    return BeamSearchResult(*out)
+        fn = lambda: _OPS.ctc_beam_search(*args, int(num_threads))  # noqa: E731
+    return BeamSearchResult(*_run_checked(route, "log_probs", log_probs, fn))
 
 
 class CTCBeamDecoder:
