@@ -32,6 +32,17 @@ TORCH_LIBRARY(narvl, m) {
       "ctc_beam_search(Tensor scores, Tensor lengths, int beam_width, int blank, int cutoff_top_n, "
       "float cutoff_prob, int nbest, bool log_input, int num_threads) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
+  // Learnable-query attention: q (B, H, Lq, D), k/v (B, H, Lk, D), keys j >= key_lengths[b]
+  // masked, attn_bias (H, Lq, Lk) or (B, H, Lq, Lk) additive -> (out (B, H, Lq, D),
+  // lse (B, H, Lq) float32). The backward returns (dq, dk, dv, dbias; dbias empty unless
+  // bias_grad).
+  m.def(
+      "query_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor key_lengths, Tensor? attn_bias, "
+      "float scale) -> (Tensor, Tensor)");
+  m.def(
+      "query_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor key_lengths, Tensor? attn_bias, float scale, bool bias_grad) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -4,4 +4,4 @@ Each module holds the ``@triton.jit`` kernels of one op family and their launche
 grid, block sizes). Launchers take and return torch tensors; they run on CUDA tensors, and on CPU
 tensors under ``TRITON_INTERPRET=1``.
 """
-from . import ctc, decode  # noqa: F401
+from . import attention, ctc, decode  # noqa: F401

@@ -18,4 +18,9 @@ SCHEMAS = {
     "ctc_beam_search": "(Tensor scores, Tensor lengths, int beam_width, int blank, "
     "int cutoff_top_n, float cutoff_prob, int nbest, bool log_input, int num_threads) -> "
     "(Tensor, Tensor, Tensor, Tensor)",
+    "query_attention_fwd": "(Tensor q, Tensor k, Tensor v, Tensor key_lengths, "
+    "Tensor? attn_bias, float scale) -> (Tensor, Tensor)",
+    "query_attention_bwd": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+    "Tensor lse, Tensor key_lengths, Tensor? attn_bias, float scale, bool bias_grad) -> "
+    "(Tensor, Tensor, Tensor, Tensor)",
 }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .ops.attention import query_attention
 from .ops.ctc import _REDUCTIONS, ctc_loss, qctc_loss
 
 
@@ -43,3 +44,56 @@ class QCTCLoss(torch.nn.Module):
                          blank=self.blank, reduction=self.reduction,
                          zero_infinity=self.zero_infinity, label_smoothing=self.label_smoothing,
                          weights=weights)
+
+
+class QueryDecoderLayer(torch.nn.Module):
+    """NARVL decoder layer on learnable queries, pre-LN:
+    x = x + SelfAttn(LN(x)) (no causal mask) ; x = x + CrossAttn(LN(x), memory) ; x = x + FFN(LN(x)).
+
+    forward(x (B, N, d), memory (B, Lk, d), memory_lengths (B,) = None, self_bias (H, N, N) or
+    (B, H, N, N) = None, cross_bias (H, N, Lk) or (B, H, N, Lk) = None) -> (B, N, d).
+    Attention runs through narvl.query_attention (Triton on CUDA).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, ffn_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        if d_model <= 0 or n_heads <= 0 or d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        ffn_dim = 4 * d_model if ffn_dim is None else ffn_dim
+        self.d_model, self.n_heads = d_model, n_heads
+        self.ln_self = torch.nn.LayerNorm(d_model)
+        self.ln_cross = torch.nn.LayerNorm(d_model)
+        self.ln_ffn = torch.nn.LayerNorm(d_model)
+        self.qkv_self = torch.nn.Linear(d_model, 3 * d_model)
+        self.out_self = torch.nn.Linear(d_model, d_model)
+        self.q_cross = torch.nn.Linear(d_model, d_model)
+        self.kv_cross = torch.nn.Linear(d_model, 2 * d_model)
+        self.out_cross = torch.nn.Linear(d_model, d_model)
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(d_model, ffn_dim), torch.nn.GELU(),
+                                       torch.nn.Dropout(dropout), torch.nn.Linear(ffn_dim, d_model))
+        self.drop = torch.nn.Dropout(dropout)
+
+    def _heads(self, x):
+        B, L, _ = x.shape
+        return x.view(B, L, self.n_heads, -1).transpose(1, 2)
+
+    def _merge(self, x):
+        B, H, L, Dh = x.shape
+        return x.transpose(1, 2).reshape(B, L, H * Dh)
+
+    def forward(self, x, memory, memory_lengths=None, self_bias=None, cross_bias=None):
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be (B, N, {self.d_model}), got {tuple(x.shape)}")
+        if memory.dim() != 3 or memory.shape[-1] != self.d_model or memory.shape[0] != x.shape[0]:
+            raise ValueError(f"memory must be (B={x.shape[0]}, Lk, {self.d_model}), got {tuple(memory.shape)}")
+        q, k, v = self.qkv_self(self.ln_self(x)).chunk(3, -1)
+        a = query_attention(self._heads(q), self._heads(k), self._heads(v), attn_bias=self_bias)
+        x = x + self.drop(self.out_self(self._merge(a)))
+        q = self._heads(self.q_cross(self.ln_cross(x)))
+        k, v = self.kv_cross(memory).chunk(2, -1)
+        a = query_attention(q, self._heads(k), self._heads(v), key_lengths=memory_lengths,
+                            attn_bias=cross_bias)
+        x = x + self.drop(self.out_cross(self._merge(a)))
+        return x + self.drop(self.ffn(self.ln_ffn(x)))

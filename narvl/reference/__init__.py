@@ -11,3 +11,4 @@ from .decode import (  # noqa: F401
     greedy_decode_reference,
     labeling_logprobs_bruteforce,
 )
+from .attention import query_attention_reference  # noqa: F401

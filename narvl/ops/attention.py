@@ -1,0 +1,195 @@
+"""Learnable-query attention: ops, autograd, CPU path, functional API.
+
+Layers: Triton kernels (kernels/attention.py) -> ops ``torch.ops.narvl.query_attention_fwd/bwd``
+(CUDA: Triton; CPU: the same math in ATen matmuls, registered here) -> ``query_attention``
+(validation, backend choice) -> ``narvl.nn.QueryDecoderLayer``.
+
+On CPU the functional path is torch's SDPA with the bias and the key-length mask folded into
+its float mask (it measured faster than the op's explicit CPU kernel; bench/bench_attention.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, _library  # noqa: F401
+from ..reference.attention import query_attention_reference
+
+_OPS = torch.ops.narvl
+
+
+@torch.library.register_fake("narvl::query_attention_fwd")
+def _fwd_fake(q, k, v, key_lengths, attn_bias, scale):
+    B, H, Lq, _ = q.shape
+    lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=lse_dt)
+
+
+@torch.library.register_fake("narvl::query_attention_bwd")
+def _bwd_fake(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias_grad):
+    db = attn_bias.new_empty(attn_bias.shape) if (attn_bias is not None and bias_grad) else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, key_lengths, attn_bias, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_lengths, attn_bias)
+    ctx.scale = scale
+    ctx.bias_grad = attn_bias is not None and attn_bias.requires_grad
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, g_out, _g_lse):
+    q, k, v, out, lse, key_lengths, attn_bias = ctx.saved_tensors
+    dq, dk, dv, db = _OPS.query_attention_bwd(g_out.contiguous(), q, k, v, out, lse, key_lengths,
+                                              attn_bias, ctx.scale, ctx.bias_grad)
+    return dq, dk, dv, None, (db if ctx.bias_grad else None), None
+
+
+torch.library.register_autograd("narvl::query_attention_fwd", _backward, setup_context=_setup)
+
+
+def _tk():
+    return _backend.triton_kernels().attention
+
+
+@torch.library.register_kernel("narvl::query_attention_fwd", "cuda")
+def _fwd_cuda(q, k, v, key_lengths, attn_bias, scale):
+    return _tk().attention_fwd(q, k, v, key_lengths, attn_bias, scale)
+
+
+@torch.library.register_kernel("narvl::query_attention_bwd", "cuda")
+def _bwd_cuda(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias_grad):
+    return _tk().attention_bwd(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias_grad)
+
+
+def _acc(x):
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
+def _cpu_probs(q, k, key_lengths, attn_bias, scale):
+    s = torch.matmul(_acc(q), _acc(k).transpose(-1, -2)) * scale
+    if attn_bias is not None:
+        s = s + _acc(attn_bias)
+    keep = torch.arange(k.shape[2])[None, :] < key_lengths.long()[:, None]
+    return s.masked_fill(~keep[:, None, None, :], float("-inf"))
+
+
+@torch.library.register_kernel("narvl::query_attention_fwd", "cpu")
+def _fwd_cpu(q, k, v, key_lengths, attn_bias, scale):
+    s = _cpu_probs(q, k, key_lengths, attn_bias, scale)
+    lse = torch.logsumexp(s, -1)
+    out = torch.matmul(torch.exp(s - lse[..., None]), _acc(v))
+    return out.to(q.dtype), lse
+
+
+@torch.library.register_kernel("narvl::query_attention_bwd", "cpu")
+def _bwd_cpu(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias_grad):
+    p = torch.exp(_cpu_probs(q, k, key_lengths, attn_bias, scale) - _acc(lse)[..., None])
+    do = _acc(grad_out)
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    delta = (do * _acc(out)).sum(-1, keepdim=True)
+    ds = p * (torch.matmul(do, _acc(v).transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, _acc(k)) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), _acc(q)) * scale
+    if attn_bias is not None and bias_grad:
+        db = (ds.sum(0) if attn_bias.dim() == 3 else ds).to(attn_bias.dtype)
+    else:
+        db = q.new_empty(0)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db
+
+
+class _TritonOnCPU(torch.autograd.Function):
+    """NARVL_BACKEND=triton on CPU tensors (Triton interpreter): the same kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_lengths, attn_bias, scale):
+        out, lse = _tk().attention_fwd(q, k, v, key_lengths, attn_bias, scale)
+        ctx.save_for_backward(q, k, v, out, lse, key_lengths, attn_bias)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse, kl, bias = ctx.saved_tensors
+        want = bias is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, db = _tk().attention_bwd(g.contiguous(), q, k, v, out, lse, kl, bias, ctx.scale, want)
+        return dq, dk, dv, None, (db if want else None), None
+
+
+def _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full_lengths):
+    mask = None
+    if not full_lengths:
+        keep = torch.arange(k.shape[2])[None, :] < key_lengths[:, None]
+        mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))[:, None, None, :]
+    if attn_bias is not None:
+        mask = attn_bias if mask is None else attn_bias + mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
+    """Attention of a few learnable queries into long padded keys, with a trainable bias.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); key_lengths: (B,) in [1, Lk] (keys j >= key_lengths[b]
+    are masked; default all); attn_bias: (H, Lq, Lk) shared over the batch or (B, H, Lq, Lk),
+    additive, differentiable; scale: default D**-0.5. No causal mask.
+        out = softmax(q k^T * scale + attn_bias + mask) v
+    Returns (B, H, Lq, D) in q's dtype (fp32 / fp16 / bf16); gradients for q, k, v and attn_bias.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch mismatch: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != H or v.shape[1] != H:
+        raise ValueError(f"head mismatch: q {H}, k {k.shape[1]}, v {v.shape[1]}")
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"head-dim mismatch: q {D}, k {k.shape[3]}, v {v.shape[3]}")
+    if v.shape[2] != Lk:
+        raise ValueError(f"k and v key lengths differ: {Lk} vs {v.shape[2]}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError("q, k, v must be on one device")
+    if B == 0 or Lq == 0 or Lk == 0 or H == 0 or D == 0:
+        raise ValueError(f"empty attention input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    full = key_lengths is None
+    if full:
+        key_lengths = torch.full((B,), Lk, dtype=torch.long, device=q.device)
+    else:
+        if isinstance(key_lengths, (list, tuple)):
+            key_lengths = torch.tensor(key_lengths)
+        if not isinstance(key_lengths, torch.Tensor) or key_lengths.is_floating_point():
+            raise TypeError("key_lengths must be an integer tensor, list or tuple")
+        if key_lengths.shape != (B,):
+            raise ValueError(f"key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
+        key_lengths = key_lengths.to(device=q.device, dtype=torch.long)
+        if (_backend.checks_enabled() and not torch.compiler.is_compiling()
+                and bool(((key_lengths < 1) | (key_lengths > Lk)).any())):
+            raise ValueError(f"key_lengths must lie in [1, {Lk}], got {key_lengths.tolist()}")
+    if attn_bias is not None:
+        if not isinstance(attn_bias, torch.Tensor) or not attn_bias.is_floating_point():
+            raise TypeError("attn_bias must be a floating-point tensor")
+        if tuple(attn_bias.shape) not in ((H, Lq, Lk), (B, H, Lq, Lk)):
+            raise ValueError(f"attn_bias must be ({H}, {Lq}, {Lk}) or ({B}, {H}, {Lq}, {Lk}), "
+                             f"got {tuple(attn_bias.shape)}")
+        attn_bias = attn_bias.to(q.device)
+    scale = D ** -0.5 if scale is None else float(scale)
+    backend = _backend.resolve(q.device)
+    if backend == "reference":
+        return query_attention_reference(q, k, v, key_lengths, attn_bias, scale).to(q.dtype)
+    if q.device.type == "cpu":
+        if backend == "triton":
+            return _TritonOnCPU.apply(q, k, v, key_lengths, attn_bias, scale)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+        return _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full)
+    out, _ = _OPS.query_attention_fwd(q, k, v, key_lengths, attn_bias, scale)
+    return out

@@ -1,0 +1,152 @@
+"""query_attention: Triton kernels (interpreted) and the CPU path against the float64 reference."""
+import pytest
+import torch
+
+import narvl
+from narvl.reference import query_attention_reference
+
+
+def make(B, H, Lq, Lk, D, dtype=torch.float32, bias="shared", lengths=True):
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64).to(dtype) for L in (Lq, Lk, Lk))
+    kl = torch.randint(1, Lk + 1, (B,)) if lengths else None
+    if kl is not None:
+        kl[0] = Lk
+    b = None
+    if bias == "shared":
+        b = torch.randn(H, Lq, Lk, dtype=torch.float64).to(dtype)
+    elif bias == "batch":
+        b = torch.randn(B, H, Lq, Lk, dtype=torch.float64).to(dtype)
+    return q, k, v, kl, b
+
+
+def dbl(*xs):
+    return [None if x is None else x.double() for x in xs]
+
+
+def run(fn, q, k, v, kl, b, g):
+    ins = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    bb = None if b is None else b.detach().clone().requires_grad_(True)
+    out = fn(*ins, kl, bb)
+    grads = torch.autograd.grad(out, ins + ([bb] if bb is not None else []), g)
+    return [out.detach()] + list(grads)
+
+
+SHAPES = [  # B, H, Lq, Lk, D
+    (2, 2, 1, 9, 16),
+    (2, 3, 5, 37, 80),
+    (3, 2, 6, 97, 64),
+    (2, 2, 20, 930, 16),
+    (1, 2, 20, 1025, 128),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", ["shared", "batch", None])
+def test_matches_reference_fp32(backend, shape, bias):
+    q, k, v, kl, b = make(*shape, bias=bias)
+    g = torch.randn(q.shape)
+    got = run(narvl.query_attention, q, k, v, kl, b, g)
+    want = run(query_attention_reference, *dbl(q, k, v), kl, *dbl(b), g.double())
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x.double(), y, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_within_twice_torch(backend, dtype):
+    q, k, v, kl, b = make(2, 2, 20, 97, 64, dtype=dtype)
+    g = torch.randn(q.shape).to(dtype)
+    got = run(narvl.query_attention, q, k, v, kl, b, g)
+    want = run(query_attention_reference, *dbl(q, k, v), kl, *dbl(b), g.double())
+
+    def torch_lowp(q, k, v, kl, b):  # the same math in the low-precision dtype
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + b
+        keep = torch.arange(k.shape[2])[None, :] < kl[:, None]
+        return torch.softmax(s.masked_fill(~keep[:, None, None, :], float("-inf")), -1) @ v
+
+    base = run(torch_lowp, q, k, v, kl, b, g)
+    for x, y, z in zip(got, want, base):
+        assert x.dtype == dtype
+        err = (x.double() - y).abs().max().item()
+        ref_err = (z.double() - y).abs().max().item()
+        assert err <= 2 * ref_err + 1e-3, (err, ref_err)
+
+
+def test_split_keys_combine():
+    """The flash-decoding path: the key axis split across programs, then combined."""
+    kern = narvl._backend.triton_kernels().attention
+    q, k, v, kl, b = make(2, 2, 6, 300, 32)
+    kl = torch.tensor([300, 77])
+    want = query_attention_reference(q, k, v, kl, b)
+    for splits in (1, 3, 5):
+        out, lse = kern.attention_fwd(q, k, v, kl, b, 32 ** -0.5, num_splits=splits)
+        torch.testing.assert_close(out.double(), want, rtol=2e-4, atol=2e-4)
+        s = (q.double() @ k.double().transpose(-1, -2)) * 32 ** -0.5 + b.double()
+        s = s.masked_fill(~(torch.arange(300)[None, :] < kl[:, None])[:, None, None, :], float("-inf"))
+        torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_padding_keys_do_not_matter(backend):
+    q, k, v, kl, b = make(2, 2, 5, 40, 16)
+    kl = torch.tensor([40, 13])
+    out = narvl.query_attention(q, k, v, kl, b)
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, 13:] = 100.0
+    v2[1, :, 13:] = -50.0
+    torch.testing.assert_close(narvl.query_attention(q, k2, v2, kl, b), out)
+
+
+def test_gradcheck_float64():
+    q, k, v, kl, b = make(2, 2, 3, 7, 5, dtype=torch.float64)
+    ins = [x.requires_grad_(True) for x in (q, k, v, b)]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, b: torch.ops.narvl.query_attention_fwd(q, k, v, kl, b, 0.3)[0], ins)
+    assert torch.autograd.gradcheck(lambda q, k, v, b: narvl.query_attention(q, k, v, kl, b), ins)
+
+
+def test_opcheck():
+    q, k, v, kl, b = make(2, 2, 3, 7, 8)
+    ins = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    torch.library.opcheck(torch.ops.narvl.query_attention_fwd.default,
+                          (*ins, kl, b.clone().requires_grad_(True), 0.35))
+    torch.library.opcheck(torch.ops.narvl.query_attention_fwd.default, (*ins, kl, None, 0.35))
+    out, lse = torch.ops.narvl.query_attention_fwd(q, k, v, kl, b, 0.35)
+    torch.library.opcheck(torch.ops.narvl.query_attention_bwd.default,
+                          (torch.randn(q.shape), q, k, v, out, lse, kl, b, 0.35, True))
+
+
+@pytest.mark.parametrize("kw, exc, word", [
+    (dict(q=torch.randn(2, 5, 16)), ValueError, "q"),
+    (dict(k=torch.randn(3, 2, 9, 16)), ValueError, "batch"),
+    (dict(k=torch.randn(2, 3, 9, 16)), ValueError, "head"),
+    (dict(v=torch.randn(2, 2, 9, 8)), ValueError, "head-dim"),
+    (dict(key_lengths=torch.tensor([0, 9])), ValueError, "key_lengths"),
+    (dict(key_lengths=torch.tensor([10, 9])), ValueError, "key_lengths"),
+    (dict(key_lengths=torch.tensor([9])), ValueError, "key_lengths"),
+    (dict(attn_bias=torch.randn(2, 5, 8)), ValueError, "attn_bias"),
+    (dict(attn_bias=torch.randn(3, 2, 5, 9)), ValueError, "attn_bias"),
+    (dict(q=torch.randint(0, 2, (2, 2, 5, 16))), TypeError, "q"),
+])
+def test_bad_input(backend, kw, exc, word):
+    a = dict(q=torch.randn(2, 2, 5, 16), k=torch.randn(2, 2, 9, 16), v=torch.randn(2, 2, 9, 16),
+             key_lengths=None, attn_bias=None)
+    a.update(kw)
+    with pytest.raises(exc, match=word):
+        narvl.query_attention(**a)
+
+
+def test_query_decoder_layer(backend):
+    layer = narvl.nn.QueryDecoderLayer(32, 4)
+    x = torch.randn(3, 6, 32)
+    mem = torch.randn(3, 50, 32)
+    lens = torch.tensor([50, 20, 7])
+    cross = torch.zeros(4, 6, 50, requires_grad=True)
+    y = layer(x, mem, lens, cross_bias=cross)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert cross.grad.abs().sum() > 0 and layer.q_cross.weight.grad.abs().sum() > 0
+    mem2 = mem.clone()
+    mem2[2, 7:] = 1e3  # beyond the sample's memory length
+    torch.testing.assert_close(layer(x, mem2, lens, cross_bias=cross), y)
+    with pytest.raises(ValueError, match="multiple"):
+        narvl.nn.QueryDecoderLayer(30, 4)
