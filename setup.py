@@ -12,7 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-cflags = ["-O3", "-fopenmp"]
+cflags = ["-O3", "-fopenmp", "-Wno-psabi"]
 use_cuda = bool(cu) and torch.version.cuda is not None and CUDA_HOME is not None
 Ext = CUDAExtension if use_cuda else CppExtension
 ext = Ext(

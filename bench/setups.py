@@ -37,3 +37,22 @@ def decode_inputs(name, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     lp = (torch.randn(B, T, V, generator=g) * 4).log_softmax(-1)
     return lp.to(device), V - 1
+
+
+# NARVL-base decoder attention (d = 768, 12 heads): name: (B, H, Lq, Lk, D)
+ATTN_SHAPES = {
+    "self": (32, 12, 20, 20, 64),
+    "cross": (32, 12, 20, 930, 64),
+}
+
+
+def attention_inputs(name, dtype=torch.float32, device="cpu", seed=0):
+    """q, k, v, key_lengths (B,), shared bias (H, Lq, Lk); cross keys padded to 850..930."""
+    B, H, Lq, Lk, D = ATTN_SHAPES[name]
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g)
+    k = torch.randn(B, H, Lk, D, generator=g)
+    v = torch.randn(B, H, Lk, D, generator=g)
+    bias = torch.randn(H, Lq, Lk, generator=g) * 0.1
+    lens = torch.full((B,), Lk) if name == "self" else torch.randint(850, Lk + 1, (B,), generator=g)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [lens.to(device), bias.to(device=device, dtype=dtype)]

@@ -4,8 +4,9 @@ Layers: Triton kernels (kernels/attention.py) -> ops ``torch.ops.narvl.query_att
 (CUDA: Triton; CPU: the same math in ATen matmuls, registered here) -> ``query_attention``
 (validation, backend choice) -> ``narvl.nn.QueryDecoderLayer``.
 
-On CPU the functional path is torch's SDPA with the bias and the key-length mask folded into
-its float mask (it measured faster than the op's explicit CPU kernel; bench/bench_attention.py).
+On CPU the functional path picks what measured faster (bench/bench_attention.py): the op's
+explicit CPU kernel for short key axes (self-attention among the queries), torch's SDPA with the
+bias and the key-length mask folded into its float mask for long ones (cross-attention).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .. import _backend, _library  # noqa: F401
 from ..reference.attention import query_attention_reference
 
 _OPS = torch.ops.narvl
+_CPU_OP_MAX_KEYS = 128
 
 
 @torch.library.register_fake("narvl::query_attention_fwd")
@@ -190,6 +192,9 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
             return _TritonOnCPU.apply(q, k, v, key_lengths, attn_bias, scale)
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
+        if Lk <= _CPU_OP_MAX_KEYS:  # short keys (self-attention): the explicit kernel is faster
+            out, _ = _OPS.query_attention_fwd(q, k, v, key_lengths, attn_bias, scale)
+            return out
         return _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full)
     out, _ = _OPS.query_attention_fwd(q, k, v, key_lengths, attn_bias, scale)
     return out
