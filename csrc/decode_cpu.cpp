@@ -106,12 +106,19 @@ void top_candidates(const scalar_t* xr, int64_t V, int64_t k, bool log_input, st
   auto cmp = [](const Cand& a, const Cand& b) { return a.lp > b.lp || (a.lp == b.lp && a.tok < b.tok); };
   // The k-th largest block maximum bounds the k-th largest value from below (those k blocks
   // each hold a value at least that large): only blocks reaching it are scanned (about k).
-  static thread_local std::vector<float> sel;
+  static thread_local std::vector<float> sel;  // min-heap of the k largest block maxima
   float floor = -std::numeric_limits<float>::infinity();
   if (nblk > k) {
-    sel.assign(bmax.begin(), bmax.begin() + nblk);
-    std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<float>());
-    floor = sel[k - 1];
+    sel.assign(bmax.begin(), bmax.begin() + k);
+    std::make_heap(sel.begin(), sel.end(), std::greater<float>());
+    for (int64_t blk = k; blk < nblk; ++blk) {
+      if (bmax[blk] > sel.front()) {
+        std::pop_heap(sel.begin(), sel.end(), std::greater<float>());
+        sel.back() = bmax[blk];
+        std::push_heap(sel.begin(), sel.end(), std::greater<float>());
+      }
+    }
+    floor = sel.front();
   }
   float thr = -std::numeric_limits<float>::infinity();
   for (int64_t blk = 0; blk < nblk; ++blk) {
