@@ -210,6 +210,17 @@ struct BeamScratch {
   std::vector<double> heap;                   // min-heap of the best `beam_width` final scores
   std::vector<Cand> cands;
   std::vector<int32_t> order;
+  // Frame counter shared by every sample this scratch serves: a stamp equal to `epoch` marks the
+  // current frame, so the stamp arrays never need clearing between frames or samples.
+  int32_t epoch = 0;
+  int32_t next_epoch() {
+    if (epoch == std::numeric_limits<int32_t>::max()) {
+      std::fill(beam_stamp.begin(), beam_stamp.end(), 0);
+      std::fill(tok_stamp.begin(), tok_stamp.end(), 0);
+      epoch = 0;
+    }
+    return ++epoch;
+  }
 };
 
 // One sample. Per frame: (1) the cutoff_top_n candidate tokens with probabilities p_j, sorted;
@@ -228,12 +239,9 @@ void beam_search_one(const scalar_t* X, int64_t T, int64_t V, int64_t Tb, int64_
   w.children.clear();
   w.beam.assign(1, Entry{0, 1.0, 0.0});
   if (static_cast<int64_t>(w.tok_stamp.size()) < V) {
-    w.tok_stamp.assign(V, 0);
-    w.tok_pos.assign(V, 0);
-  } else {
-    std::fill(w.tok_stamp.begin(), w.tok_stamp.end(), 0);
+    w.tok_stamp.resize(V, 0);
+    w.tok_pos.resize(V, 0);
   }
-  std::fill(w.beam_stamp.begin(), w.beam_stamp.end(), 0);
   double log_scale = 0.0;
   auto child_of = [&](int32_t parent, int32_t tok, int32_t t) {
     const uint64_t key = (static_cast<uint64_t>(parent) << 32) | static_cast<uint32_t>(tok);
@@ -265,7 +273,7 @@ void beam_search_one(const scalar_t* X, int64_t T, int64_t V, int64_t Tb, int64_
     return static_cast<int64_t>(w.heap.size()) < beam_width ? 0.0 : w.heap.front();
   };
   for (int64_t t = 0; t < Tb; ++t) {
-    const int32_t frame = static_cast<int32_t>(t) + 1;
+    const int32_t frame = w.next_epoch();
     top_candidates(X + t * V, V, top_n, log_input, w.cands);
     int64_t nc = static_cast<int64_t>(w.cands.size());
     w.cand_p.resize(nc);

@@ -31,8 +31,8 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k_ptrs, kmask, b_ptrs, bmask, scale, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
-    k = tl.load(k_ptrs, mask=kmask, other=0.0)
+def _scores(q, k, b_ptrs, bmask, scale, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """q k^T * scale (+ bias tile), fp32; k is an already-loaded (BLOCK_N, BLOCK_D) tile."""
     s = _mm(q, tl.trans(k), PREC) * scale
     if HAS_BIAS:
         s += tl.load(b_ptrs, mask=bmask, other=0.0).to(tl.float32)
@@ -65,8 +65,9 @@ def _fwd_kernel(Q, K, V, BIAS, LENS, O, LSE, PO, PM, PL,
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nm = offs_n < end
-        s = _scores(q, K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                    nm[:, None] & dm[None, :],
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                    mask=nm[:, None] & dm[None, :], other=0.0)
+        s = _scores(q, k,
                     BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
                     mm[:, None] & nm[None, :], scale, HAS_BIAS, PREC)
         s = tl.where(nm[None, :], s, float("-inf"))
@@ -122,9 +123,8 @@ def _combine_kernel(PO, PM, PL, O, LSE, sob, soh, som, H, Lq, D, NSPLIT,
 
 
 @triton.jit
-def _probs(q, k_ptrs, kmask, b_ptrs, bmask, nm, lse, scale, HAS_BIAS: tl.constexpr,
-           PREC: tl.constexpr):
-    s = _scores(q, k_ptrs, kmask, b_ptrs, bmask, scale, HAS_BIAS, PREC)
+def _probs(q, k, b_ptrs, bmask, nm, lse, scale, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    s = _scores(q, k, b_ptrs, bmask, scale, HAS_BIAS, PREC)
     return tl.where(nm[None, :] & (lse[:, None] > float("-inf")), tl.exp(s - lse[:, None]), 0.0)
 
 
@@ -144,6 +144,7 @@ def _dkdv_kernel(Q, K, V, BIAS, LENS, DO, LSE, DELTA, DK, DV, DS,
     kl = tl.load(LENS + b).to(tl.int64)
     nm = offs_n < kl
     kmask = (offs_n < Lk)[:, None] & dm[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -156,8 +157,7 @@ def _dkdv_kernel(Q, K, V, BIAS, LENS, DO, LSE, DELTA, DK, DV, DS,
                      mask=mm[:, None], other=0.0)
         lse = tl.load(LSE + bh * Lq + offs_m, mask=mm, other=float("-inf"))
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=mm, other=0.0)
-        p = _probs(q, K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], kmask,
-                   BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+        p = _probs(q, k, BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
                    mm[:, None] & (offs_n < Lk)[None, :], nm, lse, scale, HAS_BIAS, PREC)
         dv += _mm(tl.trans(p), do, PREC)
         dp = _mm(do, tl.trans(v.to(tl.float32)), PREC)
@@ -200,8 +200,7 @@ def _dq_kernel(Q, K, V, BIAS, LENS, DO, LSE, DELTA, DQ,
         kmask = nm[:, None] & dm[None, :]
         k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-        p = _probs(q, K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], kmask,
-                   BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+        p = _probs(q, k, BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
                    mm[:, None] & nm[None, :], nm, lse, scale, HAS_BIAS, PREC)
         dp = _mm(do, tl.trans(v.to(tl.float32)), PREC)
         ds = p * (dp - delta[:, None])
