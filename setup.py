@@ -32,7 +32,7 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tokenizers", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "triton", "numpy"],
         "triton": ["triton"],

@@ -1,116 +1,304 @@
-"""Minimal Q-CTC training + evaluation on embedded, generated data.
+"""Train and evaluate NARVL (Q-CTC, one-pass decoding) or its autoregressive baseline on the
+embedded shapes data (generated offline from --seed), for one of the paper's four tasks.
 
-A small non-autoregressive model reads a token sequence with a transformer encoder; N learnable
-queries attend to it (no causal mask) and emit all output tokens in one pass; Q-CTC (narvl's
-fused kernel) trains it and greedy CTC decoding reads the answer. The task (reverse the input and
-drop one token class) is generated deterministically from --seed, so it runs offline anywhere.
-The full NARVL vision-language network arrives with the model layer (narvl.models).
+    python train.py --task caption --arch narvl --out runs/caption_narvl      # ~6 min, 2 cores
+    python train.py --task caption --arch ar    --out runs/caption_ar
+    torchrun --nproc_per_node 2 train.py --task vqa --out runs/vqa            # DDP (gloo on CPU)
+    python train.py --resume --out runs/caption_narvl                          # continue
+    python train.py --eval-only runs/caption_narvl/last.safetensors --out runs/eval
 
-    python train.py --out runs/demo            # ~1 minute on 2 CPU cores
+Writes DIR/last.safetensors (atomic, no pickle; config + tokenizer inside) and DIR/metrics.json
+(task, arch, metric_name, metric, latency_ms = mean batch-1 decode time per sample with the
+encoder, params, train_seconds, ...) and prints a one-line summary.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
+import sys
 import time
 
 import torch
-import torch.nn as nn
 
 import narvl
+from narvl.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_checkpoint
+from narvl.data import Tokenizer, metrics, shapes, shapes_task
+from narvl.models import ARBaseline, NARVL, NARVLConfig, enable_peft, trainable_fraction
+from narvl.models.resnet import fold_batchnorm_
+
+METRIC = {"caption": "CIDEr", "vqa": "VQA accuracy", "grounding": "Acc@0.5", "entailment": "accuracy"}
+DEFAULT_STEPS = {"caption": 600, "vqa": 500, "grounding": 600, "entailment": 400}
 
 
-def make_batch(g, batch, vocab, max_len):
-    lengths = torch.randint(1, max_len + 1, (batch,), generator=g)
-    src = torch.randint(1, vocab, (batch, max_len), generator=g)
-    src = torch.where(torch.arange(max_len)[None] < lengths[:, None], src, 0)  # 0 = pad
-    tgts, tl = [], []
-    for b in range(batch):
-        seq = [t for t in reversed(src[b, : lengths[b]].tolist()) if t % 5 != 0]  # reverse, drop 5k
-        tgts.append(seq + [0] * (max_len - len(seq)))
-        tl.append(len(seq))
-    return src, torch.tensor(tgts), torch.tensor(tl)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=list(METRIC), default="caption")
+    p.add_argument("--arch", choices=["narvl", "ar", "both"], default="narvl",
+                   help="both: narvl then ar into OUT/narvl and OUT/ar, then OUT/comparison.json")
+    p.add_argument("--preset", choices=["tiny", "medium", "base", "large", "huge"], default="tiny")
+    p.add_argument("--out", default=None, help="output directory (default runs/{task}_{arch})")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default per task)")
+    p.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (split over ranks)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--train-size", type=int, default=6000)
+    p.add_argument("--eval-size", type=int, default=500)
+    p.add_argument("--latency-samples", type=int, default=100)
+    p.add_argument("--beam", type=int, default=1, help="beam width at evaluation (1 = greedy)")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="eP-ALM style: train only the queries, an output projection and a soft prompt")
+    p.add_argument("--no-soft-prompt", action="store_true", help="with --freeze-backbone")
+    p.add_argument("--init", default=None, help="start from a checkpoint's weights (e.g. with --freeze-backbone)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    for name in ("batch_size", "image_size", "train_size", "eval_size", "latency_samples", "beam", "ckpt_every"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.steps is not None and a.steps < 0:
+        p.error("--steps must be >= 0")
+    if a.lr <= 0:
+        p.error("--lr must be > 0")
+    if a.image_size % 16:
+        p.error("--image-size must be a multiple of 16")
+    a.out = a.out or f"runs/{a.task}_{a.arch}"
+    return a
 
 
-class QueryModel(nn.Module):
-    def __init__(self, vocab, d=128, layers=2, heads=4, queries=16, max_len=32):
-        super().__init__()
-        self.vocab = vocab + 1  # + blank (last index), as in NARVL
-        self.embed = nn.Embedding(self.vocab, d)
-        self.pos = nn.Parameter(torch.randn(max_len, d) * 0.02)
-        self.queries = nn.Parameter(torch.randn(queries, d) * 0.02)
-        enc = nn.TransformerEncoderLayer(d, heads, 4 * d, 0.0, batch_first=True, norm_first=True)
-        dec = nn.TransformerDecoderLayer(d, heads, 4 * d, 0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(enc, layers)
-        self.decoder = nn.TransformerDecoder(dec, layers)
-        self.norm = nn.LayerNorm(d)
-
-    def forward(self, src):
-        pad = src == 0
-        mem = self.encoder(self.embed(src) + self.pos[: src.shape[1]], src_key_padding_mask=pad)
-        q = self.queries.expand(src.shape[0], -1, -1)
-        h = self.norm(self.decoder(q, mem, memory_key_padding_mask=pad))
-        return h @ self.embed.weight.t()  # (B, N, V+1), tied output projection
+def dist_setup():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        return dist.get_rank(), world
+    return 0, 1
 
 
-def greedy(logits, blank):
+def build_model(arch, cfg):
+    return (NARVL if arch == "narvl" else ARBaseline)(cfg)
+
+
+def make_tokenizer():
+    return Tokenizer.train(shapes.corpus(image_size=64, seed=0, n=1500), vocab_size=1000, num_bins=64)
+
+
+def batch_indices(step, batch, n, seed):
+    """Global sample indices of ``step``: consecutive slices of per-epoch permutations (seeded by
+    seed and epoch), so a resumed run sees exactly the batches it would have seen."""
     out = []
-    for row in logits.argmax(-1).tolist():
-        seq, prev = [], None
-        for t in row:
-            if t != prev and t != blank:
-                seq.append(t)
-            prev = t
-        out.append(seq)
+    pos = step * batch
+    while len(out) < batch:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        take = perm[off: off + batch - len(out)].tolist()
+        out += take
+        pos += len(take)
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    a = p.parse_args(argv)
-    torch.manual_seed(a.seed)
-    vocab, max_len = 30, 10
-    model = QueryModel(vocab, queries=2 * max_len, max_len=max_len)
-    blank = model.vocab - 1
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    g = torch.Generator().manual_seed(a.seed)
-    t0 = time.time()
-    for step in range(a.steps):
-        src, tgt, tl = make_batch(g, a.batch_size, vocab, max_len)
-        loss = narvl.qctc_loss(model(src), tgt, tl, blank=blank, label_smoothing=a.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == a.steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}", flush=True)
-    train_s = time.time() - t0
+def decode_text(task, tok, ids, image_size):
+    if task == "grounding":
+        return tok.ids_to_box(ids, image_size)
+    return tok.decode(ids)
+
+
+@torch.inference_mode()
+def evaluate(model, data, tok, task, beam, latency_samples, bf16=False, batch=64):
     model.eval()
-    ge = torch.Generator().manual_seed(a.seed + 1)
-    src, tgt, tl = make_batch(ge, 512, vocab, max_len)
-    with torch.no_grad():
-        t1 = time.perf_counter()
-        hyp = greedy(model(src), blank)
-        dec_ms = (time.perf_counter() - t1) * 1e3 / len(hyp)
-    ref = [tgt[b, : tl[b]].tolist() for b in range(len(hyp))]
-    acc = sum(h == r for h, r in zip(hyp, ref)) / len(ref)
-    os.makedirs(a.out, exist_ok=True)
-    metrics = dict(task="reverse-filter", arch="query-ctc", metric_name="exact_match", metric=acc,
-                   latency_ms=dec_ms, params=sum(p.numel() for p in model.parameters()),
-                   train_seconds=train_s)
-    with open(os.path.join(a.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(f"exact_match {acc:.3f}  decode {dec_ms:.3f} ms/sample  train {train_s:.0f}s  -> {a.out}/metrics.json")
-    return metrics
+    infer = copy.deepcopy(model)
+    fold_batchnorm_(infer.encoder.backbone)  # inference-only BN folding, same for both archs
+    preds = []
+    ctx = torch.autocast("cpu", torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+    with ctx:
+        for i in range(0, len(data), batch):
+            idx = list(range(i, min(i + batch, len(data))))
+            images, text, *_ = data.batch(idx, tok, model.cfg.max_text_len)
+            for ids in infer.generate(images, text, beam_width=beam):
+                preds.append(decode_text(task, tok, ids, data.image_size))
+        ss = data.samples
+        if task == "caption":
+            refs = [s["refs"] for s in ss]
+            metric = 100 * metrics.cider(preds, refs)
+            extra = {"BLEU-4": 100 * metrics.bleu4(preds, refs)}
+        elif task == "vqa":
+            metric = 100 * sum(metrics.vqa_accuracy(p, s["answers"]) for p, s in zip(preds, ss)) / len(ss)
+            extra = {}
+        elif task == "grounding":
+            metric = 100 * metrics.grounding_accuracy(preds, [s["box"] for s in ss])
+            extra = {}
+        else:
+            metric = 100 * metrics.accuracy(preds, [s["label"] for s in ss])
+            extra = {}
+        # latency: batch 1, encoder included, after warm-up
+        n = min(latency_samples, len(data))
+        inputs = [data.batch([i], tok, model.cfg.max_text_len)[:2] for i in range(n)]
+        for images, text in inputs[:3]:
+            infer.generate(images, text, beam_width=beam)
+        t0 = time.perf_counter()
+        for images, text in inputs:
+            infer.generate(images, text, beam_width=beam)
+        latency = (time.perf_counter() - t0) / n * 1e3
+    examples = [{"text": s["text"], "pred": p if not isinstance(p, list) else [round(c, 1) for c in p],
+                 "target": s["target"]} for s, p in zip(ss[:5], preds[:5])]
+    return metric, latency, extra, examples
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.arch != "both":
+        return run(args)
+    if args.resume or args.eval_only or args.init:
+        sys.exit("error: --arch both trains from scratch (give one --arch to resume or evaluate)")
+    res = {}
+    for arch in ("narvl", "ar"):
+        a = copy.copy(args)
+        a.arch, a.out = arch, os.path.join(args.out, arch)
+        run(a)
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(os.path.join(a.out, "metrics.json")) as f:
+                res[arch] = json.load(f)
+    if int(os.environ.get("RANK", "0")) == 0:
+        n, r = res["narvl"], res["ar"]
+        comp = dict(task=args.task, metric_name=n["metric_name"], narvl_metric=n["metric"], ar_metric=r["metric"],
+                    metric_ratio=round(n["metric"] / r["metric"], 4) if r["metric"] else None,
+                    narvl_latency_ms=n["latency_ms"], ar_latency_ms=r["latency_ms"],
+                    speedup=round(r["latency_ms"] / n["latency_ms"], 2))
+        with open(os.path.join(args.out, "comparison.json"), "w") as f:
+            json.dump(comp, f, indent=2)
+        print(f"[narvl] {args.task}: NARVL {n['metric_name']} {n['metric']:.2f} vs AR {r['metric']:.2f}; "
+              f"latency {n['latency_ms']:.2f} vs {r['latency_ms']:.2f} ms/sample "
+              f"({comp['speedup']:.1f}x faster) -> {os.path.join(args.out, 'comparison.json')}")
+    return 0
+
+
+def run(args):
+    rank, world = dist_setup()
+    torch.manual_seed(args.seed + rank)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "last.safetensors")
+
+    meta_in = None
+    if args.eval_only or args.resume or args.init:
+        src = args.eval_only or args.init or ckpt_path
+        tensors, meta_in = read_checkpoint(src)
+        tok = Tokenizer.from_json(meta_in["tokenizer"])
+        cfg = NARVLConfig.from_json(meta_in["config"])
+        arch, task = meta_in["arch"], meta_in["task"]
+        if args.resume or args.init:
+            if arch != args.arch or task != args.task:
+                sys.exit(f"error: {src} holds a {task}/{arch} model, not {args.task}/{args.arch}")
+        args.arch, args.task = arch, task
+    else:
+        tok = make_tokenizer()
+        cfg = NARVLConfig.from_preset(args.preset, task=args.task, image_size=args.image_size,
+                                      vocab_size=tok.vocab_size, num_bins=tok.num_bins,
+                                      dropout=args.dropout, max_text_len=48, max_target_len=24)
+    model = build_model(args.arch, cfg)
+    peft = bool(args.freeze_backbone or (meta_in and json.loads(meta_in.get("peft", "false"))
+                                         and not args.init))
+    if meta_in is not None and not args.init and peft:
+        enable_peft(model, soft_prompt=json.loads(meta_in.get("soft_prompt", "true")))
+    if meta_in is not None:
+        load_model_state(model, tensors, meta_in)
+    if args.freeze_backbone and not (meta_in is not None and not args.init and peft):
+        enable_peft(model, soft_prompt=not args.no_soft_prompt)
+    n_train, n_all, frac = trainable_fraction(model)
+
+    eval_data = shapes_task(args.task, args.eval_size, args.image_size, seed=args.seed + 1000)
+    train_seconds = 0.0
+    if not args.eval_only:
+        data = shapes_task(args.task, args.train_size, args.image_size, seed=args.seed)
+        steps = args.steps
+        if steps is None:
+            steps = (math.ceil(args.epochs * len(data) / args.batch_size) if args.epochs
+                     else DEFAULT_STEPS[args.task])
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+        sched = lambda s: min(1.0, (s + 1) / max(args.warmup, 1)) * (  # noqa: E731
+            0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+        start = 0
+        if args.resume:
+            load_optimizer_state(opt, tensors)
+            start = int(meta_in["step"])
+            train_seconds = float(meta_in.get("train_seconds", 0.0))
+        ddp = model
+        if world > 1:
+            ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=peft)
+        model.train()
+        if peft:  # the frozen backbone keeps its BatchNorm statistics
+            model.encoder.backbone.eval()
+        bar = None
+        if rank == 0 and not args.no_progress:
+            from tqdm import tqdm
+            bar = tqdm(total=steps, initial=start, desc=f"{args.task}/{args.arch}", dynamic_ncols=True)
+        t0 = time.time()
+        ctx = (lambda: torch.autocast("cpu", torch.bfloat16)) if args.bf16 else \
+            (lambda: torch.autocast("cpu", enabled=False))
+        loss_ema = None
+        for step in range(start, steps):
+            idx = batch_indices(step, args.batch_size, len(data), args.seed)[rank::world]
+            images, text, targets, lengths, weights = data.batch(idx, tok, cfg.max_text_len)
+            for g in opt.param_groups:
+                g["lr"] = args.lr * sched(step)
+            with ctx():
+                loss = ddp(images, text, targets, lengths, weights if args.task == "vqa" else None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if not math.isfinite(loss.item()):
+                sys.exit(f"error: loss is {loss.item()} at step {step}")
+            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+            done = step + 1
+            if rank == 0 and (done % args.ckpt_every == 0 or done == steps):
+                save_checkpoint(ckpt_path, model, opt, meta=dict(
+                    config=cfg.to_json(), tokenizer=tok.to_json(), arch=args.arch, task=args.task,
+                    step=str(done), peft=json.dumps(peft), soft_prompt=json.dumps(not args.no_soft_prompt),
+                    train_seconds=str(train_seconds + time.time() - t0)))
+        if bar is not None:
+            bar.close()
+        train_seconds += time.time() - t0
+        if world > 1:
+            torch.distributed.barrier()
+
+    if rank == 0:
+        metric, latency, extra, examples = evaluate(model, eval_data, tok, args.task, args.beam,
+                                                    args.latency_samples, args.bf16)
+        out = dict(task=args.task, arch=args.arch, preset=cfg.preset, metric_name=METRIC[args.task],
+                   metric=round(metric, 2), latency_ms=round(latency, 2), params=n_all,
+                   trainable_params=n_train, trainable_fraction=round(frac, 6),
+                   train_seconds=round(train_seconds, 1), beam=args.beam, image_size=cfg.image_size,
+                   num_queries=cfg.num_queries if args.arch == "narvl" else None,
+                   eval_samples=len(eval_data), threads=torch.get_num_threads(), world_size=world,
+                   backend=os.environ.get("NARVL_BACKEND", "auto"), **extra, examples=examples)
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(out, f, indent=2)
+        trainable = f" trainable {100 * frac:.2f}%" if peft else ""
+        print(f"[narvl] task={args.task} arch={args.arch} {METRIC[args.task]}={metric:.2f} "
+              f"latency={latency:.2f} ms/sample params={n_all / 1e6:.1f}M{trainable} "
+              f"train={train_seconds:.0f}s -> {os.path.join(args.out, 'metrics.json')}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

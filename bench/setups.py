@@ -56,3 +56,48 @@ def attention_inputs(name, dtype=torch.float32, device="cpu", seed=0):
     bias = torch.randn(H, Lq, Lk, generator=g) * 0.1
     lens = torch.full((B,), Lk) if name == "self" else torch.randint(850, Lk + 1, (B,), generator=g)
     return [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [lens.to(device), bias.to(device=device, dtype=dtype)]
+
+
+# Model level (the paper's Figure 1): tiny preset, shapes-sized images, output lengths.
+MODEL_IMAGE_SIZE = 64
+MODEL_VOCAB = 600
+MODEL_OUT_LENS = (4, 8, 16)
+MODEL_BATCHES = (1, 32)
+
+
+def model_pair(out_len, image_size=MODEL_IMAGE_SIZE, seed=0):
+    """(NARVL with N = out_len queries, ARBaseline) at the tiny preset, eval mode, BN folded,
+    and their inputs' maker ``make(batch) -> (images, text)``."""
+    from narvl.models import ARBaseline, NARVL, NARVLConfig
+    from narvl.models.resnet import fold_batchnorm_
+
+    cfg = NARVLConfig.from_preset("tiny", image_size=image_size, vocab_size=MODEL_VOCAB, num_bins=64,
+                                  num_queries=out_len, max_target_len=max(MODEL_OUT_LENS), dropout=0.0)
+    torch.manual_seed(seed)
+    nar, ar = NARVL(cfg).eval(), ARBaseline(cfg).eval()
+    for m in (nar, ar):
+        fold_batchnorm_(m.encoder.backbone)
+
+    def make(batch):
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randn(batch, 3, image_size, image_size, generator=g)
+        text = torch.randint(4, MODEL_VOCAB - 100, (batch, 10), generator=g)
+        return images, text
+
+    return nar, ar, make
+
+
+def train_inputs(batch=16, image_size=MODEL_IMAGE_SIZE, seed=0):
+    """A NARVL caption model (tiny preset, 20 queries) and one batch of inputs for a train step."""
+    from narvl.models import NARVL, NARVLConfig
+
+    cfg = NARVLConfig.from_preset("tiny", task="caption", image_size=image_size, vocab_size=MODEL_VOCAB,
+                                  num_bins=64)
+    torch.manual_seed(seed)
+    model = NARVL(cfg)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g)
+    text = torch.randint(4, MODEL_VOCAB - 100, (batch, 10), generator=g)
+    lengths = torch.randint(4, 15, (batch,), generator=g)
+    targets = torch.randint(4, MODEL_VOCAB - 100, (batch, 14), generator=g)
+    return model, (images, text, targets, lengths)

@@ -1,0 +1,45 @@
+"""Model level: NARVL (one decoder pass) against the autoregressive baseline (one pass per token,
+KV cache), over output length at batch 1 and 32: the paper's Figure 1. And one training step
+with the narvl kernels against the reference backend.
+
+Run: python -m pytest bench/bench_model.py --benchmark-json bench/results/model_cpu.json
+Both models: tiny preset (d 256, 4+4 layers, ResNet-50 stages 1-3), 64-px images (16 image
+tokens), 10 text tokens, BN folded, greedy decoding; AR runs exactly ``out_len`` steps (EOS
+masked), NARVL has ``out_len`` queries. Latency includes the encoder.
+"""
+import pytest
+import torch
+
+from setups import MODEL_BATCHES, MODEL_OUT_LENS, model_pair, train_inputs
+
+
+@pytest.mark.parametrize("arch", ["narvl", "ar"])
+@pytest.mark.parametrize("out_len", MODEL_OUT_LENS)
+@pytest.mark.parametrize("batch", MODEL_BATCHES)
+def test_generate(benchmark, threads, arch, out_len, batch):
+    nar, ar, make = model_pair(out_len)
+    images, text = make(batch)
+    benchmark.group = f"generate-b{batch}-L{out_len}-{threads}thr"
+    benchmark.extra_info.update(arch=arch, out_len=out_len, batch=batch, threads=threads)
+    if arch == "narvl":
+        fn = lambda: nar.generate(images, text)  # noqa: E731
+    else:
+        fn = lambda: ar.generate(images, text, max_len=out_len, stop_at_eos=False)  # noqa: E731
+    with torch.inference_mode():
+        benchmark.pedantic(fn, rounds=10 if batch == 1 else 3, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_train_step(benchmark, threads, backend, monkeypatch):
+    monkeypatch.setenv("NARVL_BACKEND", backend)
+    model, (images, text, targets, lengths) = train_inputs()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    benchmark.group = f"train-step-{threads}thr"
+    benchmark.extra_info.update(backend=backend, threads=threads, batch=images.shape[0])
+
+    def step():
+        loss = model(images, text, targets, lengths)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)

@@ -1,0 +1,65 @@
+"""Task data in one format for the shapes generator and the file loaders, and batching.
+
+A ``TaskData`` holds images (uint8 (n, 3, S, S), or file paths loaded on demand) and samples:
+dicts with ``image`` (index or path), ``text`` (encoder prompt), ``target`` (str, or a pixel box
+(x0, y0, x1, y1) for grounding), ``weight`` and the evaluation fields (``refs``, ``answers``,
+``box``, ``label``). ``batch`` turns sample indices into model tensors:
+
+    images (B, 3, S, S) float in [-1, 1]; text (B, Lt) = [<s>] + BPE + [</s>], pad-right;
+    targets (B, Ls) = answer BPE (or 4 bins) + [</s>], pad-right; target_lengths (B,); weights (B,)
+"""
+from __future__ import annotations
+
+import torch
+
+from .tokenizer import BOS, EOS, PAD, Tokenizer
+
+
+def load_image(path: str, size: int):
+    """A file as uint8 (3, size, size) and its (width, height) before resizing."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        wh = im.size
+        im = im.resize((size, size), Image.BICUBIC)
+        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return t.permute(2, 0, 1).contiguous(), wh
+
+
+class TaskData:
+    def __init__(self, task: str, samples: list, image_size: int, images: torch.Tensor | None = None):
+        if not samples:
+            raise ValueError("a dataset needs at least one sample")
+        self.task, self.samples, self.image_size, self.images = task, samples, image_size, images
+
+    def __len__(self):
+        return len(self.samples)
+
+    def image(self, s):
+        if isinstance(s["image"], int):
+            return self.images[s["image"]]
+        img, _ = load_image(s["image"], self.image_size)
+        return img
+
+    def target_ids(self, s, tok: Tokenizer) -> list[int]:
+        if self.task == "grounding":
+            return tok.box_to_ids(s["target"], self.image_size) + [EOS]
+        return tok.encode(" " + s["target"]) + [EOS]
+
+    def batch(self, idx, tok: Tokenizer, max_text_len: int | None = None):
+        ss = [self.samples[i] for i in idx]
+        images = torch.stack([self.image(s) for s in ss]).float().div_(127.5).sub_(1.0)
+        texts = [[BOS] + tok.encode(s["text"]) + [EOS] for s in ss]
+        if max_text_len is not None:
+            texts = [t[:max_text_len] for t in texts]
+        tgts = [self.target_ids(s, tok) for s in ss]
+        text = torch.full((len(ss), max(map(len, texts))), PAD, dtype=torch.long)
+        for i, t in enumerate(texts):
+            text[i, : len(t)] = torch.tensor(t)
+        targets = torch.full((len(ss), max(map(len, tgts))), PAD, dtype=torch.long)
+        for i, t in enumerate(tgts):
+            targets[i, : len(t)] = torch.tensor(t)
+        lengths = torch.tensor([len(t) for t in tgts])
+        weights = torch.tensor([float(s.get("weight", 1.0)) for s in ss])
+        return images, text, targets, lengths, weights

@@ -1,0 +1,268 @@
+"""NARVL and ARBaseline: shapes, the loss against narvl.qctc_loss and the reference backends,
+decoding against a direct argmax/collapse, KV-cache decoding against the teacher-forced pass,
+PEFT, and bad input."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import narvl
+from narvl.models import ARBaseline, NARVL, NARVLConfig, PRESETS, enable_peft, trainable_fraction
+from narvl.models.resnet import ResNetStages, fold_batchnorm_
+
+
+def small_cfg(**kw):
+    base = dict(d_model=32, enc_layers=2, dec_layers=2, heads=2, resnet_layers=(1, 1, 1), image_size=48,
+                num_queries=7, vocab_size=41, num_bins=8, max_text_len=12, max_target_len=9, dropout=0.0,
+                label_smoothing=0.1)
+    base.update(kw)
+    return NARVLConfig(**base)
+
+
+def inputs(cfg, B=3, Lt=5, S=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    text = torch.randint(4, cfg.vocab_size - 1, (B, Lt), generator=g)
+    text[0, Lt - 2:] = cfg.pad_id  # right padding on one sample
+    targets = torch.randint(4, cfg.vocab_size - 1, (B, S), generator=g)
+    lengths = torch.tensor([S, 2, 1][:B])
+    targets[:, -1] = torch.where(lengths == S, torch.full_like(lengths, cfg.eos_id), targets[:, -1])
+    return images, text, targets, lengths
+
+
+def test_presets_match_paper_table():
+    expect = {"tiny": (256, 4, 4, 4, (3, 4, 6)), "medium": (512, 4, 4, 8, (3, 4, 23)),
+              "base": (768, 6, 6, 12, (3, 4, 23)), "large": (1024, 12, 12, 16, (3, 8, 36)),
+              "huge": (1280, 24, 12, 16, (3, 8, 36))}
+    for name, (d, e, dl, h, r) in expect.items():
+        c = NARVLConfig.from_preset(name)
+        assert (c.d_model, c.enc_layers, c.dec_layers, c.heads, c.resnet_layers) == (d, e, dl, h, r)
+        assert c.ffn_dim == 4 * d and c.vocab_size == 59458 and c.blank_id == 59457
+    assert set(PRESETS) == set(expect)
+    assert NARVLConfig.from_preset("tiny", task="vqa").num_queries == 6
+    assert NARVLConfig.from_preset("tiny", task="grounding").num_queries == 5
+    assert NARVLConfig.from_preset("tiny", task="grounding").image_size == 512
+    assert NARVLConfig.from_preset("tiny", task="entailment").label_smoothing == 0.0
+    assert NARVLConfig.from_preset("tiny", task="caption").num_queries == 20
+    c = small_cfg()
+    assert NARVLConfig.from_json(c.to_json()) == c
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(d_model=30, heads=4), "multiple of heads"), (dict(image_size=40), "multiple of 16"),
+    (dict(vocab_size=10, num_bins=8), "vocab_size"), (dict(dropout=1.0), "dropout"),
+    (dict(resnet_layers=(1, 1)), "resnet_layers"), (dict(num_queries=0), "num_queries"),
+    (dict(eos_id=40), "eos_id")])
+def test_config_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        small_cfg(**kw)
+    with pytest.raises(ValueError, match="preset"):
+        NARVLConfig.from_preset("giant")
+
+
+def test_resnet_stride16_and_bn_folding():
+    net = ResNetStages((1, 2, 1))
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    x = torch.randn(2, 3, 80, 80)
+    net.eval()
+    y = net(x)
+    assert y.shape == (2, 1024, 5, 5)
+    folded = fold_batchnorm_(copy.deepcopy(net))
+    torch.testing.assert_close(folded(x), y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
+    with pytest.raises(ValueError, match="images"):
+        net(torch.randn(2, 1, 32, 32))
+
+
+def test_narvl_loss_is_qctc_of_its_logits_and_backprops():
+    cfg = small_cfg()
+    m = NARVL(cfg)
+    images, text, targets, lengths = inputs(cfg)
+    w = torch.tensor([1.0, 0.6, 0.3])
+    loss = m(images, text, targets, lengths, weights=w)
+    logits = m.logits(images, text)
+    assert logits.shape == (3, cfg.num_queries, cfg.vocab_size)
+    expect = narvl.reference.qctc_loss_reference(logits.double(), targets, lengths, blank=cfg.blank_id,
+                                                 label_smoothing=0.1, weights=w.double())
+    torch.testing.assert_close(loss.double(), expect, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    for name in ("queries", "embed_tokens.weight", "encoder.image_proj.weight",
+                 "encoder.backbone.conv1.weight", "query_rel.0.weight", "encoder.rel_bias.1.weight"):
+        grad = dict(m.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("arch", [NARVL, ARBaseline])
+def test_kernel_backend_matches_reference_backend(arch, monkeypatch, backend):
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    m = arch(cfg).double()
+    images, text, targets, lengths = inputs(cfg)
+    images = images.double()
+    out = {}
+    for be in (backend, "reference"):
+        monkeypatch.setenv("NARVL_BACKEND", be)
+        m.zero_grad()
+        loss = m(images, text, targets, lengths)
+        loss.backward()
+        out[be] = (loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    torch.testing.assert_close(out[backend][0], out["reference"][0], rtol=1e-6, atol=1e-8)
+    for a, b in zip(out[backend][1], out["reference"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_narvl_generate_is_collapsed_argmax():
+    cfg = small_cfg()
+    torch.manual_seed(3)
+    m = NARVL(cfg).eval()
+    images, text, _, _ = inputs(cfg)
+    logits = m.logits(images, text)
+    got = m.generate(images, text)
+    for b, row in enumerate(logits.argmax(-1).tolist()):
+        seq, prev = [], None
+        for t in row:
+            if t != prev and t != cfg.blank_id:
+                seq.append(t)
+            prev = t
+        if cfg.eos_id in seq:
+            seq = seq[: seq.index(cfg.eos_id)]
+        assert got[b] == seq
+    beam = m.generate(images, text, beam_width=8)
+    assert len(beam) == 3 and all(isinstance(s, list) for s in beam)
+    assert all(cfg.blank_id not in s and cfg.eos_id not in s for s in beam)
+    # no merging (grounding / entailment): one label per slot
+    m.cfg.merge_repeats = False
+    got = m.generate(images, text)
+    for b, row in enumerate(logits.argmax(-1).tolist()):
+        seq = [t for t in row if t != cfg.blank_id]
+        assert got[b] == (seq[: seq.index(cfg.eos_id)] if cfg.eos_id in seq else seq)
+
+
+def test_narvl_beam_search_finds_the_peaked_sequence():
+    """With a huge bias toward one labeling, greedy and beam agree on it."""
+    cfg = small_cfg()
+    m = NARVL(cfg).eval()
+    images, text, _, _ = inputs(cfg)
+    with torch.no_grad():
+        m.ln_out.weight.zero_()
+        m.ln_out.bias.copy_(m.embed_tokens.weight[5] * 50)
+    assert m.generate(images, text) == [[5]] * 3
+    assert m.generate(images, text, beam_width=4) == [[5]] * 3
+
+
+def _ar_step_logits(m, images, text, tokens):
+    cross, lengths = m._start(images, text)
+    caches = [dict() for _ in m.layers]
+    return torch.stack([m._step(tokens[:, t], t, cross, lengths, caches) for t in range(tokens.shape[1])], 1)
+
+
+def test_ar_kv_cache_matches_teacher_forcing():
+    cfg = small_cfg()
+    torch.manual_seed(1)
+    m = ARBaseline(cfg).double().eval()
+    images, text, targets, lengths = inputs(cfg)
+    images = images.double()
+    y_in = torch.cat([torch.full_like(targets[:, :1], cfg.bos_id), targets[:, :-1]], 1)
+    memory, mlen = m.encoder(images, text)
+    x = m._embed(y_in, 0)
+    for layer in m.layers:
+        ck, cv = layer.cross_kv(memory)
+        x = layer(x, ck, cv, mlen)
+    full = F.log_softmax(m._out(x), -1)
+    step = _ar_step_logits(m, images, text, y_in)
+    torch.testing.assert_close(step.double(), full, rtol=1e-5, atol=1e-5)
+
+
+def test_ar_loss_is_label_smoothed_cross_entropy():
+    cfg = small_cfg(label_smoothing=0.0)
+    m = ARBaseline(cfg).eval()
+    images, text, targets, lengths = inputs(cfg)
+    loss = m(images, text, targets, lengths)
+    y_in = torch.cat([torch.full_like(targets[:, :1], cfg.bos_id), targets[:, :-1]], 1)
+    lp = _ar_step_logits(m, images, text, y_in)
+    nll = [-lp[b, t, targets[b, t]] for b in range(3) for t in range(int(lengths[b]))]
+    torch.testing.assert_close(loss, torch.stack(nll).mean(), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert m.embed_pos.weight.grad.abs().sum() > 0
+
+
+def test_ar_greedy_and_beam():
+    cfg = small_cfg()
+    torch.manual_seed(2)
+    m = ARBaseline(cfg).eval()
+    images, text, _, _ = inputs(cfg)
+    greedy = m.generate(images, text)
+    # greedy equals argmax of the step log-probs fed back
+    for b in range(3):
+        seq = greedy[b]
+        toks = torch.tensor([[cfg.bos_id] + seq[:-1]])
+        lp = _ar_step_logits(m, images[b:b + 1], text[b:b + 1], toks)[0]
+        lp[:, cfg.blank_id] = float("-inf")
+        assert lp.argmax(-1).tolist()[: len(seq)] == seq
+    fixed = m.generate(images, text, max_len=6, stop_at_eos=False)
+    assert [len(s) for s in fixed] == [6, 6, 6]
+    assert m.generate(images, text, beam_width=1) == greedy
+    beams = m.generate(images, text, beam_width=3, max_len=5)
+    assert len(beams) == 3 and all(len(s) <= 5 and cfg.eos_id not in s for s in beams)
+    with pytest.raises(ValueError, match="max_len"):
+        m.generate(images, text, max_len=cfg.max_target_len + 1)
+
+
+def test_peft_trains_under_one_percent():
+    cfg = NARVLConfig.from_preset("tiny", task="vqa", image_size=64, vocab_size=600, num_bins=64)
+    m = enable_peft(NARVL(cfg), soft_prompt=True)
+    n_train, n_all, frac = trainable_fraction(m)
+    assert 0 < frac < 0.01
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert names == {"queries", "out_adapter.weight", "out_adapter.bias", "encoder.soft_prompt"}
+    images = torch.randn(2, 3, 64, 64)
+    text = torch.randint(4, 500, (2, 6))
+    m(images, text, torch.tensor([[7, 2], [9, 2]]), torch.tensor([2, 2])).backward()
+    assert m.encoder.soft_prompt.grad.abs().sum() > 0 and m.queries.grad.abs().sum() > 0
+    ar = enable_peft(ARBaseline(cfg), soft_prompt=False)
+    assert 0 < trainable_fraction(ar)[2] < 0.01
+
+
+@pytest.mark.parametrize("arch", [NARVL, ARBaseline])
+def test_bad_inputs(arch):
+    cfg = small_cfg()
+    m = arch(cfg)
+    images, text, targets, lengths = inputs(cfg)
+    with pytest.raises(ValueError, match="images"):
+        m(images[:, :, :32, :32], text, targets, lengths)
+    with pytest.raises(TypeError, match="images"):
+        m(images.long(), text, targets, lengths)
+    with pytest.raises(TypeError, match="text"):
+        m(images, text.float(), targets, lengths)
+    with pytest.raises(ValueError, match="text token ids"):
+        m(images, text + 100, targets, lengths)
+    bad = text.clone()
+    bad[1, 1] = cfg.pad_id
+    with pytest.raises(ValueError, match="right-padded"):
+        m(images, bad, targets, lengths)
+    with pytest.raises(ValueError, match="target_lengths"):
+        m(images, text, targets, torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="targets"):
+        m(images, text, targets[:2], lengths)
+    with pytest.raises(ValueError, match="empty batch"):
+        m(images[:0], text[:0], targets[:0], lengths[:0])
+    with pytest.raises(ValueError, match="max_text_len"):
+        m(images, torch.randint(4, 30, (3, 13)), targets, lengths)
+    with pytest.raises(ValueError, match="beam_width"):
+        m.generate(images, text, beam_width=0)
+    with pytest.raises(TypeError, match="NARVLConfig"):
+        arch({"d_model": 8})
+
+
+def test_blank_in_targets_is_rejected():
+    cfg = small_cfg()
+    m = NARVL(cfg)
+    images, text, targets, lengths = inputs(cfg)
+    targets[0, 0] = cfg.blank_id
+    with pytest.raises(ValueError, match="blank"):
+        m(images, text, targets, lengths)
