@@ -9,7 +9,7 @@ embedded shapes data (generated offline from --seed), for one of the paper's fou
 
 Writes DIR/last.safetensors (atomic, no pickle; config + tokenizer inside) and DIR/metrics.json
 (task, arch, metric_name, metric, latency_ms = mean batch-1 decode time per sample with the
-encoder, params, train_seconds, ...) and prints a one-line summary.
+encoder (best of 3 passes over --latency-samples samples), params, train_seconds, ...) and prints a one-line summary.
 """
 from __future__ import annotations
 
@@ -146,10 +146,13 @@ def evaluate(model, data, tok, task, beam, latency_samples, bf16=False, batch=64
         inputs = [data.batch([i], tok, model.cfg.max_text_len)[:2] for i in range(n)]
         for images, text in inputs[:3]:
             infer.generate(images, text, beam_width=beam)
-        t0 = time.perf_counter()
-        for images, text in inputs:
-            infer.generate(images, text, beam_width=beam)
-        latency = (time.perf_counter() - t0) / n * 1e3
+        passes = []
+        for _ in range(3):  # the best of 3 passes: this sheds other processes' interference
+            t0 = time.perf_counter()
+            for images, text in inputs:
+                infer.generate(images, text, beam_width=beam)
+            passes.append((time.perf_counter() - t0) / n * 1e3)
+        latency = min(passes)
     examples = [{"text": s["text"], "pred": p if not isinstance(p, list) else [round(c, 1) for c in p],
                  "target": s["target"]} for s, p in zip(ss[:5], preds[:5])]
     return metric, latency, extra, examples

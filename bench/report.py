@@ -48,6 +48,49 @@ def decode_table(path):
     return "\n".join(out)
 
 
+def model_table(path):
+    """bench_model.py: NARVL vs AR generation (ms per call) over output length, and the train
+    step with the narvl kernels vs the reference backend."""
+    d = json.load(open(path))
+    gen, step = {}, {}
+    for b in d["benchmarks"]:
+        ei = b["extra_info"]
+        med = b["stats"]["median"] * 1e3
+        if b["name"].startswith("test_generate"):
+            gen.setdefault((ei["batch"], ei["out_len"], ei["threads"]), {})[ei["arch"]] = med
+        else:
+            step.setdefault(ei["threads"], {})[ei["backend"]] = med
+    out = ["| batch | output length | threads | NARVL ms | AR ms | AR / NARVL |", "|---|---|---|---|---|---|"]
+    for (bs, L, thr), r in sorted(gen.items()):
+        out.append(f"| {bs} | {L} | {thr} | {r['narvl']:.1f} | {r['ar']:.1f} | {r['ar'] / r['narvl']:.1f}x |")
+    out += ["", "| train step (batch 16) | threads | narvl kernels ms | reference ms | speed-up |",
+            "|---|---|---|---|---|"]
+    for thr, r in sorted(step.items()):
+        out.append(f"| NARVL tiny caption, V 59,458 | {thr} | {r['auto']:.0f} | {r['reference']:.0f} | "
+                   f"{r['reference'] / r['auto']:.2f}x |")
+    return "\n".join(out)
+
+
+def task_table(path):
+    """bench_tasks.py: per-sample batch-1 latency of trained NARVL and AR checkpoints."""
+    d = json.load(open(path))
+    rows = {}
+    for b in d["benchmarks"]:
+        ei = b["extra_info"]
+        rows.setdefault(ei["task"], {})[ei["arch"]] = b["stats"]["median"] * 1e3 / ei["samples"]
+    out = ["| task | NARVL ms | AR ms | speed-up |", "|---|---|---|---|"]
+    for task in ("caption", "vqa", "grounding", "entailment"):
+        if task in rows and len(rows[task]) == 2:
+            r = rows[task]
+            out.append(f"| {task} | {r['narvl']:.2f} | {r['ar']:.2f} | {r['ar'] / r['narvl']:.2f}x |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/ctc_cpu.json"
-    print(decode_table(path) if "decode" in path else table(path))
+    if "model" in path:
+        print(model_table(path))
+    elif "tasks" in path:
+        print(task_table(path))
+    else:
+        print(decode_table(path) if "decode" in path else table(path))

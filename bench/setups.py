@@ -87,12 +87,12 @@ def model_pair(out_len, image_size=MODEL_IMAGE_SIZE, seed=0):
     return nar, ar, make
 
 
-def train_inputs(batch=16, image_size=MODEL_IMAGE_SIZE, seed=0):
-    """A NARVL caption model (tiny preset, 20 queries) and one batch of inputs for a train step."""
+def train_inputs(batch=16, image_size=MODEL_IMAGE_SIZE, seed=0, vocab=V_OFA):
+    """A NARVL caption model (tiny preset, 20 queries, OFA's vocabulary + blank by default) and
+    one batch of inputs for a train step."""
     from narvl.models import NARVL, NARVLConfig
 
-    cfg = NARVLConfig.from_preset("tiny", task="caption", image_size=image_size, vocab_size=MODEL_VOCAB,
-                                  num_bins=64)
+    cfg = NARVLConfig.from_preset("tiny", task="caption", image_size=image_size, vocab_size=vocab)
     torch.manual_seed(seed)
     model = NARVL(cfg)
     g = torch.Generator().manual_seed(seed)

@@ -1,16 +1,17 @@
 """narvl: fast kernels and models for NARVL, the non-autoregressive vision-language model.
 
 Public API: ``narvl.ctc_loss`` (drop-in for F.ctc_loss), ``narvl.qctc_loss`` (fused
-log-softmax + Q-CTC on decoder logits), ``narvl.nn`` modules. The backend is chosen per call
-by ``NARVL_BACKEND`` (see ``narvl._backend``).
+log-softmax + Q-CTC on decoder logits), ``narvl.nn`` modules, ``narvl.models`` (NARVL and its
+autoregressive baseline), ``narvl.data`` (the embedded shapes tasks, loaders, tokenizer,
+metrics). The backend is chosen per call by ``NARVL_BACKEND`` (see ``narvl._backend``).
 """
 from . import _backend
 from ._backend import native_available
 from .ops.ctc import ctc_loss, qctc_loss
 from .ops.attention import query_attention
 from .ops.decode import BeamSearchResult, CTCBeamDecoder, ctc_greedy_decode, ctc_prefix_beam_search
-from . import nn, reference  # noqa: E402
+from . import models, nn, reference  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ctc_loss", "qctc_loss", "query_attention", "ctc_greedy_decode", "ctc_prefix_beam_search",
-           "CTCBeamDecoder", "BeamSearchResult", "nn", "reference", "native_available"]
+           "CTCBeamDecoder", "BeamSearchResult", "models", "nn", "reference", "native_available"]

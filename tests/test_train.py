@@ -39,6 +39,11 @@ def test_smoke_metrics_json(tmp_path, task, arch, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def test_bf16_autocast_smoke(tmp_path):
+    m = run(tmp_path, "--task", "caption", "--arch", "narvl", "--steps", "2", "--bf16")
+    assert m["latency_ms"] > 0
+
+
 def test_resume_continues_and_eval_only(tmp_path):
     run(tmp_path, "--task", "vqa", "--steps", "2")
     m = run(tmp_path, "--task", "vqa", "--steps", "4", "--resume")

@@ -51,7 +51,7 @@ class NARVL(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
         nn.init.normal_(self.embed_tokens.weight, std=d ** -0.5)
         self.encoder = Encoder(cfg, self.embed_tokens)
-        self.queries = nn.Parameter(torch.randn(N, d) * 0.02)
+        self.queries = nn.Parameter(torch.randn(N, d))  # N(0, 1), as DETR's query embeddings
         self.query_rel = nn.ModuleList(nn.Embedding(2 * N - 1, cfg.heads) for _ in range(cfg.dec_layers))
         for e in self.query_rel:
             nn.init.zeros_(e.weight)
