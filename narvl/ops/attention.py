@@ -5,8 +5,9 @@ Layers: Triton kernels (kernels/attention.py) -> ops ``torch.ops.narvl.query_att
 (validation, backend choice) -> ``narvl.nn.QueryDecoderLayer``.
 
 On CPU the functional path picks what measured faster (bench/bench_attention.py): the op's
-explicit CPU kernel for short key axes (self-attention among the queries), torch's SDPA with the
-bias and the key-length mask folded into its float mask for long ones (cross-attention).
+explicit CPU kernel when training with short key axes (self-attention among the queries), torch's
+SDPA with the bias and the key-length mask folded into its float mask for long ones
+(cross-attention) and for every call that needs no gradient (inference).
 """
 from __future__ import annotations
 
