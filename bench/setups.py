@@ -43,6 +43,9 @@ def decode_inputs(name, device="cpu", seed=0):
 ATTN_SHAPES = {
     "self": (32, 12, 20, 20, 64),
     "cross": (32, 12, 20, 930, 64),
+    # the NARVL tiny model's shapes (64-px images: 16 image + 12 text tokens, 3 of them padding)
+    "model-enc": (16, 4, 28, 28, 64),
+    "model-dec-b1": (1, 4, 6, 28, 64),
 }
 
 
@@ -54,7 +57,12 @@ def attention_inputs(name, dtype=torch.float32, device="cpu", seed=0):
     k = torch.randn(B, H, Lk, D, generator=g)
     v = torch.randn(B, H, Lk, D, generator=g)
     bias = torch.randn(H, Lq, Lk, generator=g) * 0.1
-    lens = torch.full((B,), Lk) if name == "self" else torch.randint(850, Lk + 1, (B,), generator=g)
+    if name == "self":
+        lens = torch.full((B,), Lk)
+    elif name == "cross":
+        lens = torch.randint(850, Lk + 1, (B,), generator=g)
+    else:
+        lens = torch.full((B,), Lk - 3)
     return [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [lens.to(device), bias.to(device=device, dtype=dtype)]
 
 

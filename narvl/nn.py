@@ -46,6 +46,26 @@ class QCTCLoss(torch.nn.Module):
                          weights=weights)
 
 
+def split_heads(x, heads):
+    """(B, L, H * Dh) -> (B, H, L, Dh)."""
+    B, L, _ = x.shape
+    return x.view(B, L, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x):
+    """(B, H, L, Dh) -> (B, L, H * Dh)."""
+    B, H, L, Dh = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * Dh)
+
+
+def zero_bias_tables(layers, buckets, heads):
+    """One learnable (buckets, heads) relative-position bias table per layer, zero-initialised."""
+    tables = torch.nn.ModuleList(torch.nn.Embedding(buckets, heads) for _ in range(layers))
+    for t in tables:
+        torch.nn.init.zeros_(t.weight)
+    return tables
+
+
 class QueryDecoderLayer(torch.nn.Module):
     """NARVL decoder layer on learnable queries, pre-LN:
     x = x + SelfAttn(LN(x)) (no causal mask) ; x = x + CrossAttn(LN(x), memory) ; x = x + FFN(LN(x)).
@@ -75,13 +95,8 @@ class QueryDecoderLayer(torch.nn.Module):
                                        torch.nn.Dropout(dropout), torch.nn.Linear(ffn_dim, d_model))
         self.drop = torch.nn.Dropout(dropout)
 
-    def _heads(self, x):
-        B, L, _ = x.shape
-        return x.view(B, L, self.n_heads, -1).transpose(1, 2)
-
-    def _merge(self, x):
-        B, H, L, Dh = x.shape
-        return x.transpose(1, 2).reshape(B, L, H * Dh)
+    def _split(self, x):
+        return split_heads(x, self.n_heads)
 
     def forward(self, x, memory, memory_lengths=None, self_bias=None, cross_bias=None):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
@@ -89,11 +104,11 @@ class QueryDecoderLayer(torch.nn.Module):
         if memory.dim() != 3 or memory.shape[-1] != self.d_model or memory.shape[0] != x.shape[0]:
             raise ValueError(f"memory must be (B={x.shape[0]}, Lk, {self.d_model}), got {tuple(memory.shape)}")
         q, k, v = self.qkv_self(self.ln_self(x)).chunk(3, -1)
-        a = query_attention(self._heads(q), self._heads(k), self._heads(v), attn_bias=self_bias)
-        x = x + self.drop(self.out_self(self._merge(a)))
-        q = self._heads(self.q_cross(self.ln_cross(x)))
+        a = query_attention(self._split(q), self._split(k), self._split(v), attn_bias=self_bias)
+        x = x + self.drop(self.out_self(merge_heads(a)))
+        q = self._split(self.q_cross(self.ln_cross(x)))
         k, v = self.kv_cross(memory).chunk(2, -1)
-        a = query_attention(q, self._heads(k), self._heads(v), key_lengths=memory_lengths,
+        a = query_attention(q, self._split(k), self._split(v), key_lengths=memory_lengths,
                             attn_bias=cross_bias)
-        x = x + self.drop(self.out_cross(self._merge(a)))
+        x = x + self.drop(self.out_cross(merge_heads(a)))
         return x + self.drop(self.ffn(self.ln_ffn(x)))

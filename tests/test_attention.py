@@ -52,6 +52,18 @@ def test_matches_reference_fp32(backend, shape, bias):
         torch.testing.assert_close(x.double(), y, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 6, 28, 64), (2, 3, 5, 37, 80), (2, 2, 20, 930, 16)])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_inference_path_matches_reference(backend, shape, mode):
+    """Calls that need no gradient take their own CPU route (SDPA): same values."""
+    q, k, v, kl, b = make(*shape)
+    with getattr(torch, mode)():
+        got = narvl.query_attention(q, k, v, kl, b)
+    want = query_attention_reference(*dbl(q, k, v), kl, *dbl(b))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_within_twice_torch(backend, dtype):
     q, k, v, kl, b = make(2, 2, 20, 97, 64, dtype=dtype)

@@ -20,7 +20,7 @@ import os
 from collections import Counter
 
 from .dataset import TaskData, load_image
-from .metrics import normalize_answer
+from .metrics import normalize_answer, vqa_accuracy
 from .shapes import PROMPTS
 
 SNLI_LABELS = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
@@ -62,8 +62,7 @@ def load_vqa_v2(questions_json, annotations_json, image_dir, image_size=480):
         y = ann[x["question_id"]]
         answers = [normalize_answer(r["answer"]) for r in y["answers"]]
         best = normalize_answer(y.get("multiple_choice_answer", "")) or Counter(answers).most_common(1)[0][0]
-        m = [r == best for r in answers]
-        w = sum(min((sum(m) - mi) / 3.0, 1.0) for mi in m) / max(len(m), 1)
+        w = vqa_accuracy(best, answers) if answers else 0.0
         samples.append(dict(image=os.path.join(image_dir, f"COCO_{subtype}_{x['image_id']:012d}.jpg"),
                             text=PROMPTS["vqa"].format(x["question"]), target=best, weight=w,
                             answers=answers))

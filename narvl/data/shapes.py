@@ -20,6 +20,8 @@ import random
 
 import torch
 
+from .metrics import vqa_accuracy
+
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230),
           "yellow": (235, 220, 50), "purple": (160, 60, 200), "cyan": (40, 210, 220),
@@ -111,14 +113,6 @@ def _unique_expr(o, objs):
     return _exprs(o)[-1]
 
 
-def _vqa_soft(answers, a):
-    """Official VQA accuracy of answer ``a`` given 10 annotator answers: the mean over the 10
-    leave-one-out subsets of min(matches / 3, 1)."""
-    m = [x == a for x in answers]
-    tot = sum(m)
-    return sum(min((tot - mi) / 3.0, 1.0) for mi in m) / len(answers)
-
-
 def _vqa(rng, objs):
     kind = rng.randrange(6)
     o = rng.choice(objs)
@@ -147,7 +141,7 @@ def _vqa(rng, objs):
     answers = [a] * (10 - n_wrong) + wrong
     rng.shuffle(answers)
     pick = rng.choice(answers)
-    return q, answers, pick, _vqa_soft(answers, pick)
+    return q, answers, pick, vqa_accuracy(pick, answers)
 
 
 def _entail(rng, objs):

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ..ops.attention import query_attention
 from .config import NARVLConfig
-from .encoder import Encoder, merge_heads, split_heads
+from ..nn import merge_heads, split_heads
+from .encoder import Encoder
 from .narvl import check_targets
 
 

@@ -19,19 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nn import merge_heads, split_heads, zero_bias_tables
 from ..ops.attention import query_attention
 from .config import NARVLConfig
 from .resnet import ResNetStages
-
-
-def split_heads(x, heads):
-    B, L, _ = x.shape
-    return x.view(B, L, heads, -1).transpose(1, 2)
-
-
-def merge_heads(x):
-    B, H, L, Dh = x.shape
-    return x.transpose(1, 2).reshape(B, L, H * Dh)
 
 
 class EncoderLayer(nn.Module):
@@ -73,9 +64,7 @@ class Encoder(nn.Module):
         self._img_off = 2 * tb - 1
         self._cross_off = self._img_off + (2 * ib - 1) ** 2
         self.n_rel = self._cross_off + 2
-        self.rel_bias = nn.ModuleList(nn.Embedding(self.n_rel, cfg.heads) for _ in range(cfg.enc_layers))
-        for e in self.rel_bias:
-            nn.init.zeros_(e.weight)
+        self.rel_bias = zero_bias_tables(cfg.enc_layers, self.n_rel, cfg.heads)
         self.layers = nn.ModuleList(EncoderLayer(d, cfg.heads, cfg.ffn_dim, cfg.dropout)
                                     for _ in range(cfg.enc_layers))
         self.ln_out = nn.LayerNorm(d)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import QueryDecoderLayer
+from ..nn import QueryDecoderLayer, zero_bias_tables
 from ..ops.ctc import qctc_loss
 from ..ops.decode import ctc_greedy_decode, ctc_prefix_beam_search
 from .config import NARVLConfig
@@ -52,9 +52,7 @@ class NARVL(nn.Module):
         nn.init.normal_(self.embed_tokens.weight, std=d ** -0.5)
         self.encoder = Encoder(cfg, self.embed_tokens)
         self.queries = nn.Parameter(torch.randn(N, d))  # N(0, 1), as DETR's query embeddings
-        self.query_rel = nn.ModuleList(nn.Embedding(2 * N - 1, cfg.heads) for _ in range(cfg.dec_layers))
-        for e in self.query_rel:
-            nn.init.zeros_(e.weight)
+        self.query_rel = zero_bias_tables(cfg.dec_layers, 2 * N - 1, cfg.heads)
         self.layers = nn.ModuleList(QueryDecoderLayer(d, cfg.heads, cfg.ffn_dim, cfg.dropout)
                                     for _ in range(cfg.dec_layers))
         self.ln_out = nn.LayerNorm(d)
