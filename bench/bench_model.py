@@ -4,13 +4,16 @@ with the narvl kernels against the reference backend.
 
 Run: python -m pytest bench/bench_model.py --benchmark-json bench/results/model_cpu.json
 Both models: tiny preset (d 256, 4+4 layers, ResNet-50 stages 1-3), 64-px images (16 image
-tokens), 10 text tokens, BN folded, greedy decoding; AR runs exactly ``out_len`` steps (EOS
-masked), NARVL has ``out_len`` queries. Latency includes the encoder.
+tokens), 10 text tokens, both prepared alike (``prepare_for_inference``: BN folded, packed
+convs), greedy decoding; AR runs exactly ``out_len`` steps (EOS masked), NARVL has ``out_len``
+queries. Latency includes the encoder. ``test_backbone`` times the shared ResNet stages eval /
+BN-folded / packed for fused oneDNN.
 """
 import pytest
 import torch
 
-from setups import MODEL_BATCHES, MODEL_OUT_LENS, model_pair, train_inputs
+from setups import (BACKBONE_BATCHES, MODEL_BATCHES, MODEL_IMAGE_SIZE, MODEL_OUT_LENS, backbone_variants,
+                    model_pair, train_inputs)
 
 
 @pytest.mark.parametrize("arch", ["narvl", "ar"])
@@ -43,3 +46,14 @@ def test_train_step(benchmark, threads, backend, monkeypatch):
         loss.backward()
         opt.step()
     benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("variant", ["eval", "folded", "packed"])
+@pytest.mark.parametrize("batch", BACKBONE_BATCHES)
+def test_backbone(benchmark, threads, variant, batch):
+    net = backbone_variants()[variant]
+    x = torch.randn(batch, 3, MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    benchmark.group = f"backbone-b{batch}-{threads}thr"
+    benchmark.extra_info.update(variant=variant, batch=batch, threads=threads, image_size=MODEL_IMAGE_SIZE)
+    with torch.inference_mode():
+        benchmark.pedantic(lambda: net(x), rounds=20 if batch == 1 else 5, warmup_rounds=2, iterations=1)

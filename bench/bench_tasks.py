@@ -3,8 +3,8 @@ same evaluation samples in one process (the latency column of the README's task 
 
 Run after training (``python train.py --task T --arch both --out RUNS/T`` for the tasks wanted):
     NARVL_RUNS=RUNS python -m pytest bench/bench_tasks.py --benchmark-json bench/results/tasks_cpu.json
-Each round decodes the same ``SAMPLES`` evaluation samples one at a time (greedy, BN folded,
-encoder included); per-sample time = round time / SAMPLES.
+Each round decodes the same ``SAMPLES`` evaluation samples one at a time (greedy, encoder
+included, both models prepared alike by ``prepare_for_inference``); per-sample time = round time / SAMPLES.
 """
 import copy
 import os
@@ -14,8 +14,7 @@ import torch
 
 from narvl.checkpoint import load_model_state, read_checkpoint
 from narvl.data import Tokenizer, shapes_task
-from narvl.models import ARBaseline, NARVL, NARVLConfig
-from narvl.models.resnet import fold_batchnorm_
+from narvl.models import ARBaseline, NARVL, NARVLConfig, prepare_for_inference
 
 SAMPLES = 100
 RUNS = os.environ.get("NARVL_RUNS")
@@ -26,9 +25,7 @@ def load(path):
     cfg = NARVLConfig.from_json(meta["config"])
     model = (NARVL if meta["arch"] == "narvl" else ARBaseline)(cfg)
     load_model_state(model, tensors, meta)
-    model.eval()
-    fold_batchnorm_(model.encoder.backbone)
-    return model, Tokenizer.from_json(meta["tokenizer"]), cfg
+    return prepare_for_inference(model), Tokenizer.from_json(meta["tokenizer"]), cfg
 
 
 @pytest.mark.parametrize("arch", ["narvl", "ar"])

@@ -74,17 +74,15 @@ MODEL_BATCHES = (1, 32)
 
 
 def model_pair(out_len, image_size=MODEL_IMAGE_SIZE, seed=0):
-    """(NARVL with N = out_len queries, ARBaseline) at the tiny preset, eval mode, BN folded,
-    and their inputs' maker ``make(batch) -> (images, text)``."""
-    from narvl.models import ARBaseline, NARVL, NARVLConfig
-    from narvl.models.resnet import fold_batchnorm_
+    """(NARVL with N = out_len queries, ARBaseline) at the tiny preset, both prepared the same
+    way for inference (``prepare_for_inference``: eval, BN folded, packed convs), and their
+    inputs' maker ``make(batch) -> (images, text)``."""
+    from narvl.models import ARBaseline, NARVL, NARVLConfig, prepare_for_inference
 
     cfg = NARVLConfig.from_preset("tiny", image_size=image_size, vocab_size=MODEL_VOCAB, num_bins=64,
                                   num_queries=out_len, max_target_len=max(MODEL_OUT_LENS), dropout=0.0)
     torch.manual_seed(seed)
-    nar, ar = NARVL(cfg).eval(), ARBaseline(cfg).eval()
-    for m in (nar, ar):
-        fold_batchnorm_(m.encoder.backbone)
+    nar, ar = prepare_for_inference(NARVL(cfg)), prepare_for_inference(ARBaseline(cfg))
 
     def make(batch):
         g = torch.Generator().manual_seed(seed)
@@ -109,3 +107,36 @@ def train_inputs(batch=16, image_size=MODEL_IMAGE_SIZE, seed=0, vocab=V_OFA):
     lengths = torch.randint(4, 15, (batch,), generator=g)
     targets = torch.randint(4, MODEL_VOCAB - 100, (batch, 14), generator=g)
     return model, (images, text, targets, lengths)
+
+
+# Linear layers of the tiny model (d 256, FFN 1024) at the row counts inference sees: one AR
+# step (1), an AR beam (5), the decoder's queries (20), encoder tokens (26) and a batch of 32
+# samples' encoder tokens (832).
+LINEAR_ROWS = (1, 5, 20, 26, 832)
+LINEAR_SHAPES = {"ffn1+gelu": (256, 1024, "gelu"), "ffn2": (1024, 256, None), "qkv": (256, 768, None)}
+
+
+def linear_inputs(rows, name, seed=0):
+    """x (rows, K), weight (N, K), bias (N,), activation for ``LINEAR_SHAPES[name]``."""
+    K, N, act = LINEAR_SHAPES[name]
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5,
+            torch.randn(N, generator=g), act)
+
+
+BACKBONE_BATCHES = (1, 8)
+
+
+def backbone_variants(image_size=MODEL_IMAGE_SIZE, seed=0):
+    """The tiny preset's ResNet-50 stages 1-3 three ways: eval mode with BatchNorm, BN folded
+    (``fold_batchnorm_``), and folded + packed for fused oneDNN (``pack_for_cpu_``)."""
+    import copy
+
+    from narvl.models.resnet import ResNetStages, fold_batchnorm_, pack_for_cpu_
+
+    torch.manual_seed(seed)
+    net = ResNetStages((3, 4, 6)).eval()
+    folded = fold_batchnorm_(copy.deepcopy(net))
+    packed = fold_batchnorm_(copy.deepcopy(net))
+    pack_for_cpu_(packed, image_size)
+    return {"eval": net, "folded": folded, "packed": packed}

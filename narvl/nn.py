@@ -5,6 +5,7 @@ import torch
 
 from .ops.attention import query_attention
 from .ops.ctc import _REDUCTIONS, ctc_loss, qctc_loss
+from .ops.linear import linear
 
 
 def _check_config(blank, reduction):
@@ -44,6 +45,29 @@ class QCTCLoss(torch.nn.Module):
                          blank=self.blank, reduction=self.reduction,
                          zero_infinity=self.zero_infinity, label_smoothing=self.label_smoothing,
                          weights=weights)
+
+
+class Linear(torch.nn.Linear):
+    """``torch.nn.Linear`` (same parameters and state-dict keys) computed by ``narvl.ops.linear``:
+    oneDNN on CPU inference with 8 or more rows, ATen otherwise."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+class FeedForward(torch.nn.Sequential):
+    """Linear(d, ffn) -> GELU -> Dropout -> Linear(ffn, d), as ``nn.Sequential`` (same state-dict
+    keys ``0.*`` and ``3.*``). In eval mode the first Linear and the GELU run as one fused
+    ``narvl.ops.linear(..., activation="gelu")``."""
+
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float = 0.0):
+        super().__init__(Linear(d_model, ffn_dim), torch.nn.GELU(), torch.nn.Dropout(dropout),
+                         Linear(ffn_dim, d_model))
+
+    def forward(self, x):
+        if self.training:
+            return super().forward(x)
+        return self[3](linear(x, self[0].weight, self[0].bias, activation="gelu"))
 
 
 def split_heads(x, heads):
@@ -86,13 +110,12 @@ class QueryDecoderLayer(torch.nn.Module):
         self.ln_self = torch.nn.LayerNorm(d_model)
         self.ln_cross = torch.nn.LayerNorm(d_model)
         self.ln_ffn = torch.nn.LayerNorm(d_model)
-        self.qkv_self = torch.nn.Linear(d_model, 3 * d_model)
-        self.out_self = torch.nn.Linear(d_model, d_model)
-        self.q_cross = torch.nn.Linear(d_model, d_model)
-        self.kv_cross = torch.nn.Linear(d_model, 2 * d_model)
-        self.out_cross = torch.nn.Linear(d_model, d_model)
-        self.ffn = torch.nn.Sequential(torch.nn.Linear(d_model, ffn_dim), torch.nn.GELU(),
-                                       torch.nn.Dropout(dropout), torch.nn.Linear(ffn_dim, d_model))
+        self.qkv_self = Linear(d_model, 3 * d_model)
+        self.out_self = Linear(d_model, d_model)
+        self.q_cross = Linear(d_model, d_model)
+        self.kv_cross = Linear(d_model, 2 * d_model)
+        self.out_cross = Linear(d_model, d_model)
+        self.ffn = FeedForward(d_model, ffn_dim, dropout)
         self.drop = torch.nn.Dropout(dropout)
 
     def _split(self, x):

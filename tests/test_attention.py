@@ -64,6 +64,24 @@ def test_inference_path_matches_reference(backend, shape, mode):
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_full_key_lengths_equal_no_lengths(backend, grad):
+    """All keys valid (the mask-free shortcut) gives what key_lengths=None and the reference give."""
+    q, k, v, _, b = make(2, 3, 5, 13, 16)
+    full = torch.full((2,), 13)
+    with torch.set_grad_enabled(grad):
+        got = narvl.query_attention(q, k, v, full, b)
+        none = narvl.query_attention(q, k, v, None, b)
+    want = query_attention_reference(*dbl(q, k, v), full, *dbl(b))
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(got, none, rtol=1e-5, atol=1e-5)
+    short = torch.tensor([13, 4])
+    with torch.set_grad_enabled(grad):
+        masked = narvl.query_attention(q, k, v, short, b)
+    torch.testing.assert_close(masked.double(), query_attention_reference(*dbl(q, k, v), short, *dbl(b)),
+                               rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_within_twice_torch(backend, dtype):
     q, k, v, kl, b = make(2, 2, 20, 97, 64, dtype=dtype)

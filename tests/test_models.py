@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import narvl
-from narvl.models import ARBaseline, NARVL, NARVLConfig, PRESETS, enable_peft, trainable_fraction
-from narvl.models.resnet import ResNetStages, fold_batchnorm_
+from narvl.models import (ARBaseline, NARVL, NARVLConfig, PRESETS, enable_peft, prepare_for_inference,
+                          trainable_fraction)
+from narvl.models.resnet import ResNetStages, fold_batchnorm_, mkldnn_fusion_available, pack_for_cpu_
 
 
 def small_cfg(**kw):
@@ -77,6 +78,64 @@ def test_resnet_stride16_and_bn_folding():
     torch.testing.assert_close(folded(x), y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
     with pytest.raises(ValueError, match="images"):
         net(torch.randn(2, 1, 32, 32))
+
+
+def randomise_bn(net):
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return net.eval()
+
+
+@pytest.mark.skipif(not mkldnn_fusion_available(), reason="this torch build lacks the oneDNN fused-conv ops")
+def test_packed_backbone_matches_eval_backbone():
+    torch.manual_seed(0)
+    net = randomise_bn(ResNetStages((2, 1, 2)))
+    with pytest.raises(ValueError, match="fold_batchnorm_"):
+        pack_for_cpu_(copy.deepcopy(net))
+    packed = fold_batchnorm_(copy.deepcopy(net))
+    assert pack_for_cpu_(packed, image_size=64)
+    assert not pack_for_cpu_(fold_batchnorm_(copy.deepcopy(net)).double())  # float32 only
+    for shape in [(1, 3, 64, 64), (3, 3, 48, 48), (2, 3, 37, 53)]:  # other sizes than packed for
+        x = torch.randn(shape)
+        want = net(x)
+        with torch.no_grad():
+            got = packed(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # grad-enabled and autocast calls take the folded modules, not the packed snapshot
+    packed._packed = ((torch.zeros(1),) * 4, [])  # a broken plan: used only if routed there
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(packed(x), net(x), rtol=1e-4, atol=1e-4 * net(x).abs().max().item())
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert packed(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", [NARVL, ARBaseline])
+def test_prepare_for_inference_keeps_the_function(arch):
+    torch.manual_seed(1)
+    cfg = small_cfg()
+    model = arch(cfg)
+    randomise_bn(model.encoder.backbone)
+    model.eval()
+    images, text, _, _ = inputs(cfg)
+    infer = prepare_for_inference(model)
+    assert infer is not model and not isinstance(model.encoder.backbone.bn1, torch.nn.Identity)
+    assert not any(p.requires_grad for p in infer.parameters())
+    with torch.no_grad():
+        m0, l0 = model.encoder(images, text)
+        m1, l1 = infer.encoder(images, text)
+        torch.testing.assert_close(m1, m0, rtol=1e-4, atol=1e-4)
+        assert torch.equal(l0, l1)
+        if arch is NARVL:
+            torch.testing.assert_close(infer.logits(images, text), model.logits(images, text),
+                                       rtol=1e-4, atol=1e-4)
+    assert infer.generate(images, text) == model.generate(images, text)
+    with pytest.raises(TypeError, match="NARVL or ARBaseline"):
+        prepare_for_inference(torch.nn.Linear(2, 2))
 
 
 def test_narvl_loss_is_qctc_of_its_logits_and_backprops():

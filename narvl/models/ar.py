@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ..ops.attention import query_attention
 from .config import NARVLConfig
-from ..nn import merge_heads, split_heads
+from ..nn import FeedForward, Linear, merge_heads, split_heads
+from ..ops.linear import linear
 from .encoder import Encoder
 from .narvl import check_targets
 
@@ -29,12 +30,12 @@ class ARDecoderLayer(nn.Module):
         super().__init__()
         self.heads = heads
         self.ln_self, self.ln_cross, self.ln_ffn = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv_self = nn.Linear(d, 3 * d)
-        self.out_self = nn.Linear(d, d)
-        self.q_cross = nn.Linear(d, d)
-        self.kv_cross = nn.Linear(d, 2 * d)
-        self.out_cross = nn.Linear(d, d)
-        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, d))
+        self.qkv_self = Linear(d, 3 * d)
+        self.out_self = Linear(d, d)
+        self.q_cross = Linear(d, d)
+        self.kv_cross = Linear(d, 2 * d)
+        self.out_cross = Linear(d, d)
+        self.ffn = FeedForward(d, ffn, dropout)
         self.drop = nn.Dropout(dropout)
 
     def cross_kv(self, memory):
@@ -92,7 +93,7 @@ class ARBaseline(nn.Module):
         x = self.ln_out(x)
         if self.out_adapter is not None:
             x = self.out_adapter(x)
-        return F.linear(x, self.embed_tokens.weight.to(x.dtype))
+        return linear(x, self.embed_tokens.weight.to(x.dtype))
 
     def forward(self, images, text, targets, target_lengths, weights=None):
         """Teacher-forced cross-entropy with label smoothing (scalar). targets (B, S) answer +

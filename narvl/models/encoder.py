@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import merge_heads, split_heads, zero_bias_tables
+from ..nn import FeedForward, Linear, merge_heads, split_heads, zero_bias_tables
 from ..ops.attention import query_attention
 from .config import NARVLConfig
 from .resnet import ResNetStages
@@ -32,9 +32,9 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.heads = heads
         self.ln_attn, self.ln_ffn = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, d))
+        self.qkv = Linear(d, 3 * d)
+        self.out = Linear(d, d)
+        self.ffn = FeedForward(d, ffn, dropout)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, lengths, bias):
@@ -53,7 +53,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.embed_tokens = embed_tokens
         self.backbone = ResNetStages(cfg.resnet_layers)
-        self.image_proj = nn.Linear(ResNetStages.out_channels, d)
+        self.image_proj = Linear(ResNetStages.out_channels, d)
         self.row_pos = nn.Embedding(g, d)
         self.col_pos = nn.Embedding(g, d)
         self.text_pos = nn.Embedding(cfg.max_text_len + 1, d)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..nn import QueryDecoderLayer, zero_bias_tables
 from ..ops.ctc import qctc_loss
+from ..ops.linear import linear
 from ..ops.decode import ctc_greedy_decode, ctc_prefix_beam_search
 from .config import NARVLConfig
 from .encoder import Encoder
@@ -69,7 +70,7 @@ class NARVL(nn.Module):
         x = self.ln_out(x)
         if self.out_adapter is not None:
             x = self.out_adapter(x)
-        return F.linear(x, self.embed_tokens.weight.to(x.dtype))
+        return linear(x, self.embed_tokens.weight.to(x.dtype))
 
     def logits(self, images, text):
         memory, lengths = self.encoder(images, text)

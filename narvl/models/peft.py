@@ -12,13 +12,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..nn import Linear
+
 
 def enable_peft(model: nn.Module, soft_prompt: bool = True) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     d = model.cfg.d_model
     dev = next(model.parameters()).device
-    adapter = nn.Linear(d, d).to(dev)
+    adapter = Linear(d, d).to(dev)
     with torch.no_grad():
         adapter.weight.copy_(torch.eye(d))
         adapter.bias.zero_()

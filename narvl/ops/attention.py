@@ -128,6 +128,8 @@ def _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full_lengths):
         mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))[:, None, None, :]
     if attn_bias is not None:
         mask = attn_bias if mask is None else attn_bias + mask
+    if mask is not None and mask.dim() == 3:
+        mask = mask[None]  # a 4-D mask keeps SDPA on its fused CPU kernel (3-D falls back to math)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -174,9 +176,11 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
         if key_lengths.shape != (B,):
             raise ValueError(f"key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
         key_lengths = key_lengths.to(device=q.device, dtype=torch.long)
-        if (_backend.checks_enabled() and not torch.compiler.is_compiling()
-                and bool(((key_lengths < 1) | (key_lengths > Lk)).any())):
-            raise ValueError(f"key_lengths must lie in [1, {Lk}], got {key_lengths.tolist()}")
+        if _backend.checks_enabled() and not torch.compiler.is_compiling():
+            lo, hi = (int(t) for t in torch.aminmax(key_lengths))
+            if lo < 1 or hi > Lk:
+                raise ValueError(f"key_lengths must lie in [1, {Lk}], got {key_lengths.tolist()}")
+            full = lo == Lk  # every key valid: no mask to build (CPU SDPA route)
     if attn_bias is not None:
         if not isinstance(attn_bias, torch.Tensor) or not attn_bias.is_floating_point():
             raise TypeError("attn_bias must be a floating-point tensor")

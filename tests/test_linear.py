@@ -1,0 +1,106 @@
+"""narvl.ops.linear (oneDNN fused matmul + GELU on CPU inference) against F.linear / F.gelu."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from narvl.nn import FeedForward, Linear
+from narvl.ops import linear as lin
+
+needs_onednn = pytest.mark.skipif(not lin.onednn_linear_available(),
+                                  reason="this torch build lacks torch.ops.mkldnn._linear_pointwise")
+
+
+def ref(x, w, b, act):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    return F.gelu(y) if act == "gelu" else y
+
+
+@pytest.mark.parametrize("shape", [(1, 256), (7, 33), (8, 33), (1, 29, 37), (3, 5, 64), (2, 9, 7, 24)])
+@pytest.mark.parametrize("act", [None, "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_f_linear_in_inference(shape, act, bias):
+    g = torch.Generator().manual_seed(sum(shape))
+    K, N = shape[-1], 3 * shape[-1] + 1
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    b = torch.randn(N, generator=g) if bias else None
+    with torch.inference_mode():
+        got = lin.linear(x, w, b, act)
+    assert got.shape == (*shape[:-1], N) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref(x, w, b, act), rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_route_rules():
+    w, b = torch.randn(16, 8), torch.randn(16)
+    with torch.no_grad():
+        assert lin._onednn_route(torch.randn(8, 8), w, b)
+        assert lin._onednn_route(torch.randn(2, 4, 8), w, b)        # 8 rows over two dims
+        assert not lin._onednn_route(torch.randn(7, 8), w, b)       # one AR step: addmm is faster
+        assert not lin._onednn_route(torch.randn(8, 8).double(), w.double(), b.double())
+        assert not lin._onednn_route(torch.randn(8, 8).bfloat16(), w.bfloat16(), b.bfloat16())
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not lin._onednn_route(torch.randn(8, 8), w, b)
+    wg = w.clone().requires_grad_(True)
+    assert not lin._onednn_route(torch.randn(8, 8), wg, b)           # training: autograd path
+    with torch.no_grad():
+        assert lin._onednn_route(torch.randn(8, 8), wg, b)
+
+
+@needs_onednn
+def test_onednn_route_is_taken(monkeypatch):
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(a[3])
+            return real(*a)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
+    x, w = torch.randn(9, 5), torch.randn(6, 5)
+    with torch.no_grad():
+        lin.linear(x, w, None, "gelu")
+        lin.linear(x[:3], w)
+    assert calls == ["gelu"]
+
+
+def test_non_contiguous_input():
+    x = torch.randn(12, 40)[:, ::2]  # (12, 20), stride 2
+    w, b = torch.randn(7, 20), torch.randn(7)
+    with torch.no_grad():
+        torch.testing.assert_close(lin.linear(x, w, b, "gelu").double(), ref(x, w, b, "gelu"),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_take_autograd_path():
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: lin.linear(*t, activation="gelu"), (x, w, b))
+    x32 = torch.randn(10, 6, requires_grad=True)
+    y = lin.linear(x32, w.detach().float(), b.detach().float(), "gelu")
+    assert y.requires_grad and y.grad_fn is not None
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="activation"):
+        lin.linear(torch.randn(8, 4), torch.randn(3, 4), activation="relu6")
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="in-features|shape|size"):
+        lin.linear(torch.randn(8, 4), torch.randn(3, 5))
+
+
+def test_modules_keep_nn_layout_and_function():
+    torch.manual_seed(0)
+    ff = FeedForward(24, 56, dropout=0.0)
+    assert list(ff.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    x = torch.randn(2, 11, 24)
+    ff.train()
+    want = ff(x).detach()
+    ff.eval()
+    with torch.no_grad():
+        got = ff(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    layer = Linear(24, 10)
+    assert isinstance(layer, torch.nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
