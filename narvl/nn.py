@@ -96,7 +96,8 @@ class QueryDecoderLayer(torch.nn.Module):
 
     forward(x (B, N, d), memory (B, Lk, d), memory_lengths (B,) = None, self_bias (H, N, N) or
     (B, H, N, N) = None, cross_bias (H, N, Lk) or (B, H, N, Lk) = None) -> (B, N, d).
-    Attention runs through narvl.query_attention (Triton on CUDA).
+    Attention runs through narvl.query_attention (Triton on CUDA); the projections and the FFN
+    through ``Linear``/``FeedForward`` (oneDNN's fused matmul + GELU on CPU inference).
     """
 
     def __init__(self, d_model: int, n_heads: int, ffn_dim: int | None = None, dropout: float = 0.0):
@@ -121,17 +122,28 @@ class QueryDecoderLayer(torch.nn.Module):
     def _split(self, x):
         return split_heads(x, self.n_heads)
 
+    def cross_kv(self, memory):
+        """memory (B, Lk, d) -> cross-attention keys and values, each (B, H, Lk, d / H)."""
+        k, v = self.kv_cross(memory).chunk(2, -1)
+        return self._split(k), self._split(v)
+
+    def self_block(self, x, self_bias=None):
+        """x + SelfAttn(LN(x)) among all positions (no causal mask)."""
+        q, k, v = self.qkv_self(self.ln_self(x)).chunk(3, -1)
+        a = query_attention(self._split(q), self._split(k), self._split(v), attn_bias=self_bias)
+        return x + self.drop(self.out_self(merge_heads(a)))
+
+    def cross_ffn_block(self, x, cross_k, cross_v, memory_lengths=None, cross_bias=None):
+        """x + CrossAttn(LN(x); cross_k, cross_v), then x + FFN(LN(x))."""
+        q = self._split(self.q_cross(self.ln_cross(x)))
+        a = query_attention(q, cross_k, cross_v, key_lengths=memory_lengths, attn_bias=cross_bias)
+        x = x + self.drop(self.out_cross(merge_heads(a)))
+        return x + self.drop(self.ffn(self.ln_ffn(x)))
+
     def forward(self, x, memory, memory_lengths=None, self_bias=None, cross_bias=None):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (B, N, {self.d_model}), got {tuple(x.shape)}")
         if memory.dim() != 3 or memory.shape[-1] != self.d_model or memory.shape[0] != x.shape[0]:
             raise ValueError(f"memory must be (B={x.shape[0]}, Lk, {self.d_model}), got {tuple(memory.shape)}")
-        q, k, v = self.qkv_self(self.ln_self(x)).chunk(3, -1)
-        a = query_attention(self._split(q), self._split(k), self._split(v), attn_bias=self_bias)
-        x = x + self.drop(self.out_self(merge_heads(a)))
-        q = self._split(self.q_cross(self.ln_cross(x)))
-        k, v = self.kv_cross(memory).chunk(2, -1)
-        a = query_attention(q, self._split(k), self._split(v), key_lengths=memory_lengths,
-                            attn_bias=cross_bias)
-        x = x + self.drop(self.out_cross(merge_heads(a)))
-        return x + self.drop(self.ffn(self.ln_ffn(x)))
+        x = self.self_block(x, self_bias)
+        return self.cross_ffn_block(x, *self.cross_kv(memory), memory_lengths, cross_bias)

@@ -19,33 +19,20 @@ import torch.nn.functional as F
 
 from ..ops.attention import query_attention
 from .config import NARVLConfig
-from ..nn import FeedForward, Linear, merge_heads, split_heads
+from ..nn import QueryDecoderLayer, merge_heads
 from ..ops.linear import linear
 from .encoder import Encoder
 from .narvl import check_targets
 
 
-class ARDecoderLayer(nn.Module):
-    def __init__(self, d, heads, ffn, dropout):
-        super().__init__()
-        self.heads = heads
-        self.ln_self, self.ln_cross, self.ln_ffn = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv_self = Linear(d, 3 * d)
-        self.out_self = Linear(d, d)
-        self.q_cross = Linear(d, d)
-        self.kv_cross = Linear(d, 2 * d)
-        self.out_cross = Linear(d, d)
-        self.ffn = FeedForward(d, ffn, dropout)
-        self.drop = nn.Dropout(dropout)
-
-    def cross_kv(self, memory):
-        k, v = self.kv_cross(memory).chunk(2, -1)
-        return split_heads(k, self.heads), split_heads(v, self.heads)
+class ARDecoderLayer(QueryDecoderLayer):
+    """``QueryDecoderLayer`` (same modules and state-dict keys, same cross-attention and FFN)
+    with a causal self-attention that can run incrementally on a KV cache."""
 
     def forward(self, x, cross_k, cross_v, mem_lengths, cache=None):
         """x (B, T, d). Without ``cache``: causal over T (training). With ``cache`` (a dict,
         updated in place): x holds the next T new positions, attending to the cached ones."""
-        q, k, v = (split_heads(t, self.heads) for t in self.qkv_self(self.ln_self(x)).chunk(3, -1))
+        q, k, v = (self._split(t) for t in self.qkv_self(self.ln_self(x)).chunk(3, -1))
         if cache is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -58,10 +45,7 @@ class ARDecoderLayer(nn.Module):
             else:
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.drop(self.out_self(merge_heads(a)))
-        q = split_heads(self.q_cross(self.ln_cross(x)), self.heads)
-        a = query_attention(q, cross_k, cross_v, key_lengths=mem_lengths)
-        x = x + self.drop(self.out_cross(merge_heads(a)))
-        return x + self.drop(self.ffn(self.ln_ffn(x)))
+        return self.cross_ffn_block(x, cross_k, cross_v, mem_lengths)
 
 
 class ARBaseline(nn.Module):

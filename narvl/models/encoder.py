@@ -9,7 +9,8 @@
 Each layer adds its own learnable relative-position attention bias (H, L, L), gathered from
 buckets as OFA: text-text by clipped distance (``text_buckets``), image-image by clipped
 (dy, dx) (``image_buckets``), one bucket each for text->image and image->text. Attention runs
-through ``narvl.query_attention`` (keys past ``memory_lengths`` masked; Triton on CUDA).
+through ``narvl.query_attention`` (keys past ``memory_lengths`` masked; Triton on CUDA), the
+projections and FFNs through ``narvl.nn.Linear``/``FeedForward``.
 """
 from __future__ import annotations
 
