@@ -58,7 +58,7 @@ def model_table(path):
         med = b["stats"]["median"] * 1e3
         if b["name"].startswith("test_generate"):
             gen.setdefault((ei["batch"], ei["out_len"], ei["threads"]), {})[ei["arch"]] = med
-        else:
+        elif b["name"].startswith("test_train_step"):
             step.setdefault(ei["threads"], {})[ei["backend"]] = med
     out = ["| batch | output length | threads | NARVL ms | AR ms | AR / NARVL |", "|---|---|---|---|---|---|"]
     for (bs, L, thr), r in sorted(gen.items()):
@@ -68,27 +68,64 @@ def model_table(path):
     for thr, r in sorted(step.items()):
         out.append(f"| NARVL tiny caption, V 59,458 | {thr} | {r['auto']:.0f} | {r['reference']:.0f} | "
                    f"{r['reference'] / r['auto']:.2f}x |")
-    return "\n".join(out)
+    return "\n".join(out + backbone_rows(d))
+
+
+def backbone_rows(d):
+    """bench_model.py test_backbone: the ResNet stages eval / BN-folded / packed, medians."""
+    bb = {}
+    for b in d["benchmarks"]:
+        ei = b["extra_info"]
+        if "variant" in ei:
+            bb.setdefault((ei["batch"], ei["threads"]), {})[ei["variant"]] = b["stats"]["median"] * 1e3
+    if not bb:
+        return []
+    out = ["", "| ResNet-50 stages 1-3, 64 px | batch | threads | eval ms | BN folded ms | packed ms | "
+           "packed vs folded |", "|---|---|---|---|---|---|---|"]
+    for (bs, thr), r in sorted(bb.items()):
+        out.append(f"| tiny preset | {bs} | {thr} | {r['eval']:.2f} | {r['folded']:.2f} | {r['packed']:.2f} | "
+                   f"{r['folded'] / r['packed']:.2f}x |")
+    return out
 
 
 def task_table(path):
-    """bench_tasks.py: per-sample batch-1 latency of trained NARVL and AR checkpoints."""
+    """bench_tasks.py: per-sample batch-1 latency of trained NARVL and AR checkpoints, from the
+    median round and from the best round (the least disturbed by other processes)."""
     d = json.load(open(path))
     rows = {}
     for b in d["benchmarks"]:
         ei = b["extra_info"]
-        rows.setdefault(ei["task"], {})[ei["arch"]] = b["stats"]["median"] * 1e3 / ei["samples"]
-    out = ["| task | NARVL ms | AR ms | speed-up |", "|---|---|---|---|"]
+        for arch in ("narvl", "ar"):
+            ms = sorted(ei[f"{arch}_ms"])
+            rows.setdefault(ei["task"], {})[arch] = (ms[len(ms) // 2], ms[0])
+    out = ["| task | NARVL ms (median / best) | AR ms (median / best) | speed-up (median / best) |",
+           "|---|---|---|---|"]
     for task in ("caption", "vqa", "grounding", "entailment"):
         if task in rows and len(rows[task]) == 2:
-            r = rows[task]
-            out.append(f"| {task} | {r['narvl']:.2f} | {r['ar']:.2f} | {r['ar'] / r['narvl']:.2f}x |")
+            (nm, nb), (am, ab) = rows[task]["narvl"], rows[task]["ar"]
+            out.append(f"| {task} | {nm:.2f} / {nb:.2f} | {am:.2f} / {ab:.2f} | {am / nm:.2f}x / {ab / nb:.2f}x |")
+    return "\n".join(out)
+
+
+def linear_table(path):
+    """bench_linear.py: narvl.ops.linear vs F.linear (+ F.gelu), medians in ms."""
+    d = json.load(open(path))
+    lin = {}
+    for b in d["benchmarks"]:
+        ei = b["extra_info"]
+        if "impl" in ei:
+            lin.setdefault((ei["shape"], ei["rows"], ei["threads"]), {})[ei["impl"]] = b["stats"]["median"] * 1e3
+    out = ["| linear | rows | threads | narvl ms | ATen ms | speed-up |", "|---|---|---|---|---|---|"]
+    for (name, rows, thr), r in sorted(lin.items()):
+        out.append(f"| {name} | {rows} | {thr} | {r['narvl']:.3f} | {r['aten']:.3f} | {r['aten'] / r['narvl']:.2f}x |")
     return "\n".join(out)
 
 
 if __name__ == "__main__":
     path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/ctc_cpu.json"
-    if "model" in path:
+    if "linear" in path:
+        print(linear_table(path))
+    elif "model" in path:
         print(model_table(path))
     elif "tasks" in path:
         print(task_table(path))
