@@ -6,6 +6,7 @@ embedded shapes data (generated offline from --seed), for one of the paper's fou
     torchrun --nproc_per_node 2 train.py --task vqa --out runs/vqa            # DDP (gloo on CPU)
     python train.py --resume --out runs/caption_narvl                          # continue
     python train.py --eval-only runs/caption_narvl/last.safetensors --out runs/eval
+    python train.py --task vqa --data vqa_spec.json --image-size 480 --epochs 5 --out runs/vqa   # your files
 
 Writes DIR/last.safetensors (atomic, no pickle; config + tokenizer inside) and DIR/metrics.json
 (task, arch, metric_name, metric, latency_ms = mean batch-1 decode time per sample with the
@@ -29,7 +30,7 @@ import torch
 
 import narvl
 from narvl.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_checkpoint
-from narvl.data import Tokenizer, metrics, shapes, shapes_task
+from narvl.data import TaskData, Tokenizer, load_spec, metrics, sample_texts, shapes, shapes_task
 from narvl.models import (ARBaseline, NARVL, NARVLConfig, enable_peft, prepare_for_inference,
                           trainable_fraction)
 
@@ -55,8 +56,15 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--train-size", type=int, default=6000)
-    p.add_argument("--eval-size", type=int, default=500)
+    p.add_argument("--train-size", type=int, default=6000, help="generated training samples (shapes data)")
+    p.add_argument("--eval-size", type=int, default=500,
+                   help="evaluation samples (generated; with --data, the first N of its eval split)")
+    p.add_argument("--data", default=None, metavar="SPEC.json",
+                   help="train and evaluate on files instead of the generated shapes data: a JSON object "
+                        "{\"train\": {...}, \"eval\": {...}}, each entry naming the task's files "
+                        "(narvl.data.SPEC_KEYS; paths relative to SPEC.json)")
+    p.add_argument("--bpe-vocab", type=int, default=1000, help="BPE merges + bytes of a new tokenizer")
+    p.add_argument("--num-bins", type=int, default=64, help="location bins of a new tokenizer")
     p.add_argument("--latency-samples", type=int, default=100)
     p.add_argument("--beam", type=int, default=1, help="beam width at evaluation (1 = greedy)")
     p.add_argument("--freeze-backbone", action="store_true",
@@ -68,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    for name in ("batch_size", "image_size", "train_size", "eval_size", "latency_samples", "beam", "ckpt_every"):
+    for name in ("batch_size", "image_size", "train_size", "eval_size", "latency_samples", "beam", "ckpt_every",
+                 "bpe_vocab", "num_bins"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.steps is not None and a.steps < 0:
@@ -94,8 +103,32 @@ def build_model(arch, cfg):
     return (NARVL if arch == "narvl" else ARBaseline)(cfg)
 
 
-def make_tokenizer():
-    return Tokenizer.train(shapes.corpus(image_size=64, seed=0, n=1500), vocab_size=1000, num_bins=64)
+def make_tokenizer(train_data=None, vocab_size=1000, num_bins=64):
+    """BPE on the shapes corpus, or on ``train_data``'s texts (``--data``)."""
+    texts = (shapes.corpus(image_size=64, seed=0, n=1500) if train_data is None
+             else sample_texts(train_data.samples))
+    return Tokenizer.train(texts, vocab_size=vocab_size, num_bins=num_bins)
+
+
+def load_data(args, split, image_size):
+    """``split`` ("train" or "eval") of the generated shapes task, or of the ``--data`` files."""
+    if args.data is None:
+        n, seed = (args.train_size, args.seed) if split == "train" else (args.eval_size, args.seed + 1000)
+        return shapes_task(args.task, n, image_size, seed=seed)
+    try:
+        with open(args.data, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        sys.exit(f"error: --data {args.data}: {e}")
+    if not isinstance(spec, dict) or split not in spec:
+        sys.exit(f"error: --data {args.data} needs a {split!r} entry ({{\"train\": {{...}}, \"eval\": {{...}}}})")
+    try:
+        data = load_spec(args.task, spec[split], image_size, base_dir=os.path.dirname(os.path.abspath(args.data)))
+    except ValueError as e:
+        sys.exit(f"error: --data {args.data} ({split}): {e}")
+    if split == "eval" and len(data) > args.eval_size:
+        data = TaskData(data.task, data.samples[: args.eval_size], data.image_size, data.images)
+    return data
 
 
 def batch_indices(step, batch, n, seed):
@@ -150,7 +183,7 @@ def evaluate(model, data, tok, task, beam, latency_samples, bf16=False, batch=64
     with ctx:
         for i in range(0, len(data), batch):
             idx = list(range(i, min(i + batch, len(data))))
-            images, text, *_ = data.batch(idx, tok, model.cfg.max_text_len)
+            images, text, *_ = data.batch(idx, tok, model.cfg.max_text_len, model.cfg.max_target_len)
             for ids in infer.generate(images, text, beam_width=beam):
                 preds.append(decode_text(task, tok, ids, data.image_size))
         ss = data.samples
@@ -194,7 +227,7 @@ def main(argv=None):
         # The speed-up comes from one more timing of both models in this process, taking turns
         # on the same samples, so a change in the machine's speed between the runs cancels out.
         (nm, tok), (am, _) = trained["narvl"], trained["ar"]
-        data = shapes_task(args.task, args.latency_samples, args.image_size, seed=args.seed + 1000)
+        data = load_data(args, "eval", nm.cfg.image_size)
         lat = time_generate({"narvl": prepare_for_inference(nm), "ar": prepare_for_inference(am)},
                             latency_inputs(data, tok, nm.cfg, args.latency_samples), args.beam)
         comp = dict(task=args.task, metric_name=n["metric_name"], narvl_metric=n["metric"], ar_metric=r["metric"],
@@ -217,7 +250,7 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "last.safetensors")
 
-    meta_in = None
+    meta_in, train_data = None, None
     if args.eval_only or args.resume or args.init:
         src = args.eval_only or args.init or ckpt_path
         tensors, meta_in = read_checkpoint(src)
@@ -229,7 +262,8 @@ def run(args):
                 sys.exit(f"error: {src} holds a {task}/{arch} model, not {args.task}/{args.arch}")
         args.arch, args.task = arch, task
     else:
-        tok = make_tokenizer()
+        train_data = load_data(args, "train", args.image_size) if args.data else None
+        tok = make_tokenizer(train_data, args.bpe_vocab, args.num_bins)
         cfg = NARVLConfig.from_preset(args.preset, task=args.task, image_size=args.image_size,
                                       vocab_size=tok.vocab_size, num_bins=tok.num_bins,
                                       dropout=args.dropout, max_text_len=48, max_target_len=24)
@@ -244,10 +278,10 @@ def run(args):
         enable_peft(model, soft_prompt=not args.no_soft_prompt)
     n_train, n_all, frac = trainable_fraction(model)
 
-    eval_data = shapes_task(args.task, args.eval_size, args.image_size, seed=args.seed + 1000)
+    eval_data = load_data(args, "eval", cfg.image_size)
     train_seconds = 0.0
     if not args.eval_only:
-        data = shapes_task(args.task, args.train_size, args.image_size, seed=args.seed)
+        data = train_data if train_data is not None else load_data(args, "train", cfg.image_size)
         steps = args.steps
         if steps is None:
             steps = (math.ceil(args.epochs * len(data) / args.batch_size) if args.epochs
@@ -280,7 +314,7 @@ def run(args):
         loss_ema = None
         for step in range(start, steps):
             idx = batch_indices(step, args.batch_size, len(data), args.seed)[rank::world]
-            images, text, targets, lengths, weights = data.batch(idx, tok, cfg.max_text_len)
+            images, text, targets, lengths, weights = data.batch(idx, tok, cfg.max_text_len, cfg.max_target_len)
             for g in opt.param_groups:
                 g["lr"] = args.lr * sched(step)
             with ctx():

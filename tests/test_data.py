@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from narvl.data import (TaskData, Tokenizer, load_coco_captions, load_refcoco, load_snli_ve, load_vqa_v2,
+from narvl.data import (TaskData, Tokenizer, load_coco_captions, load_refcoco, load_snli_ve, load_spec, load_vqa_v2,
+                        sample_texts,
                         metrics, shapes, shapes_task)
 from narvl.data.tokenizer import BOS, EOS, PAD
 
@@ -198,3 +199,20 @@ def test_taskdata_rejects_empty():
         TaskData("vqa", [], 32)
     with pytest.raises(ValueError, match="task"):
         shapes.generate("ocr", 3)
+
+
+def test_load_spec(tmp_path):
+    _jpg(tmp_path / "x.jpg")
+    d = {"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": [{"image_id": 1, "caption": "a box"}]}
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    data = load_spec("caption", {"captions": "c.json", "images": "."}, 16, base_dir=str(tmp_path))
+    assert len(data) == 1 and data.samples[0]["target"] == "a box"
+    assert sample_texts(data.samples) == [data.samples[0]["text"], " a box", " a box"]
+    with pytest.raises(ValueError, match="missing \\['images'\\]"):
+        load_spec("caption", {"captions": "c.json"}, 16, base_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown \\['split'\\]"):
+        load_spec("caption", {"captions": "c.json", "images": ".", "split": "val"}, 16, str(tmp_path))
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_spec("ocr", {}, 16)
+    with pytest.raises(ValueError, match="no such file"):
+        load_spec("entailment", {"jsonl": "none.jsonl", "images": "."}, 16, str(tmp_path))

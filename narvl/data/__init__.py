@@ -1,7 +1,7 @@
 """Data for NARVL: the embedded shapes dataset, file loaders, tokenizer, metrics."""
 from . import metrics, shapes
-from .dataset import TaskData, load_image
-from .loaders import load_coco_captions, load_refcoco, load_snli_ve, load_vqa_v2
+from .dataset import TaskData, load_image, sample_texts
+from .loaders import SPEC_KEYS, load_coco_captions, load_refcoco, load_snli_ve, load_spec, load_vqa_v2
 from .tokenizer import Tokenizer
 
 
@@ -12,4 +12,4 @@ def shapes_task(task: str, n: int, image_size: int = 64, seed: int = 0) -> TaskD
 
 
 __all__ = ["TaskData", "Tokenizer", "load_image", "load_vqa_v2", "load_coco_captions", "load_refcoco",
-           "load_snli_ve", "metrics", "shapes", "shapes_task"]
+           "load_snli_ve", "load_spec", "SPEC_KEYS", "sample_texts", "metrics", "shapes", "shapes_task"]

@@ -47,13 +47,18 @@ class TaskData:
             return tok.box_to_ids(s["target"], self.image_size) + [EOS]
         return tok.encode(" " + s["target"]) + [EOS]
 
-    def batch(self, idx, tok: Tokenizer, max_text_len: int | None = None):
+    def batch(self, idx, tok: Tokenizer, max_text_len: int | None = None, max_target_len: int | None = None):
+        """images (B, 3, S, S) in [-1, 1], text (B, Lt) = [BOS] + prompt + [EOS] right-padded (cut
+        at ``max_text_len``), targets (B, Lo) = answer + [EOS] right-padded (answers longer than
+        ``max_target_len`` - 1 tokens are cut, EOS kept), target lengths (B,), weights (B,)."""
         ss = [self.samples[i] for i in idx]
         images = torch.stack([self.image(s) for s in ss]).float().div_(127.5).sub_(1.0)
         texts = [[BOS] + tok.encode(s["text"]) + [EOS] for s in ss]
         if max_text_len is not None:
             texts = [t[:max_text_len] for t in texts]
         tgts = [self.target_ids(s, tok) for s in ss]
+        if max_target_len is not None:
+            tgts = [t if len(t) <= max_target_len else t[: max_target_len - 1] + [EOS] for t in tgts]
         text = torch.full((len(ss), max(map(len, texts))), PAD, dtype=torch.long)
         for i, t in enumerate(texts):
             text[i, : len(t)] = torch.tensor(t)
@@ -63,3 +68,15 @@ class TaskData:
         lengths = torch.tensor([len(t) for t in tgts])
         weights = torch.tensor([float(s.get("weight", 1.0)) for s in ss])
         return images, text, targets, lengths, weights
+
+
+def sample_texts(samples) -> list[str]:
+    """Every text of ``samples`` (prompts, string targets, references, answers): the corpus a
+    BPE tokenizer is trained on."""
+    texts = []
+    for s in samples:
+        texts.append(s["text"])
+        if isinstance(s["target"], str):
+            texts.append(" " + s["target"])
+        texts += [" " + r for r in s.get("refs", [])] + [" " + a for a in s.get("answers", [])]
+    return texts

@@ -12,6 +12,8 @@
 - ``load_snli_ve(jsonl, image_dir)``: SNLI-VE lines with ``Flickr30k_ID``, ``sentence2`` and
   ``gold_label`` (entailment / contradiction / neutral -> yes / no / maybe); images
   ``{image_dir}/{Flickr30k_ID}.jpg``.
+- ``load_spec(task, spec, image_size, base_dir)``: one of the above from a dict of file names
+  (``SPEC_KEYS[task]``), as ``train.py --data`` reads them from a JSON file.
 """
 from __future__ import annotations
 
@@ -138,3 +140,38 @@ def load_snli_ve(jsonl, image_dir, image_size=480):
                                 text=PROMPTS["entailment"].format(x["sentence2"].strip().rstrip(".")),
                                 target=label, label=label, weight=1.0))
     return TaskData("entailment", samples, image_size)
+
+
+# train.py --data: the keys of one split's entry, per task (paths relative to the spec file).
+SPEC_KEYS = {
+    "vqa": ("questions", "annotations", "images"),
+    "caption": ("captions", "images"),
+    "grounding": ("refs", "images"),        # optional "split"
+    "entailment": ("jsonl", "images"),
+}
+
+
+def load_spec(task: str, spec: dict, image_size: int, base_dir: str = ".") -> TaskData:
+    """``TaskData`` for ``task`` from one split's entry of a ``--data`` file, e.g. for VQA
+    ``{"questions": "q.json", "annotations": "a.json", "images": "val2014/"}``; relative paths
+    are taken from ``base_dir``."""
+    if task not in SPEC_KEYS:
+        raise ValueError(f"task must be one of {sorted(SPEC_KEYS)}, got {task!r}")
+    if not isinstance(spec, dict):
+        raise ValueError(f"a {task} data entry must be an object with keys {list(SPEC_KEYS[task])}")
+    allowed = set(SPEC_KEYS[task]) | ({"split"} if task == "grounding" else set())
+    missing = [k for k in SPEC_KEYS[task] if k not in spec]
+    unknown = sorted(set(spec) - allowed)
+    if missing or unknown:
+        raise ValueError(f"a {task} data entry needs keys {list(SPEC_KEYS[task])}"
+                         + (f"; missing {missing}" if missing else "")
+                         + (f"; unknown {unknown}" if unknown else ""))
+    path = {k: os.path.join(base_dir, str(spec[k])) for k in SPEC_KEYS[task]}
+    if task == "vqa":
+        return load_vqa_v2(path["questions"], path["annotations"], path["images"], image_size)
+    if task == "caption":
+        return load_coco_captions(path["captions"], path["images"], image_size)
+    if task == "grounding":
+        return load_refcoco(path["refs"], path["images"], image_size, split=spec.get("split"))
+    return load_snli_ve(path["jsonl"], path["images"], image_size)
+

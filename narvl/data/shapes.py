@@ -20,6 +20,7 @@ import random
 
 import torch
 
+from .dataset import sample_texts
 from .metrics import vqa_accuracy
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
@@ -199,10 +200,5 @@ def corpus(image_size: int = 64, seed: int = 0, n: int = 2000):
     """Every text the four tasks can produce (prompts, targets, references) for BPE training."""
     texts = []
     for task in TASKS:
-        _, samples = generate(task, n, image_size, seed)
-        for s in samples:
-            texts.append(s["text"])
-            if isinstance(s["target"], str):
-                texts.append(" " + s["target"])
-            texts += [" " + r for r in s.get("refs", [])] + [" " + a for a in s.get("answers", [])]
+        texts += sample_texts(generate(task, n, image_size, seed)[1])
     return texts
