@@ -1,7 +1,7 @@
-"""narvl.ops.linear (oneDNN fused matmul + bias + GELU on CPU inference) against ATen's
-F.linear (+ F.gelu) on the same inputs, at the tiny model's layer shapes and the row counts that
-inference sees (setups.LINEAR_ROWS). Rows below narvl's oneDNN threshold (8) run F.linear in
-both columns, which the table shows as ~1.0x.
+"""narvl.ops.linear (oneDNN fused matmul + bias + GELU on CPU) against ATen's F.linear (+ F.gelu)
+on the same inputs, at the tiny model's layer shapes: inference at the row counts it sees
+(setups.LINEAR_ROWS; rows below narvl's oneDNN threshold (8) run F.linear in both columns, ~1.0x)
+and training (forward + backward) at a batch's 832 rows.
 
 Run: python -m pytest bench/bench_linear.py --benchmark-json bench/results/linear_cpu.json
 """
@@ -29,3 +29,17 @@ def test_linear(benchmark, threads, impl, name, rows):
     with torch.inference_mode():
         benchmark.pedantic(lambda: fn(x, w, b, act), rounds=200 if rows < 100 else 30,
                            warmup_rounds=5, iterations=1)
+
+
+@pytest.mark.parametrize("impl", ["narvl", "aten"])
+@pytest.mark.parametrize("name", list(LINEAR_SHAPES))
+def test_linear_train(benchmark, threads, impl, name):
+    """Forward + backward (grads for x, weight, bias) at a training batch's 832 rows."""
+    x, w, b, act = linear_inputs(832, name)
+    x, w, b = (t.requires_grad_(True) for t in (x, w, b))
+    gy = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(1))
+    fn = linear if impl == "narvl" else aten
+    benchmark.group = f"linear-train-{name}-rows832-{threads}thr"
+    benchmark.extra_info.update(impl=impl, rows=832, shape=name, threads=threads, mode="fwdbwd")
+    benchmark.pedantic(lambda: torch.autograd.grad(fn(x, w, b, act), (x, w, b), gy), rounds=20,
+                       warmup_rounds=3, iterations=1)

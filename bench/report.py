@@ -114,10 +114,12 @@ def linear_table(path):
     for b in d["benchmarks"]:
         ei = b["extra_info"]
         if "impl" in ei:
-            lin.setdefault((ei["shape"], ei["rows"], ei["threads"]), {})[ei["impl"]] = b["stats"]["median"] * 1e3
-    out = ["| linear | rows | threads | narvl ms | ATen ms | speed-up |", "|---|---|---|---|---|---|"]
-    for (name, rows, thr), r in sorted(lin.items()):
-        out.append(f"| {name} | {rows} | {thr} | {r['narvl']:.3f} | {r['aten']:.3f} | {r['aten'] / r['narvl']:.2f}x |")
+            key = (ei.get("mode", "fwd"), ei["shape"], ei["rows"], ei["threads"])
+            lin.setdefault(key, {})[ei["impl"]] = b["stats"]["median"] * 1e3
+    out = ["| linear | mode | rows | threads | narvl ms | ATen ms | speed-up |", "|---|---|---|---|---|---|---|"]
+    for (mode, name, rows, thr), r in sorted(lin.items()):
+        out.append(f"| {name} | {mode} | {rows} | {thr} | {r['narvl']:.3f} | {r['aten']:.3f} | "
+                   f"{r['aten'] / r['narvl']:.2f}x |")
     return "\n".join(out)
 
 

@@ -10,6 +10,13 @@ needs_onednn = pytest.mark.skipif(not lin.onednn_linear_available(),
                                   reason="this torch build lacks torch.ops.mkldnn._linear_pointwise")
 
 
+def graph_has(fn, name, depth=4):
+    """Whether the autograd graph below ``fn`` (``depth`` nodes deep) holds a node called ``name``."""
+    if fn is None or depth < 0:
+        return False
+    return name in type(fn).__name__ or any(graph_has(f, name, depth - 1) for f, _ in fn.next_functions)
+
+
 def ref(x, w, b, act):
     y = F.linear(x.double(), w.double(), None if b is None else b.double())
     return F.gelu(y) if act == "gelu" else y
@@ -34,17 +41,53 @@ def test_matches_f_linear_in_inference(shape, act, bias):
 def test_route_rules():
     w, b = torch.randn(16, 8), torch.randn(16)
     with torch.no_grad():
-        assert lin._onednn_route(torch.randn(8, 8), w, b)
-        assert lin._onednn_route(torch.randn(2, 4, 8), w, b)        # 8 rows over two dims
-        assert not lin._onednn_route(torch.randn(7, 8), w, b)       # one AR step: addmm is faster
-        assert not lin._onednn_route(torch.randn(8, 8).double(), w.double(), b.double())
-        assert not lin._onednn_route(torch.randn(8, 8).bfloat16(), w.bfloat16(), b.bfloat16())
+        assert lin._onednn_route(torch.randn(8, 8), w, b) == "infer"
+        assert lin._onednn_route(torch.randn(2, 4, 8), w, b) == "infer"     # 8 rows over two dims
+        assert lin._onednn_route(torch.randn(7, 8), w, b) is None           # one AR step: addmm is faster
+        assert lin._onednn_route(torch.randn(8, 8).double(), w.double(), b.double()) is None
+        assert lin._onednn_route(torch.randn(8, 8).bfloat16(), w.bfloat16(), b.bfloat16()) is None
         with torch.autocast("cpu", torch.bfloat16):
-            assert not lin._onednn_route(torch.randn(8, 8), w, b)
+            assert lin._onednn_route(torch.randn(8, 8), w, b) is None
     wg = w.clone().requires_grad_(True)
-    assert not lin._onednn_route(torch.randn(8, 8), wg, b)           # training: autograd path
+    assert lin._onednn_route(torch.randn(8, 8), wg, b) == "train"
+    assert lin._onednn_route(torch.randn(7, 8), wg, b) is None
     with torch.no_grad():
-        assert lin._onednn_route(torch.randn(8, 8), wg, b)
+        assert lin._onednn_route(torch.randn(8, 8), wg, b) == "infer"
+
+
+@needs_onednn
+def test_reference_backend_uses_aten(monkeypatch):
+    monkeypatch.setenv("NARVL_BACKEND", "reference")
+    with torch.no_grad():
+        assert lin._onednn_route(torch.randn(8, 8), torch.randn(4, 8), None) is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(8, 33), (3, 7, 20), (2, 5, 3, 16)])
+@pytest.mark.parametrize("act", [None, "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_route_gradients(shape, act, bias):
+    """The training route (oneDNN forward and dx) gives F.linear's values and gradients."""
+    g = torch.Generator().manual_seed(sum(shape))
+    K, N = shape[-1], 2 * shape[-1] + 3
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    b = torch.randn(N, generator=g) if bias else None
+    gy = torch.randn(*shape[:-1], N, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
+    y = lin.linear(leaves[0], leaves[1], leaves[2] if bias else None, act)
+    assert graph_has(y.grad_fn, "_OneDNNLinear")
+    got = [y] + list(torch.autograd.grad(y, leaves, gy))
+    dl = [t.double().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
+    yr = ref(dl[0], dl[1], dl[2] if bias else None, act)
+    want = [yr] + list(torch.autograd.grad(yr, dl, gy.double()))
+    for a, r in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4)
+    # only x needs a gradient (a frozen layer): no dW / db work, still the right dx
+    xg = x.clone().requires_grad_(True)
+    (dx,) = torch.autograd.grad(lin.linear(xg, w, b, act), xg, gy)
+    torch.testing.assert_close(dx.double(), want[1], rtol=1e-4, atol=1e-4)
 
 
 @needs_onednn
@@ -72,7 +115,7 @@ def test_non_contiguous_input():
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_take_autograd_path():
+def test_gradcheck_float64():
     x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)

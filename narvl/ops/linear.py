@@ -1,19 +1,21 @@
-"""Linear (+ GELU) for the model layer, with a faster CPU inference route.
+"""Linear (+ GELU) for the model layer, with faster CPU routes.
 
     y = x W^T + b            (activation None)
     y = gelu(x W^T + b)      (activation "gelu", the exact erf form of ``F.gelu``)
 
 x: (..., K); weight: (N, K); bias: (N,) or None -> (..., N) in x's dtype.
 
-Route. On CPU, float32, with no gradient needed and no autocast, and at least
-``ONEDNN_MIN_ROWS`` rows, the product runs as one oneDNN matmul primitive with the bias and GELU
-fused as post-ops (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend emits).
-On this project's AMD EPYC that is 1.4-2x faster than ATen's ``addmm`` from 5 rows up to
-training-sized batches, and the fused GELU saves a pass over the activations
-(bench/bench_linear.py). With 1-4 rows (one autoregressive decoding step) ``addmm`` is as fast
-or faster, so those calls keep it, as does every call that needs a gradient, runs on another
-device or dtype, or finds the op missing from the torch build. Both routes compute the same
-function; tests compare them.
+Routes, for float32 CPU calls with at least ``ONEDNN_MIN_ROWS`` rows, no autocast, and
+``NARVL_BACKEND`` not ``reference``:
+- no gradient needed (inference): one oneDNN matmul primitive with the bias and GELU fused as
+  post-ops (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend emits);
+- a gradient needed (training): ``_OneDNNLinear``, oneDNN for the forward and for dx = dy W,
+  ATen for dW and db; GELU stays a separate autograd op.
+On this project's AMD EPYC oneDNN's matmul is 1.2-1.8x faster than ATen's ``addmm`` at the
+model's 20-26 rows and 2.1-3.6x at training-sized batches (bench/bench_linear.py). With 1-7 rows
+(an autoregressive decoding step or beam) ``addmm`` is as fast or faster, so those calls keep
+it, as does every other device, dtype, or torch build without the op. All routes compute the
+same function; tests compare them, values and gradients.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from .. import _backend
 
 ONEDNN_MIN_ROWS = 8
 _ACTIVATIONS = (None, "gelu")
@@ -34,20 +38,51 @@ def onednn_linear_available() -> bool:
         return False
 
 
-def _onednn_route(x, weight, bias) -> bool:
+def _onednn_route(x, weight, bias) -> str | None:
+    """"infer" (no gradient: fused oneDNN primitive), "train" (a gradient is needed: oneDNN
+    forward and input gradient in ``_OneDNNLinear``) or None (ATen)."""
     # cheapest test first: a one-row AR step must lose almost nothing to routing
     if x.dim() == 0 or x.numel() < ONEDNN_MIN_ROWS * x.shape[-1] or x.shape[-1] == 0:
-        return False
+        return None
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
+        return None
     if bias is not None and bias.dtype != torch.float32:
-        return False
+        return None
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or not onednn_linear_available():
+        return None
+    if _backend.requested_backend() == "reference":
+        return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return False
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-        return False
-    return onednn_linear_available()
+        return "train"
+    return "infer"
+
+
+def _mm(a, b_t):
+    """a (M, K) @ b_t^T with b_t (N, K): one oneDNN matmul, (M, N)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with oneDNN for the forward and for dx = dy W (1.7-2.7x and ~1.8x ATen's
+    addmm / mm at training sizes here); dW = dy^T x and db stay on ATen, which is as fast for
+    them. x (M, K) contiguous, weight (N, K), bias (N,) or None. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight.detach().contiguous(), bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gy = gy.contiguous()
+        dx = _mm(gy, weight.t().contiguous()) if ctx.needs_input_grad[0] else None
+        dw = gy.t().mm(x) if ctx.needs_input_grad[1] else None
+        db = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -55,11 +90,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """See the module docstring."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    if _onednn_route(x, weight, bias):
-        if x.shape[-1] != weight.shape[-1]:
-            raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in-features "
-                             f"({weight.shape[-1]})")
+    route = _onednn_route(x, weight, bias)
+    if route is not None and x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in-features "
+                         f"({weight.shape[-1]})")
+    if route == "infer":
         attr, algo = ("gelu", "none") if activation == "gelu" else ("none", "")
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, attr, [], algo)
-    y = F.linear(x, weight, bias)
+    if route == "train":
+        y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+        y = y.view(*x.shape[:-1], weight.shape[0])
+    else:
+        y = F.linear(x, weight, bias)
     return F.gelu(y) if activation == "gelu" else y
