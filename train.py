@@ -10,7 +10,8 @@ embedded shapes data (generated offline from --seed), for one of the paper's fou
 
 Writes DIR/last.safetensors (atomic, no pickle; config + tokenizer inside) and DIR/metrics.json
 (task, arch, metric_name, metric, latency_ms = mean batch-1 decode time per sample with the
-encoder (best of 3 passes over --latency-samples samples), params, train_seconds, ...) and prints a one-line summary.
+encoder, over --latency-samples samples, each timed 5 times, best kept), params, train_seconds, ...)
+and prints a one-line summary.
 With --arch both it trains NARVL then AR into OUT/narvl and OUT/ar and writes OUT/comparison.json:
 both metrics and a speed-up timed once more with the two models taking turns in one process.
 Latency is measured on an inference copy (``narvl.models.prepare_for_inference``), the same for
@@ -157,22 +158,24 @@ def latency_inputs(data, tok, cfg, n):
 
 
 @torch.inference_mode()
-def time_generate(models, inputs, beam, passes=3):
+def time_generate(models, inputs, beam, passes=5):
     """Mean batch-1 decode time per sample in ms, encoder included, for each of ``models``
-    (name -> inference copy) on the same ``inputs``: 3 warm-up samples each, then ``passes``
-    rounds in which the models take turns over all inputs (drift in the machine's speed hits
-    them alike); per model the best pass, the one least disturbed by other processes."""
+    (name -> inference copy) on the same ``inputs``. After 3 warm-up samples each, ``passes``
+    rounds in which the models take turns, each decoding all inputs one after another (as a
+    server would); a sample's time is its best over the rounds (the least disturbed by other
+    processes on a shared machine), and the result is the mean over samples."""
     for m in models.values():
         for images, text in inputs[:3]:
             m.generate(images, text, beam_width=beam)
-    best = {k: float("inf") for k in models}
+    best = {k: [float("inf")] * len(inputs) for k in models}
     for _ in range(passes):
         for k, m in models.items():
-            t0 = time.perf_counter()
-            for images, text in inputs:
+            row = best[k]
+            for i, (images, text) in enumerate(inputs):
+                t0 = time.perf_counter()
                 m.generate(images, text, beam_width=beam)
-            best[k] = min(best[k], (time.perf_counter() - t0) / len(inputs) * 1e3)
-    return best
+                row[i] = min(row[i], time.perf_counter() - t0)
+    return {k: sum(v) / len(v) * 1e3 for k, v in best.items()}
 
 
 @torch.inference_mode()
@@ -234,8 +237,8 @@ def main(argv=None):
                     metric_ratio=round(n["metric"] / r["metric"], 4) if r["metric"] else None,
                     narvl_latency_ms=round(lat["narvl"], 2), ar_latency_ms=round(lat["ar"], 2),
                     speedup=round(lat["ar"] / lat["narvl"], 2), latency_samples=args.latency_samples,
-                    latency_method="batch 1, encoder included, both models in one process taking turns, "
-                                   "best of 3 passes each", threads=torch.get_num_threads())
+                    latency_method="batch 1, encoder included, both models in one process taking turns "
+                                   "(all samples per turn), 5 rounds, mean over samples of each sample's best", threads=torch.get_num_threads())
         with open(os.path.join(args.out, "comparison.json"), "w") as f:
             json.dump(comp, f, indent=2)
         print(f"[narvl] {args.task}: NARVL {n['metric_name']} {n['metric']:.2f} vs AR {r['metric']:.2f}; "

@@ -113,6 +113,9 @@ def test_prepare_for_inference_keeps_the_function(arch):
     cfg = small_cfg()
     model = arch(cfg)
     randomise_bn(model.encoder.backbone)
+    with torch.no_grad():  # non-zero relative biases, so a mix-up of cached layers would show
+        for t in list(model.encoder.rel_bias) + list(getattr(model, "query_rel", [])):
+            t.weight.normal_()
     model.eval()
     images, text, _, _ = inputs(cfg)
     infer = prepare_for_inference(model)
@@ -127,6 +130,10 @@ def test_prepare_for_inference_keeps_the_function(arch):
             torch.testing.assert_close(infer.logits(images, text), model.logits(images, text),
                                        rtol=1e-4, atol=1e-4)
     assert infer.generate(images, text) == model.generate(images, text)
+    with torch.no_grad():  # the cached biases are per text length: a second length, then the first
+        for t in (text[:, :3], text):
+            torch.testing.assert_close(infer.encoder(images, t)[0], model.encoder(images, t)[0],
+                                       rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="NARVL or ARBaseline"):
         prepare_for_inference(torch.nn.Linear(2, 2))
 
@@ -166,6 +173,35 @@ def test_kernel_backend_matches_reference_backend(arch, monkeypatch, backend):
     torch.testing.assert_close(out[backend][0], out["reference"][0], rtol=1e-6, atol=1e-8)
     for a, b in zip(out[backend][1], out["reference"][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", [NARVL, ARBaseline])
+def test_float32_training_linear_route_matches_aten(arch, monkeypatch):
+    """The whole model in float32: loss and every gradient with narvl's oneDNN linear training
+    route equal those with ATen's F.linear (the route off)."""
+    import narvl.ops.linear as lin
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    m = arch(cfg)
+    images, text, targets, lengths = inputs(cfg)
+    real = lin._onednn_route
+    out, used = {}, []
+    for mode in ("route", "aten"):
+        def route(x, w, b, _real=real, _mode=mode):
+            r = _real(x, w, b)
+            used.append((_mode, r))
+            return None if (_mode == "aten" and r == "train") else r
+        monkeypatch.setattr(lin, "_onednn_route", route)
+        m.zero_grad()
+        loss = m(images, text, targets, lengths)
+        loss.backward()
+        out[mode] = (loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    if lin.onednn_linear_available():
+        assert ("route", "train") in used  # the route under test was taken
+    torch.testing.assert_close(out["route"][0], out["aten"][0], rtol=1e-5, atol=1e-6)
+    assert len(out["route"][1]) == len(out["aten"][1])
+    for a, b in zip(out["route"][1], out["aten"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_narvl_generate_is_collapsed_argmax():

@@ -71,6 +71,7 @@ class Encoder(nn.Module):
         self.ln_out = nn.LayerNorm(d)
         self.soft_prompt = None  # (P, d) parameter in the parameter-efficient mode
         self._rel_cache = {}
+        self._bias_cache = None  # {(n_text, dtype, device): per-layer biases}, inference only
 
     def rel_index(self, n_text: int, device) -> torch.Tensor:
         """(L, L) bucket ids for [g*g image tokens ; n_text text positions]."""
@@ -111,8 +112,10 @@ class Encoder(nn.Module):
             raise ValueError("empty batch: images has batch size 0")
         if text.shape[1] > cfg.max_text_len:
             raise ValueError(f"text has {text.shape[1]} tokens, more than max_text_len = {cfg.max_text_len}")
-        if text.numel() and (int(text.min()) < 0 or int(text.max()) >= cfg.vocab_size):
-            raise ValueError(f"text token ids must lie in [0, {cfg.vocab_size})")
+        if text.numel():
+            lo, hi = (int(t) for t in torch.aminmax(text))
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"text token ids must lie in [0, {cfg.vocab_size})")
         nonpad = text != cfg.pad_id
         if text.shape[1] > 1 and bool((nonpad[:, 1:] & ~nonpad[:, :-1]).any()):
             raise ValueError("text must be right-padded with pad_id (a token follows a pad)")
@@ -131,7 +134,25 @@ class Encoder(nn.Module):
         n_prompt = n_text - text.shape[1]
         lengths = nonpad.sum(1) + (g * g + n_prompt)
         lengths = lengths.clamp_min(g * g)
-        idx = self.rel_index(n_text, x.device)
-        for layer, rel in zip(self.layers, self.rel_bias):
-            x = layer(x, lengths, rel(idx).permute(2, 0, 1))
+        for layer, bias in zip(self.layers, self.layer_biases(n_text, x.dtype, x.device)):
+            x = layer(x, lengths, bias)
         return self.ln_out(x), lengths
+
+    def layer_biases(self, n_text: int, dtype, device):
+        """Each layer's relative-position bias (H, L, L), gathered from its table in one go.
+        After ``cache_biases_()`` (inference copies) they are computed once per text length."""
+        key = (n_text, dtype, device)
+        if self._bias_cache is not None and not torch.is_grad_enabled() and key in self._bias_cache:
+            return self._bias_cache[key]
+        idx = self.rel_index(n_text, device)
+        table = torch.stack([rel.weight for rel in self.rel_bias])      # (layers, buckets, H)
+        biases = table[:, idx].permute(0, 3, 1, 2).to(dtype).unbind(0)  # layers x (H, L, L)
+        if self._bias_cache is not None and not torch.is_grad_enabled():
+            self._bias_cache[key] = [b.contiguous() for b in biases]
+            return self._bias_cache[key]
+        return biases
+
+    def cache_biases_(self):
+        """Inference only: keep each text length's biases (a snapshot of the tables)."""
+        self._bias_cache = {}
+        return self

@@ -58,15 +58,40 @@ class NARVL(nn.Module):
                                     for _ in range(cfg.dec_layers))
         self.ln_out = nn.LayerNorm(d)
         self.out_adapter = None  # (d, d) linear in the parameter-efficient mode
+        self._first_self = None  # (1, N, d): layer 0's self-attention block, cached for inference
+        self._self_biases = None  # per-layer (H, N, N) self-attention biases, cached for inference
         r = torch.arange(N)
         self.register_buffer("_qrel_idx", (r[None, :] - r[:, None]) + N - 1, persistent=False)
+
+    def _self_bias(self, i, dtype):
+        return self.query_rel[i](self._qrel_idx).permute(2, 0, 1).to(dtype)
+
+    @torch.no_grad()
+    def cache_first_self_attention_(self):
+        """Inference only: layer 0's self-attention block sees only the learnable queries, so
+        its output x1 = q + SelfAttn(LN(q)) is the same for every input, as are the layers'
+        relative self-attention biases. Compute them once and let ``decode_logits`` start from
+        x1 (``prepare_for_inference`` calls this on its copy; the cache is a snapshot, ignored
+        whenever gradients are on)."""
+        q = self.queries[None]
+        self._self_biases = [self._self_bias(i, q.dtype).contiguous() for i in range(len(self.layers))]
+        self._first_self = self.layers[0].self_block(q, self._self_biases[0]).detach()
+        return self
 
     def decode_logits(self, memory, memory_lengths):
         """memory (B, Lm, d), memory_lengths (B,) -> logits (B, N, V)."""
         B = memory.shape[0]
-        x = self.queries.to(memory.dtype).expand(B, -1, -1)
-        for layer, rel in zip(self.layers, self.query_rel):
-            x = layer(x, memory, memory_lengths, self_bias=rel(self._qrel_idx).permute(2, 0, 1).to(x.dtype))
+        first = self._first_self
+        if first is not None and first.dtype == memory.dtype and first.device == memory.device \
+                and not torch.is_grad_enabled():
+            x = first.expand(B, -1, -1)
+            x = self.layers[0].cross_ffn_block(x, *self.layers[0].cross_kv(memory), memory_lengths)
+            start, biases = 1, self._self_biases
+        else:
+            x, start, biases = self.queries.to(memory.dtype).expand(B, -1, -1), 0, None
+        for i in range(start, len(self.layers)):
+            bias = biases[i] if biases is not None else self._self_bias(i, x.dtype)
+            x = self.layers[i](x, memory, memory_lengths, self_bias=bias)
         x = self.ln_out(x)
         if self.out_adapter is not None:
             x = self.out_adapter(x)
