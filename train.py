@@ -33,7 +33,7 @@ import narvl
 from narvl.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_checkpoint
 from narvl.data import TaskData, Tokenizer, load_spec, metrics, sample_texts, shapes, shapes_task
 from narvl.models import (ARBaseline, NARVL, NARVLConfig, enable_peft, prepare_for_inference,
-                          trainable_fraction)
+                          time_generate, trainable_fraction)
 
 METRIC = {"caption": "CIDEr", "vqa": "VQA accuracy", "grounding": "Acc@0.5", "entailment": "accuracy"}
 DEFAULT_STEPS = {"caption": 600, "vqa": 500, "grounding": 600, "entailment": 400}
@@ -158,27 +158,6 @@ def latency_inputs(data, tok, cfg, n):
 
 
 @torch.inference_mode()
-def time_generate(models, inputs, beam, passes=5):
-    """Mean batch-1 decode time per sample in ms, encoder included, for each of ``models``
-    (name -> inference copy) on the same ``inputs``. After 3 warm-up samples each, ``passes``
-    rounds in which the models take turns, each decoding all inputs one after another (as a
-    server would); a sample's time is its best over the rounds (the least disturbed by other
-    processes on a shared machine), and the result is the mean over samples."""
-    for m in models.values():
-        for images, text in inputs[:3]:
-            m.generate(images, text, beam_width=beam)
-    best = {k: [float("inf")] * len(inputs) for k in models}
-    for _ in range(passes):
-        for k, m in models.items():
-            row = best[k]
-            for i, (images, text) in enumerate(inputs):
-                t0 = time.perf_counter()
-                m.generate(images, text, beam_width=beam)
-                row[i] = min(row[i], time.perf_counter() - t0)
-    return {k: sum(v) / len(v) * 1e3 for k, v in best.items()}
-
-
-@torch.inference_mode()
 def evaluate(model, data, tok, task, beam, latency_samples, bf16=False, batch=64):
     infer = prepare_for_inference(model)  # BN folded + packed convs, the same for both archs
     preds = []
@@ -204,7 +183,7 @@ def evaluate(model, data, tok, task, beam, latency_samples, bf16=False, batch=64
             metric = 100 * metrics.accuracy(preds, [s["label"] for s in ss])
             extra = {}
         inputs = latency_inputs(data, tok, model.cfg, latency_samples)
-        latency = time_generate({"model": infer}, inputs, beam)["model"]
+        latency = time_generate({"model": infer}, inputs, beam)["model"].best_ms
     examples = [{"text": s["text"], "pred": p if not isinstance(p, list) else [round(c, 1) for c in p],
                  "target": s["target"]} for s, p in zip(ss[:5], preds[:5])]
     return metric, latency, extra, examples
@@ -231,14 +210,16 @@ def main(argv=None):
         # on the same samples, so a change in the machine's speed between the runs cancels out.
         (nm, tok), (am, _) = trained["narvl"], trained["ar"]
         data = load_data(args, "eval", nm.cfg.image_size)
-        lat = time_generate({"narvl": prepare_for_inference(nm), "ar": prepare_for_inference(am)},
-                            latency_inputs(data, tok, nm.cfg, args.latency_samples), args.beam)
+        timing = time_generate({"narvl": prepare_for_inference(nm), "ar": prepare_for_inference(am)},
+                               latency_inputs(data, tok, nm.cfg, args.latency_samples), args.beam)
+        lat = {k: t.best_ms for k, t in timing.items()}
         comp = dict(task=args.task, metric_name=n["metric_name"], narvl_metric=n["metric"], ar_metric=r["metric"],
                     metric_ratio=round(n["metric"] / r["metric"], 4) if r["metric"] else None,
                     narvl_latency_ms=round(lat["narvl"], 2), ar_latency_ms=round(lat["ar"], 2),
                     speedup=round(lat["ar"] / lat["narvl"], 2), latency_samples=args.latency_samples,
                     latency_method="batch 1, encoder included, both models in one process taking turns "
-                                   "(all samples per turn), 5 rounds, mean over samples of each sample's best", threads=torch.get_num_threads())
+                                   "(all samples per turn), 5 rounds, mean over samples of each sample's best",
+                    threads=torch.get_num_threads())
         with open(os.path.join(args.out, "comparison.json"), "w") as f:
             json.dump(comp, f, indent=2)
         print(f"[narvl] {args.task}: NARVL {n['metric_name']} {n['metric']:.2f} vs AR {r['metric']:.2f}; "

@@ -8,14 +8,13 @@ Each round decodes the same ``SAMPLES`` evaluation samples one at a time with ea
 the model's part of the round / SAMPLES.
 """
 import os
-import time
 
 import pytest
 import torch
 
 from narvl.checkpoint import load_model_state, read_checkpoint
 from narvl.data import Tokenizer, shapes_task
-from narvl.models import ARBaseline, NARVL, NARVLConfig, prepare_for_inference
+from narvl.models import ARBaseline, NARVL, NARVLConfig, prepare_for_inference, time_generate
 
 SAMPLES = 100
 RUNS = os.environ.get("NARVL_RUNS")
@@ -31,12 +30,11 @@ def load(path):
 
 @pytest.mark.parametrize("task", ["caption", "vqa", "grounding", "entailment"])
 def test_task_latency(benchmark, task):
-    """Both checkpoints of ``task`` in one process, taking turns: each round decodes the
-    ``SAMPLES`` samples with NARVL, then the same samples with AR (so a change in the machine's
-    speed during the run hits both alike). The benchmark's time is the pair's. extra_info holds
-    per model the per-round times (ms per sample, ``narvl_ms`` / ``ar_ms``) and the mean over
-    samples of each sample's best time over all rounds (``narvl_best_ms`` / ``ar_best_ms``, the
-    estimate least disturbed by other processes, as train.py's latency)."""
+    """Both checkpoints of ``task`` in one process, timed by ``narvl.models.time_generate``: 7
+    rounds in which NARVL, then AR, decodes the ``SAMPLES`` samples (a change in the machine's
+    speed hits both alike). extra_info holds per model the per-round times (ms per sample,
+    ``narvl_ms`` / ``ar_ms``) and the mean over samples of each sample's best round
+    (``narvl_best_ms`` / ``ar_best_ms``, as train.py's latency)."""
     if RUNS is None:
         pytest.skip("set NARVL_RUNS to a directory of trained runs (RUNS/TASK/{narvl,ar}/last.safetensors)")
     models = {}
@@ -47,22 +45,11 @@ def test_task_latency(benchmark, task):
         models[arch], tok, cfg = load(path)
     data = shapes_task(task, SAMPLES, cfg.image_size, seed=1000)  # train.py's evaluation split
     inputs = [data.batch([i], tok, cfg.max_text_len)[:2] for i in range(SAMPLES)]
-    per_round = {arch: [] for arch in models}
-    per_sample = {arch: [float("inf")] * SAMPLES for arch in models}
-
-    def run():
-        for arch, model in models.items():
-            best = per_sample[arch]
-            t_round = time.perf_counter()
-            for i, (images, text) in enumerate(inputs):
-                t0 = time.perf_counter()
-                model.generate(images, text)
-                best[i] = min(best[i], time.perf_counter() - t0)
-            per_round[arch].append((time.perf_counter() - t_round) / SAMPLES * 1e3)
-    with torch.inference_mode():
-        benchmark.pedantic(run, rounds=7, warmup_rounds=1, iterations=1)
+    out = {}
+    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),  # a warm-up round
+                       rounds=1, iterations=1)
     benchmark.group = f"task-{task}"
     benchmark.extra_info.update(
         task=task, samples=SAMPLES, threads=torch.get_num_threads(),
-        narvl_ms=per_round["narvl"][1:], ar_ms=per_round["ar"][1:],  # [0]: the warm-up round
-        narvl_best_ms=sum(per_sample["narvl"]) / SAMPLES * 1e3, ar_best_ms=sum(per_sample["ar"]) / SAMPLES * 1e3)
+        narvl_ms=out["narvl"].round_ms, ar_ms=out["ar"].round_ms,
+        narvl_best_ms=out["narvl"].best_ms, ar_best_ms=out["ar"].best_ms)

@@ -104,3 +104,13 @@ def triton_kernels():
             f"narvl: the Triton backend needs the `triton` package ({exc}); `pip install triton`"
         ) from exc
     return kernels
+
+
+@functools.lru_cache(maxsize=None)
+def mkldnn_ops_available(*names: str) -> bool:
+    """Whether this torch build has oneDNN and the ``torch.ops.mkldnn`` ops ``names`` (the fused
+    primitives inductor's CPU backend emits; narvl's CPU inference routes call them)."""
+    try:
+        return torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, n) for n in names)
+    except (AttributeError, RuntimeError):
+        return False

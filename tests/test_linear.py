@@ -17,6 +17,15 @@ def graph_has(fn, name, depth=4):
     return name in type(fn).__name__ or any(graph_has(f, name, depth - 1) for f, _ in fn.next_functions)
 
 
+def make(shape, N, bias):
+    """x (*shape), weight (N, K), bias (N,) or None, seeded by the shape."""
+    g = torch.Generator().manual_seed(sum(shape))
+    K = shape[-1]
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    return x, w, (torch.randn(N, generator=g) if bias else None), g
+
+
 def ref(x, w, b, act):
     y = F.linear(x.double(), w.double(), None if b is None else b.double())
     return F.gelu(y) if act == "gelu" else y
@@ -26,11 +35,8 @@ def ref(x, w, b, act):
 @pytest.mark.parametrize("act", [None, "gelu"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_f_linear_in_inference(shape, act, bias):
-    g = torch.Generator().manual_seed(sum(shape))
-    K, N = shape[-1], 3 * shape[-1] + 1
-    x = torch.randn(*shape, generator=g)
-    w = torch.randn(N, K, generator=g) / K ** 0.5
-    b = torch.randn(N, generator=g) if bias else None
+    N = 3 * shape[-1] + 1
+    x, w, b, _ = make(shape, N, bias)
     with torch.inference_mode():
         got = lin.linear(x, w, b, act)
     assert got.shape == (*shape[:-1], N) and got.dtype == torch.float32
@@ -68,11 +74,8 @@ def test_reference_backend_uses_aten(monkeypatch):
 @pytest.mark.parametrize("bias", [True, False])
 def test_training_route_gradients(shape, act, bias):
     """The training route (oneDNN forward and dx) gives F.linear's values and gradients."""
-    g = torch.Generator().manual_seed(sum(shape))
-    K, N = shape[-1], 2 * shape[-1] + 3
-    x = torch.randn(*shape, generator=g)
-    w = torch.randn(N, K, generator=g) / K ** 0.5
-    b = torch.randn(N, generator=g) if bias else None
+    N = 2 * shape[-1] + 3
+    x, w, b, g = make(shape, N, bias)
     gy = torch.randn(*shape[:-1], N, generator=g)
     leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
     y = lin.linear(leaves[0], leaves[1], leaves[2] if bias else None, act)

@@ -354,3 +354,24 @@ def test_blank_in_targets_is_rejected():
     targets[0, 0] = cfg.blank_id
     with pytest.raises(ValueError, match="blank"):
         m(images, text, targets, lengths)
+
+
+def test_time_generate_takes_turns_and_keeps_each_samples_best():
+    from narvl.models import time_generate
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def generate(self, images, text, beam_width=1):
+            calls.append((self.name, int(images)))
+
+    inputs = [(torch.tensor(i), None) for i in range(4)]
+    t = time_generate({"a": Fake("a"), "b": Fake("b")}, inputs, rounds=3, warmup=2)
+    assert calls[:4] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]           # warm-up
+    rounds = calls[4:]
+    assert [n for n, _ in rounds] == (["a"] * 4 + ["b"] * 4) * 3            # turns, all samples each
+    for name in ("a", "b"):
+        assert len(t[name].round_ms) == 3 and t[name].best_ms <= min(t[name].round_ms) + 1e-9

@@ -141,15 +141,15 @@ class Encoder(nn.Module):
     def layer_biases(self, n_text: int, dtype, device):
         """Each layer's relative-position bias (H, L, L), gathered from its table in one go.
         After ``cache_biases_()`` (inference copies) they are computed once per text length."""
+        cache = self._bias_cache if not torch.is_grad_enabled() else None
         key = (n_text, dtype, device)
-        if self._bias_cache is not None and not torch.is_grad_enabled() and key in self._bias_cache:
-            return self._bias_cache[key]
+        if cache is not None and key in cache:
+            return cache[key]
         idx = self.rel_index(n_text, device)
         table = torch.stack([rel.weight for rel in self.rel_bias])      # (layers, buckets, H)
         biases = table[:, idx].permute(0, 3, 1, 2).to(dtype).unbind(0)  # layers x (H, L, L)
-        if self._bias_cache is not None and not torch.is_grad_enabled():
-            self._bias_cache[key] = [b.contiguous() for b in biases]
-            return self._bias_cache[key]
+        if cache is not None:
+            biases = cache[key] = [b.contiguous() for b in biases]
         return biases
 
     def cache_biases_(self):

@@ -9,12 +9,15 @@ relative-position biases per text length (``Encoder.cache_biases_``). The shared
 treatment in ``NARVL`` and ``ARBaseline``, so latency comparisons between them stay like for like
 (``train.py``, ``bench/``). NARVL also computes its first decoder layer's self-attention block
 once (``NARVL.cache_first_self_attention_``): that block sees only the learnable queries, so its
-output is a constant at inference (0.2 ms of a batch-1 caption decode here).
+output is a constant at inference.
 """
 from __future__ import annotations
 
 import copy
+import time
+from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from .resnet import fold_batchnorm_, pack_for_cpu_
@@ -35,3 +38,38 @@ def prepare_for_inference(model: nn.Module, image_size: int | None = None) -> nn
     for p in infer.parameters():
         p.requires_grad_(False)
     return infer
+
+
+@dataclass
+class Timing:
+    """``best_ms``: mean over samples of each sample's best time (ms); ``round_ms``: per round,
+    the mean time per sample (ms)."""
+    best_ms: float
+    round_ms: list
+
+
+@torch.inference_mode()
+def time_generate(models: dict, inputs: list, beam_width: int = 1, rounds: int = 5, warmup: int = 3):
+    """Batch-1 decode latency, encoder included, of each of ``models`` (name -> inference copy)
+    on the same ``inputs`` [(images (1, 3, S, S), text (1, Lt))] -> {name: ``Timing``}.
+
+    After ``warmup`` samples each, ``rounds`` rounds in which the models take turns, each
+    decoding all inputs one after another (as a server would), so a change in the machine's
+    speed hits them alike. ``best_ms`` keeps each sample's best over the rounds: the estimate
+    least disturbed by other processes on a shared machine (``train.py``, ``bench/bench_tasks.py``).
+    """
+    for m in models.values():
+        for images, text in inputs[:warmup]:
+            m.generate(images, text, beam_width=beam_width)
+    best = {k: [float("inf")] * len(inputs) for k in models}
+    per_round = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            row = best[k]
+            t_round = time.perf_counter()
+            for i, (images, text) in enumerate(inputs):
+                t0 = time.perf_counter()
+                m.generate(images, text, beam_width=beam_width)
+                row[i] = min(row[i], time.perf_counter() - t0)
+            per_round[k].append((time.perf_counter() - t_round) / len(inputs) * 1e3)
+    return {k: Timing(sum(best[k]) / len(inputs) * 1e3, per_round[k]) for k in models}

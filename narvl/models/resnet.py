@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _backend
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -124,12 +126,7 @@ def fold_batchnorm_(backbone: ResNetStages) -> ResNetStages:
 def mkldnn_fusion_available() -> bool:
     """True when torch's oneDNN fused-conv ops (``torch.ops.mkldnn._convolution_pointwise``,
     used by inductor's CPU backend) exist in this build."""
-    try:
-        return (torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-                and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
-    except (AttributeError, RuntimeError):
-        return False
+    return _backend.mkldnn_ops_available("_convolution_pointwise", "_reorder_convolution_weight")
 
 
 def _pack(conv: nn.Conv2d, input_size):

@@ -19,8 +19,6 @@ same function; tests compare them, values and gradients.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -30,12 +28,8 @@ ONEDNN_MIN_ROWS = 8
 _ACTIVATIONS = (None, "gelu")
 
 
-@functools.lru_cache(maxsize=None)
 def onednn_linear_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
+    return _backend.mkldnn_ops_available("_linear_pointwise")
 
 
 def _onednn_route(x, weight, bias) -> str | None:
