@@ -76,22 +76,65 @@ RowStats row_stats(const scalar_t* x, int64_t V) {
   }
 }
 
-// out[v] = A * exp(x[v] - lse) + C over a whole row.
+// out[v] = A * exp(x[v] - lse) + C over a whole row; returns whether the row holds a -inf.
 template <typename scalar_t>
-void row_grad(const scalar_t* x, int64_t V, double lse, double A, double C, scalar_t* out) {
+bool row_grad(const scalar_t* x, int64_t V, double lse, double A, double C, scalar_t* out) {
   if constexpr (std::is_same_v<scalar_t, double>) {
-    for (int64_t v = 0; v < V; ++v) out[v] = A * std::exp(x[v] - lse) + C;
+    bool neg = false;
+    for (int64_t v = 0; v < V; ++v) {
+      out[v] = A * std::exp(x[v] - lse) + C;
+      neg |= x[v] == -std::numeric_limits<double>::infinity();
+    }
+    return neg;
   } else if constexpr (std::is_same_v<scalar_t, float>) {
-    row_softmax_affine_f32(x, V, static_cast<float>(lse), static_cast<float>(A),
-                           static_cast<float>(C), out);
+    return row_softmax_affine_f32(x, V, static_cast<float>(lse), static_cast<float>(A),
+                                  static_cast<float>(C), out);
   } else {
     const float* xf = to_f32(x, V);
     auto& buf = tls_buffer(1);
     if (static_cast<int64_t>(buf.size()) < V) buf.resize(V);
-    row_softmax_affine_f32(xf, V, static_cast<float>(lse), static_cast<float>(A),
-                           static_cast<float>(C), buf.data());
+    const bool neg = row_softmax_affine_f32(xf, V, static_cast<float>(lse), static_cast<float>(A),
+                                            static_cast<float>(C), buf.data());
     for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(buf[v]);
+    return neg;
   }
+}
+
+// The zero fill of a CTC gradient row with F.ctc_loss's non-finite entries (row_ctc_fill_f32);
+// returns whether the row of log-probs x holds a non-finite value.
+template <typename scalar_t>
+bool row_ctc_fill(const scalar_t* x, int64_t V, double gn, scalar_t* out) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row_ctc_fill_f32(x, V, static_cast<float>(gn), out);
+  } else {
+    const double inf = std::numeric_limits<double>::infinity();
+    bool bad = false;
+    for (int64_t v = 0; v < V; ++v) {
+      const double xv = static_cast<double>(x[v]);
+      const bool nf = !std::isfinite(xv);
+      out[v] = static_cast<scalar_t>(nf ? (xv == inf ? inf * gn : std::numeric_limits<double>::quiet_NaN()) : 0.0);
+      bad |= nf;
+    }
+    return bad;
+  }
+}
+
+// Non-finite semantics of F.ctc_loss's backward, which narvl reproduces exactly:
+// - a sample whose nll is NaN (a NaN or +inf entered its lattice), or +inf (no alignment) while
+//   its upstream gradient is non-zero (zero_infinity off), gets NaN over all its live frames;
+// - a frame holding a -inf log-probability gets NaN there (F.ctc_loss computes
+//   (exp(lp) - exp(log_alpha_beta + nll - lp)) * gn = exp(-inf + inf) * gn, NaN even for gn = 0);
+//   after log_softmax that NaN covers the whole row of logits; log-probs that are NaN (or +inf)
+//   outside the label columns give NaN (inf * gn) there;
+// - except a sample that zero_infinity zeroed (nll = +inf, gn = 0): its CTC gradient is 0.
+inline bool sample_zeroed(double nll, double gn) { return std::isinf(nll) && gn == 0.0; }
+inline bool sample_poisoned(double nll, double gn) {
+  return std::isnan(nll) || (std::isinf(nll) && gn != 0.0);
+}
+
+template <typename scalar_t>
+void fill_nan(scalar_t* g, int64_t V) {
+  std::fill(g, g + V, std::numeric_limits<scalar_t>::quiet_NaN());
 }
 
 // Gradient buffers. A fresh multi-megabyte gradient is written exactly once, and on Linux a
@@ -251,14 +294,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qctc_fwd_impl(const Tensor& logits, c
 }
 
 // Per-column posteriors (B, T, K) from the slot emissions: the alpha-beta pass of the backward.
+// nll (B,) receives each sample's nll from the same pass.
 template <typename out_t>
 Tensor posteriors(const Tensor& em_in, const int64_t* tgt, int64_t S, const int64_t* lengths,
-                  int64_t T, const int64_t* TL, int64_t B) {
+                  int64_t T, const int64_t* TL, int64_t B, std::vector<double>& nll) {
   const int64_t K = S + 1;
   const Tensor em = em_in.to(c10::CppTypeToScalarType<out_t>::value).contiguous();
   TORCH_CHECK(em.dim() == 3 && em.size(0) == B && em.size(1) == T && em.size(2) == K,
               "narvl: em must be (B, T, S+1)");
   Tensor post = torch::empty({B, T, K}, em.options());
+  nll.assign(B, 0.0);
   const out_t* em_p = em.data_ptr<out_t>();
   out_t* post_p = post.data_ptr<out_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -266,7 +311,8 @@ Tensor posteriors(const Tensor& em_in, const int64_t* tgt, int64_t S, const int6
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t Tb = checked_length(lengths, b, T, "lengths");
       const int64_t L = checked_length(TL, b, S, "target_lengths");
-      ctc_lattice(em_p + b * T * K, K, Tb, T, tgt + b * S, L, post_p + b * T * K, ws);
+      nll[b] = static_cast<double>(ctc_lattice(em_p + b * T * K, K, Tb, T, tgt + b * S, L,
+                                               post_p + b * T * K, ws));
     }
   });
   return post;
@@ -285,7 +331,8 @@ Tensor qctc_bwd_impl(const Tensor& gn_t, const Tensor& gs_t, const Tensor& logit
   const int64_t* tgt = targets.data_ptr<int64_t>();
   const int64_t* TL = tl.data_ptr<int64_t>();
   const int64_t* QL = ql.data_ptr<int64_t>();
-  const Tensor post_c = posteriors<out_t>(em, tgt, S, QL, N, TL, B);
+  std::vector<double> nllv;
+  const Tensor post_c = posteriors<out_t>(em, tgt, S, QL, N, TL, B, nllv);
   const double* gn = gn64.data_ptr<double>();
   const double* gs = gs64.data_ptr<double>();
   const out_t* lse_p = lse_c.data_ptr<out_t>();
@@ -304,10 +351,17 @@ Tensor qctc_bwd_impl(const Tensor& gn_t, const Tensor& gs_t, const Tensor& logit
         std::fill(g, g + V, scalar_t(0));
         continue;
       }
+      if (sample_poisoned(nllv[b], gn[b])) {
+        fill_nan(g, V);
+        continue;
+      }
       const scalar_t* x = X + b * sB + n * sN;
       const double l = static_cast<double>(lse_p[r]);
       const double A = gn[b] - gs[b] / Nb, C = gs[b] / (static_cast<double>(Nb) * V);
-      row_grad(x, V, l, A, C, g);
+      if (row_grad(x, V, l, A, C, g) && !sample_zeroed(nllv[b], gn[b])) {
+        fill_nan(g, V);
+        continue;
+      }
       // Label and blank columns: overwrite with the exact value including the posterior.
       const int64_t* labels = tgt + b * S;
       const out_t* pr = post_p + r * K;
@@ -359,8 +413,9 @@ Tensor qctc_bwd_cpu(const Tensor& grad_nll, const Tensor& grad_smooth, const Ten
 }
 
 // ---------------------------------------------------------------------------------------------
-// CTC on log-probabilities (T, B, C): only the label and blank columns are read; the gradient
-// -gn * post is non-zero only there.
+// CTC on log-probabilities (T, B, C): the forward reads only the label and blank columns; the
+// gradient -gn * post is non-zero only there (the backward reads each live row once, for
+// F.ctc_loss's NaN at -inf entries).
 
 template <typename scalar_t>
 std::tuple<Tensor, Tensor> ctc_fwd_impl(const Tensor& lp, const Tensor& targets, const Tensor& il,
@@ -403,7 +458,10 @@ Tensor ctc_bwd_impl(const Tensor& gn_t, const Tensor& lp, const Tensor& em, cons
   const int64_t* tgt = targets.data_ptr<int64_t>();
   const int64_t* IL = il.data_ptr<int64_t>();
   const int64_t* TL = tl.data_ptr<int64_t>();
-  const Tensor post_c = posteriors<out_t>(em, tgt, S, IL, T, TL, B);
+  std::vector<double> nllv;
+  const Tensor post_c = posteriors<out_t>(em, tgt, S, IL, T, TL, B, nllv);
+  const scalar_t* X = lp.data_ptr<scalar_t>();
+  const int64_t sT = lp.stride(0), sB = lp.stride(1);
   const double* gn = gn64.data_ptr<double>();
   const out_t* post_p = post_c.data_ptr<out_t>();
   scalar_t* G = grad.data_ptr<scalar_t>();
@@ -411,17 +469,29 @@ Tensor ctc_bwd_impl(const Tensor& gn_t, const Tensor& lp, const Tensor& em, cons
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / B, b = r % B;
       scalar_t* g = G + r * C;
-      std::fill(g, g + C, scalar_t(0));
       const int64_t Tb = checked_length(IL, b, T, "input_lengths");
       const int64_t L = checked_length(TL, b, S, "target_lengths");
-      if (t >= Tb || gn[b] == 0.0) continue;
+      if (t >= Tb || sample_zeroed(nllv[b], gn[b])) {
+        std::fill(g, g + C, scalar_t(0));
+        continue;
+      }
+      if (sample_poisoned(nllv[b], gn[b])) {
+        fill_nan(g, C);
+        continue;
+      }
+      const scalar_t* x = X + t * sT + b * sB;
+      const bool bad = row_ctc_fill(x, C, gn[b], g);  // 0, or F.ctc_loss's non-finite values
       const out_t* pr = post_p + (b * T + t) * K;
       const int64_t* labels = tgt + b * S;
+      auto put = [&](int64_t col, out_t p) {
+        if (!bad || std::isfinite(static_cast<double>(x[col])))
+          g[col] = static_cast<scalar_t>(-gn[b] * static_cast<double>(p));
+      };
       for (int64_t k = 0; k < L; ++k) {
         TORCH_CHECK(labels[k] >= 0 && labels[k] < C, "narvl: label out of range");
-        g[labels[k]] = static_cast<scalar_t>(-gn[b] * static_cast<double>(pr[k]));
+        put(labels[k], pr[k]);
       }
-      g[blank] = static_cast<scalar_t>(-gn[b] * static_cast<double>(pr[K - 1]));
+      put(blank, pr[K - 1]);
     }
   });
   return grad;
@@ -449,12 +519,13 @@ Tensor ctc_bwd_cpu(const Tensor& grad_nll, const Tensor& lp_in, const Tensor& em
   TORCH_CHECK(lp_in.dim() == 3, "narvl: log_probs must be (T, B, C)");
   check_common(lp_in, targets_in, target_lengths, input_lengths, lp_in.size(1), blank);
   TORCH_CHECK(grad_nll.numel() == lp_in.size(1), "narvl: grad_nll must be (B,)");
+  const Tensor lp = lp_in.stride(2) == 1 ? lp_in : lp_in.contiguous();
   const Tensor targets = targets_in.to(torch::kLong).contiguous();
   const Tensor il = input_lengths.to(torch::kLong).contiguous();
   const Tensor tl = target_lengths.to(torch::kLong).contiguous();
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp_in.scalar_type(), "ctc_bwd_cpu", [&] {
-    out = ctc_bwd_impl<scalar_t>(grad_nll, lp_in, em, targets, il, tl, blank);
+    out = ctc_bwd_impl<scalar_t>(grad_nll, lp, em, targets, il, tl, blank);
   });
   return out;
 }

@@ -42,9 +42,50 @@ NARVL_CLONES void row_stats_f32(const float* x, int64_t V, float* out_max, doubl
   *out_sum = s;
 }
 
-NARVL_CLONES void row_softmax_affine_f32(const float* x, int64_t V, float shift, float A, float C,
+NARVL_CLONES bool row_softmax_affine_f32(const float* x, int64_t V, float shift, float A, float C,
                                          float* out) {
-  for (int64_t v = 0; v < V; ++v) out[v] = A * exp_f32(x[v] - shift) + C;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  int32_t neg[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = x[i + j];
+      out[i + j] = A * exp_f32(v - shift) + C;
+      neg[j] |= v == ninf;
+    }
+  }
+  for (int64_t t = i; t < V; ++t) {
+    out[t] = A * exp_f32(x[t] - shift) + C;
+    neg[t - i] |= x[t] == ninf;
+  }
+  int32_t any = 0;
+  for (int j = 0; j < kLanes; ++j) any |= neg[j];
+  return any != 0;
+}
+
+NARVL_CLONES bool row_ctc_fill_f32(const float* x, int64_t V, float gn, float* out) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float pinf = inf * gn;
+  int32_t bad[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = x[i + j];
+      const bool nf = !(v - v == 0.f);  // NaN or +-inf
+      out[i + j] = nf ? (v == inf ? pinf : nan) : 0.f;
+      bad[j] |= nf;
+    }
+  }
+  for (int64_t t = i; t < V; ++t) {
+    const float v = x[t];
+    const bool nf = !(v - v == 0.f);
+    out[t] = nf ? (v == inf ? pinf : nan) : 0.f;
+    bad[t - i] |= nf;
+  }
+  int32_t any = 0;
+  for (int j = 0; j < kLanes; ++j) any |= bad[j];
+  return any != 0;
 }
 
 // GCC vector extensions: 16 float lanes, lowered to the ISA of each target_clones variant

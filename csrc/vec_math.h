@@ -79,9 +79,14 @@ static inline float log_f32(float x) {
 void row_stats_f32(const float* x, int64_t V, float* out_max, double* out_sumexp,
                                 double* out_sum);
 
-// out[v] = A * exp(x[v] - shift) + C.
-void row_softmax_affine_f32(const float* x, int64_t V, float shift, float A, float C,
-                                         float* out);
+// out[v] = A * exp(x[v] - shift) + C; returns whether x holds a -inf (F.ctc_loss's backward
+// turns such a row's gradient into NaN, and narvl follows it).
+bool row_softmax_affine_f32(const float* x, int64_t V, float shift, float A, float C, float* out);
+
+// The CTC gradient's fill of a row of log-probs x, with F.ctc_loss's non-finite values:
+// out[v] = NaN where x[v] is NaN or -inf, inf * gn where x[v] = +inf, 0 elsewhere; returns
+// whether x holds a non-finite value.
+bool row_ctc_fill_f32(const float* x, int64_t V, float gn, float* out);
 
 // One frame of the float lattice recursions (see ctc_lattice.h), for s in [lo, hi):
 //   forward:  out[s] = lse(prev[s], prev[s-1], prev[s-2] + skip[s]) + e[s]

@@ -8,8 +8,9 @@ the 2L+1 lattice positions held in one block, through a global scratch row per f
 separates the store of frame t from the shifted loads of frame t+1): the nll and the smoothing
 term. The backward runs the same kernel with NEED_POST, adding beta and the per-column
 posteriors post[b, t, k] (duplicate labels summed), from the emissions the forward saved.
-Stage 3 (``_qctc_grad_kernel``, one program per (row, V chunk)): grad = A * softmax + C, then
-the label / blank columns in the chunk are overwritten with their exact value minus gn * post.
+Stage 3 (``_qctc_grad_kernel``, one program per row, looping over V chunks): grad = A * softmax + C,
+then the label / blank columns are overwritten with their exact value minus gn * post; NaN/inf
+input gives F.ctc_loss's NaN pattern (see the kernel).
 No atomics anywhere, so results are deterministic; offsets are int64.
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ def _row_kernel(X, stride_b, stride_n, N, V, TGT, stride_tb, TL, QL, LSE, ROWSUM
                 offs = v0 + tl.arange(0, BLOCK_V)
                 mask = offs < V
                 x = tl.load(row + offs, mask=mask, other=float("-inf")).to(ACC)
-                m_new = tl.maximum(m, x)
+                # NaN must reach lse (as torch.logsumexp), so the running max keeps it
+                m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
                 dead = m_new == float("-inf")
                 s = s * tl.where(dead, 0.0, tl.exp(m - m_new)) + tl.where(dead, 0.0, tl.exp(x - m_new))
                 rs += tl.where(mask, x, 0.0)
@@ -172,10 +174,14 @@ def _lattice_kernel(EM, TGT, stride_tb, TL, QL, NLL, POST, ALPHA, BETA, T, K, LS
 
 
 @triton.jit
-def _qctc_grad_kernel(X, stride_b, stride_n, G, N, V, LSE, POST, K, TGT, stride_tb, TL, QL, GN, GS,
-                      blank, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _qctc_grad_kernel(X, stride_b, stride_n, G, N, V, LSE, POST, NLL, K, TGT, stride_tb, TL, QL, GN,
+                      GS, blank, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    # one program per (b, n) row: grad = A * softmax + C over V chunks, then the label / blank
+    # columns get their exact value minus gn * post. Non-finite input follows F.ctc_loss (after
+    # log_softmax): a sample with a NaN nll, or an infinite one under a non-zero gn, is NaN
+    # throughout; a row holding a -inf is NaN, unless zero_infinity zeroed the sample (nll = inf,
+    # gn = 0).
     r = tl.program_id(0).to(tl.int64)
-    pv = tl.program_id(1).to(tl.int64)
     b = r // N
     n = r % N
     nb = tl.load(QL + b)
@@ -187,44 +193,75 @@ def _qctc_grad_kernel(X, stride_b, stride_n, G, N, V, LSE, POST, K, TGT, stride_
     A = gn - gs / nbf
     C = gs / (nbf * V)
     lse = tl.load(LSE + r).to(ACC)
+    nll = tl.load(NLL + b).to(ACC)
     row = X + b * stride_b + n * stride_n
     grow = G + r * V
-    v0 = pv * BLOCK_V
-    offs = v0 + tl.arange(0, BLOCK_V)
-    mask = offs < V
-    x = tl.load(row + offs, mask=mask & ((offs * 0 + n) < nb), other=0.0).to(ACC)
-    g = tl.where(active, A * tl.exp(x - lse) + C, 0.0)
-    tl.store(grow + offs, g.to(G.dtype.element_ty), mask=mask)
+    neg = tl.zeros((BLOCK_V,), tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        x = tl.load(row + offs, mask=mask & ((offs * 0 + n) < nb), other=0.0).to(ACC)
+        neg = neg | (mask & (x == float("-inf"))).to(tl.int32)
+        g = tl.where(active, A * tl.exp(x - lse) + C, 0.0)
+        tl.store(grow + offs, g.to(G.dtype.element_ty), mask=mask)
+    poisoned = (nll != nll) | ((nll == float("inf")) & (gn != 0.0))
+    zeroed = (nll == float("inf")) & (gn == 0.0)
+    bad = active & (poisoned | ((tl.max(neg, 0) > 0) & (~zeroed)))
     tl.debug_barrier()
     kk = tl.arange(0, BLOCK_K)
     is_blank = kk == K - 1
     lab = tl.load(TGT + b * stride_tb + kk, mask=kk < L, other=0)
     col = tl.where(is_blank, blank, lab)
-    fix = ((kk < L) | is_blank) & ((kk * 0 + n) < nb) & (col >= v0) & (col < v0 + BLOCK_V)
+    fix = ((kk < L) | is_blank) & ((kk * 0 + n) < nb)
     xc = tl.load(row + col, mask=fix, other=0.0).to(ACC)
     p = tl.load(POST + r * K + kk, mask=fix, other=0.0).to(ACC)
     corr = tl.where(gn != 0.0, gn * p, 0.0)
     val = A * tl.exp(xc - lse) + C - corr
     tl.store(grow + col, val.to(G.dtype.element_ty), mask=fix)
+    if bad:
+        tl.debug_barrier()
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            tl.store(grow + offs, tl.full((BLOCK_V,), float("nan"), ACC).to(G.dtype.element_ty),
+                     mask=offs < V)
 
 
 @triton.jit
-def _ctc_scatter_kernel(G, stride_t, stride_b, POST, T, K, TGT, stride_tb, TL, IL, GN, blank,
-                        BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _ctc_grad_kernel(LP, lp_st, lp_sb, G, stride_t, stride_b, POST, NLL, T, C, K, TGT, stride_tb, TL,
+                     IL, GN, blank, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    # one program per (b, t) row of the gradient w.r.t. log_probs: -gn * post on the label and
+    # blank columns, 0 elsewhere; as F.ctc_loss, NaN at NaN / -inf log-probs (inf * gn at +inf
+    # ones) and over every live frame
+    # of a sample whose nll is NaN (or infinite under a non-zero gn); zero_infinity's zeroed
+    # samples (nll = inf, gn = 0) get 0.
     r = tl.program_id(0).to(tl.int64)
     b = r // T
     t = r % T
     tb = tl.load(IL + b)
     L = tl.load(TL + b)
     gn = tl.load(GN + b).to(ACC)
+    nll = tl.load(NLL + b).to(ACC)
+    # 0 / 1 scalars, broadcast into block masks below (masks must be blocks)
+    live = ((t < tb) & ((nll != float("inf")) | (gn != 0.0))).to(tl.int32)  # not zero_infinity's
+    poisoned = live * ((nll != nll) | (nll == float("inf"))).to(tl.int32)
+    xrow = LP + t * lp_st + b * lp_sb
+    grow = G + t * stride_t + b * stride_b
+    for c0 in range(0, C, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C)
+        mask = offs < C
+        x = tl.load(xrow + offs, mask=mask & ((offs * 0 + live) != 0), other=0.0).to(ACC)
+        val = tl.where(x == float("inf"), float("inf") * gn, tl.where(x - x == 0.0, 0.0, float("nan")))
+        val = tl.where((offs * 0 + poisoned) != 0, float("nan"), val)
+        tl.store(grow + offs, val.to(G.dtype.element_ty), mask=mask)
+    tl.debug_barrier()
     kk = tl.arange(0, BLOCK_K)
-    active = ((kk * 0 + t) < tb) & ((kk * 0.0 + gn) != 0.0)
     is_blank = kk == K - 1
     lab = tl.load(TGT + b * stride_tb + kk, mask=kk < L, other=0)
     col = tl.where(is_blank, blank, lab)
-    ok = ((kk < L) | is_blank) & active
+    ok = ((kk < L) | is_blank) & ((kk * 0 + live * (1 - poisoned)) != 0)
+    xc = tl.load(xrow + col, mask=ok, other=0.0).to(ACC)
     p = tl.load(POST + (b * T + t) * K + kk, mask=ok, other=0.0).to(ACC)
-    tl.store(G + t * stride_t + b * stride_b + col, (-gn * p).to(G.dtype.element_ty), mask=ok)
+    tl.store(grow + col, (-gn * p).to(G.dtype.element_ty), mask=ok & (xc - xc == 0.0))
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -293,10 +330,10 @@ def qctc_bwd(grad_nll, grad_smooth, logits, lse, em, targets, target_lengths, qu
         return grad
     tl_, ql = _lengths(target_lengths, dev), _lengths(query_lengths, dev)
     em = em.to(_out_dtype(logits.dtype)).contiguous()
-    _, _, post = _lattice(em, targets, tl_, ql, N, em, em, V, False, True, _acc(logits.dtype))
-    bv = max(16, min(2048, triton.next_power_of_2(V)))
-    _qctc_grad_kernel[(B * N, triton.cdiv(V, bv))](
-        logits, logits.stride(0), logits.stride(1), grad, N, V, lse.contiguous(), post,
+    nll, _, post = _lattice(em, targets, tl_, ql, N, em, em, V, False, True, _acc(logits.dtype))
+    bv = _stats_block(V)
+    _qctc_grad_kernel[(B * N,)](
+        logits, logits.stride(0), logits.stride(1), grad, N, V, lse.contiguous(), post, nll,
         K, targets, targets.stride(0), tl_, ql,
         grad_nll.contiguous(), grad_smooth.contiguous(), blank, BLOCK_V=bv,
         BLOCK_K=triton.next_power_of_2(K), ACC=_acc(logits.dtype), num_warps=8)
@@ -326,18 +363,20 @@ def ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank):
 
 def ctc_bwd(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
     """Gradient of sum_b grad_nll[b] * nll_b w.r.t. log_probs (T, B, C): -grad_nll * post."""
+    if log_probs.stride(-1) != 1:
+        log_probs = log_probs.contiguous()
     T, B, C = log_probs.shape
     dev = log_probs.device
     targets = targets.to(device=dev, dtype=torch.int64).contiguous()
     K = targets.shape[1] + 1
-    grad = torch.zeros(T, B, C, dtype=log_probs.dtype, device=dev)
+    grad = torch.empty(T, B, C, dtype=log_probs.dtype, device=dev)
     tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
     em = em.to(_out_dtype(log_probs.dtype)).contiguous()
     if B * T > 0:
-        _, _, post = _lattice(em, targets, tl_, il, T, em, em, C, False, True, _acc(log_probs.dtype))
-        _ctc_scatter_kernel[(B * T,)](
-            grad, grad.stride(0), grad.stride(1), post, T, K, targets,
-            targets.stride(0), tl_, il,
-            grad_nll.contiguous(), blank, BLOCK_K=triton.next_power_of_2(K),
-            ACC=_acc(log_probs.dtype), num_warps=1)
+        nll, _, post = _lattice(em, targets, tl_, il, T, em, em, C, False, True, _acc(log_probs.dtype))
+        _ctc_grad_kernel[(B * T,)](
+            log_probs, log_probs.stride(0), log_probs.stride(1), grad, grad.stride(0), grad.stride(1),
+            post, nll, T, C, K, targets, targets.stride(0), tl_, il,
+            grad_nll.contiguous(), blank, BLOCK_C=max(16, min(1024, triton.next_power_of_2(C))),
+            BLOCK_K=triton.next_power_of_2(K), ACC=_acc(log_probs.dtype), num_warps=4)
     return grad

@@ -9,8 +9,15 @@
   interpreter, used by the test suite), otherwise a clear error.
 * ``reference``: the pure-PyTorch float64 reference (slow; for checking).
 
-``NARVL_CHECK=0`` turns off the value checks on lengths and labels (they cost one host
-synchronisation on CUDA); shape, dtype and device checks always run.
+``NARVL_CHECK`` sets the value checks of the loss functions:
+
+* ``1`` (default): lengths and labels are checked (out of range, blank in targets) with one host
+  synchronisation per call; NaN/inf in logits or log-probs flow into the loss and the gradient as
+  in ``F.ctc_loss`` (mixed-precision training with ``GradScaler`` depends on it);
+* ``0``: no value checks, no synchronisation;
+* ``strict``: as ``1``, and NaN/inf in the input raises a ``ValueError`` (for debugging).
+
+Shape, dtype and device checks always run.
 """
 from __future__ import annotations
 
@@ -38,6 +45,11 @@ def native_available() -> bool:
 
 def checks_enabled() -> bool:
     return os.environ.get("NARVL_CHECK", "1").strip() not in ("0", "false", "False", "off")
+
+
+def strict_checks() -> bool:
+    """``NARVL_CHECK=strict``: non-finite loss inputs raise instead of propagating."""
+    return os.environ.get("NARVL_CHECK", "1").strip().lower() == "strict"
 
 
 def interpret_mode() -> bool:

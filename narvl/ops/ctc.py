@@ -257,32 +257,57 @@ def _as_lengths(x, name, batch, device):
     return x.to(device=device, dtype=torch.long)
 
 
-def _check_range(x, lo, hi, name, what):
-    if not _eager_checks() or x.numel() == 0:
-        return
-    bad = (x < lo) | (x > hi)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}[{i}] = {int(x[i])} is outside [{lo}, {hi}] ({what})")
-
-
 def _eager_checks():
     return _backend.checks_enabled() and not torch.compiler.is_compiling()
 
 
-def _check_labels(targets, target_lengths, vocab, blank):
-    if not _eager_checks() or targets.numel() == 0:
-        return
+def _range_check(x, lo, hi, name, what):
+    """(bad mask, message) of a length tensor that must lie in [lo, hi]."""
+    bad = (x < lo) | (x > hi)
+
+    def message():
+        i = int(bad.nonzero()[0, 0])
+        return f"{name}[{i}] = {int(x[i])} is outside [{lo}, {hi}] ({what})"
+    return bad, message
+
+
+def _label_checks(targets, target_lengths, vocab, blank):
+    """(bad mask, message) pairs: live labels out of [0, vocab), live labels equal to blank."""
     S = targets.shape[1]
     live = torch.arange(S, device=targets.device)[None, :] < target_lengths[:, None]
     oob = live & ((targets < 0) | (targets >= vocab))
-    if bool(oob.any()):
-        b, k = (int(v) for v in oob.nonzero()[0])
-        raise ValueError(f"targets[{b}, {k}] = {int(targets[b, k])} is outside [0, {vocab})")
     isblank = live & (targets == blank)
-    if bool(isblank.any()):
+
+    def oob_message():
+        b, k = (int(v) for v in oob.nonzero()[0])
+        return f"targets[{b}, {k}] = {int(targets[b, k])} is outside [0, {vocab})"
+
+    def blank_message():
         b, k = (int(v) for v in isblank.nonzero()[0])
-        raise ValueError(f"targets[{b}, {k}] equals the blank index {blank}")
+        return f"targets[{b}, {k}] equals the blank index {blank}"
+    return [(oob, oob_message), (isblank, blank_message)]
+
+
+def _raise_if_any(checks):
+    """Runs (bad mask, message) checks with one host synchronisation in all; raises the first
+    failing check's ValueError. Skipped with NARVL_CHECK=0 and under torch.compile."""
+    checks = [(m, f) for m, f in checks if m.numel()]
+    if not _eager_checks() or not checks:
+        return
+    if bool(torch.stack([m.any() for m, _ in checks]).any()):
+        for m, f in checks:
+            if bool(m.any()):
+                raise ValueError(f())
+
+
+def _check_finite_input(x, xname):
+    """NARVL_CHECK=strict only: NaN/inf in the input raise (by default they propagate as in
+    F.ctc_loss)."""
+    if _backend.strict_checks() and not torch.compiler.is_compiling() and x.numel():
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            idx = tuple(int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"{xname}{list(idx)} = {x[idx].item()} is not finite (NARVL_CHECK=strict)")
 
 
 def _check_common(x, xname, targets, blank, reduction, vocab):
@@ -300,15 +325,6 @@ def _check_common(x, xname, targets, blank, reduction, vocab):
         raise ValueError(f"blank = {blank} is outside [0, {vocab}) for a vocabulary of {vocab}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
-def _check_finite_result(nll, smooth, xname):
-    if not _eager_checks():
-        return
-    bad = torch.isnan(nll) if smooth is None else torch.isnan(nll) | torch.isnan(smooth)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{xname} holds NaN (or +inf) values in sample {i}")
 
 
 def _pad_concatenated(targets, target_lengths):
@@ -399,12 +415,13 @@ def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, r
         if weights.shape != (B,):
             raise ValueError(f"weights must have shape ({B},), got {tuple(weights.shape)}")
         weights = weights.to(logits.device)
-    _check_range(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets")
-    _check_range(ql, 0, N, "query_lengths", "a query length must fit in the N query slots")
-    _check_labels(targets, tl_, V, blank)
+    _raise_if_any([
+        _range_check(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets"),
+        _range_check(ql, 0, N, "query_lengths", "a query length must fit in the N query slots"),
+        *_label_checks(targets, tl_, V, blank)])
+    _check_finite_input(logits, "logits")
     targets = targets.long()
     nll, smooth = _run("qctc", logits, targets, ql, tl_, blank)
-    _check_finite_result(nll, smooth, "logits")
     return ref._reduce(nll, smooth, tl_, reduction, zero_infinity, eps, weights)
 
 
@@ -439,17 +456,19 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
         raise ValueError(f"targets is on {targets.device} but log_probs on {log_probs.device}")
     il = _as_lengths(input_lengths, "input_lengths", B, log_probs.device)
     tl_ = _as_lengths(target_lengths, "target_lengths", B, log_probs.device)
-    _check_range(il, 0, T, "input_lengths", "an input length must fit in the T frames")
     if targets.dim() == 1:
-        _check_range(tl_, 0, targets.numel(), "target_lengths", "lengths must fit the targets")
+        _raise_if_any([_range_check(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
+                       _range_check(tl_, 0, targets.numel(), "target_lengths", "lengths must fit the targets")])
         targets = _pad_concatenated(targets, tl_)
     elif targets.dim() != 2 or targets.shape[0] != B:
         raise ValueError(f"targets must be (B={B}, S) or 1-D concatenated, got {tuple(targets.shape)}")
-    _check_range(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets")
-    _check_labels(targets, tl_, C, blank)
+    _raise_if_any([
+        _range_check(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
+        _range_check(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets"),
+        *_label_checks(targets, tl_, C, blank)])
+    _check_finite_input(log_probs, "log_probs")
     targets = targets.long()
     nll, _ = _run("ctc", log_probs, targets, il, tl_, blank)
-    _check_finite_result(nll, None, "log_probs")
     loss = ref._reduce(nll, None, tl_, reduction, zero_infinity, 0.0, None)
     if unbatched and reduction == "none":
         loss = loss[0]
