@@ -7,11 +7,14 @@ embedded shapes data (generated offline from --seed), for one of the paper's fou
     python train.py --resume --out runs/caption_narvl                          # continue
     python train.py --eval-only runs/caption_narvl/last.safetensors --out runs/eval
     python train.py --task vqa --data vqa_spec.json --image-size 480 --epochs 5 --out runs/vqa   # your files
+    python train.py --task caption --distill-from runs/caption_ar/last.safetensors --out runs/kd  # seq-level KD
 
 Writes DIR/last.safetensors (atomic, no pickle; config + tokenizer inside) and DIR/metrics.json
 (task, arch, metric_name, metric, latency_ms = mean batch-1 decode time per sample with the
-encoder, over --latency-samples samples, each timed 5 times, best kept), params, train_seconds, ...)
-and prints a one-line summary.
+encoder, over --latency-samples samples, each timed 5 times, best kept), params, train_seconds,
+the per-step losses, and what training could not use: targets cut at --max-target-len, and
+(NARVL) infeasible samples whose target needs more CTC frames than there are queries, per epoch
+and in total, ...) and prints a one-line summary.
 With --arch both it trains NARVL then AR into OUT/narvl and OUT/ar and writes OUT/comparison.json:
 both metrics and a speed-up timed once more with the two models taking turns in one process.
 Latency is measured on an inference copy (``narvl.models.prepare_for_inference``), the same for
@@ -34,6 +37,7 @@ from narvl.checkpoint import load_model_state, load_optimizer_state, read_checkp
 from narvl.data import TaskData, Tokenizer, load_spec, metrics, sample_texts, shapes, shapes_task
 from narvl.models import (ARBaseline, NARVL, NARVLConfig, enable_peft, prepare_for_inference,
                           time_generate, trainable_fraction)
+from narvl.models.config import TASK_QUERIES
 
 METRIC = {"caption": "CIDEr", "vqa": "VQA accuracy", "grounding": "Acc@0.5", "entailment": "accuracy"}
 DEFAULT_STEPS = {"caption": 600, "vqa": 500, "grounding": 600, "entailment": 400}
@@ -55,6 +59,21 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--fp16", action="store_true",
+                   help="float16 autocast with a GradScaler (a step whose gradients overflow is skipped "
+                        "and the scale lowered; skipped steps are counted)")
+    p.add_argument("--max-target-len", type=int, default=None,
+                   help="targets (answer + EOS) are cut to this many tokens, counted (default: the task's "
+                        "NARVL queries, what one decoder pass can emit; the same for AR, so both train on "
+                        "the same targets)")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="the ResNet's BatchNorm layers use their running statistics while training (as when "
+                        "fine-tuning from pretrained weights with small per-device batches); with it, DDP "
+                        "on k ranks computes what one rank does on the same global batch")
+    p.add_argument("--distill-from", default=None, metavar="AR_CKPT",
+                   help="sequence-level distillation: decode the training split with this AR checkpoint "
+                        "(cached in OUT/distill_targets.json) and train NARVL on its outputs")
+    p.add_argument("--distill-beam", type=int, default=1, help="teacher beam width for --distill-from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--train-size", type=int, default=6000, help="generated training samples (shapes data)")
@@ -78,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     for name in ("batch_size", "image_size", "train_size", "eval_size", "latency_samples", "beam", "ckpt_every",
-                 "bpe_vocab", "num_bins"):
+                 "bpe_vocab", "num_bins", "distill_beam"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.steps is not None and a.steps < 0:
@@ -87,6 +106,12 @@ def parse_args(argv=None):
         p.error("--lr must be > 0")
     if a.image_size % 16:
         p.error("--image-size must be a multiple of 16")
+    if a.max_target_len is not None and a.max_target_len < 1:
+        p.error("--max-target-len must be >= 1")
+    if a.bf16 and a.fp16:
+        p.error("--bf16 and --fp16 exclude each other")
+    if a.distill_from and a.arch != "narvl":
+        p.error("--distill-from trains NARVL (--arch narvl)")
     a.out = a.out or f"runs/{a.task}_{a.arch}"
     return a
 
@@ -124,11 +149,14 @@ def load_data(args, split, image_size):
     if not isinstance(spec, dict) or split not in spec:
         sys.exit(f"error: --data {args.data} needs a {split!r} entry ({{\"train\": {{...}}, \"eval\": {{...}}}})")
     try:
-        data = load_spec(args.task, spec[split], image_size, base_dir=os.path.dirname(os.path.abspath(args.data)))
+        data = load_spec(args.task, spec[split], image_size, base_dir=os.path.dirname(os.path.abspath(args.data)),
+                         split=split)
     except ValueError as e:
         sys.exit(f"error: --data {args.data} ({split}): {e}")
     if split == "eval" and len(data) > args.eval_size:
-        data = TaskData(data.task, data.samples[: args.eval_size], data.image_size, data.images)
+        data = TaskData(data.task, data.samples[: args.eval_size], data.image_size, data.images, data.skipped)
+    for reason, n in data.skipped.items():
+        print(f"[narvl] --data {split}: {n} {reason} left out", file=sys.stderr)
     return data
 
 
@@ -250,7 +278,8 @@ def run(args):
         tok = make_tokenizer(train_data, args.bpe_vocab, args.num_bins)
         cfg = NARVLConfig.from_preset(args.preset, task=args.task, image_size=args.image_size,
                                       vocab_size=tok.vocab_size, num_bins=tok.num_bins,
-                                      dropout=args.dropout, max_text_len=48, max_target_len=24)
+                                      dropout=args.dropout, max_text_len=48,
+                                      max_target_len=args.max_target_len or TASK_QUERIES[args.task])
     model = build_model(args.arch, cfg)
     peft = bool(args.freeze_backbone or (meta_in and json.loads(meta_in.get("peft", "false"))
                                          and not args.init))
@@ -264,8 +293,19 @@ def run(args):
 
     eval_data = load_data(args, "eval", cfg.image_size)
     train_seconds = 0.0
+    report = {}  # what training could not use, and the loss curve (metrics.json)
     if not args.eval_only:
         data = train_data if train_data is not None else load_data(args, "train", cfg.image_size)
+        if args.distill_from:
+            from narvl.models.distill import distill_data
+            if rank == 0:
+                data, report["distillation"] = distill_data(args.distill_from, data, tok, cfg, args.task,
+                                                            args.out, args.distill_beam)
+            if world > 1:
+                torch.distributed.barrier()
+            if rank != 0:
+                data, _ = distill_data(args.distill_from, data, tok, cfg, args.task, args.out,
+                                       args.distill_beam, log=lambda *_: None)
         steps = args.steps
         if steps is None:
             steps = (math.ceil(args.epochs * len(data) / args.batch_size) if args.epochs
@@ -277,53 +317,118 @@ def run(args):
                                  {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
         sched = lambda s: min(1.0, (s + 1) / max(args.warmup, 1)) * (  # noqa: E731
             0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+        scaler = torch.amp.GradScaler("cpu", enabled=args.fp16)
+        # per-epoch counts of the samples the loss cannot use (this rank's share; summed at the end)
+        counts = {"cut": {}, "infeasible": {}, "samples": {}}
+        losses, skipped_steps = [], 0
         start = 0
         if args.resume:
             load_optimizer_state(opt, tensors)
             start = int(meta_in["step"])
             train_seconds = float(meta_in.get("train_seconds", 0.0))
+            state = json.loads(meta_in.get("train_state", "{}"))
+            counts = state.get("counts", counts)
+            losses, skipped_steps = state.get("losses", []), state.get("skipped_steps", 0)
+            if "scaler" in state and args.fp16:
+                scaler.load_state_dict(state["scaler"])
         ddp = model
         if world > 1:
             ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=peft)
-        model.train()
-        if peft:  # the frozen backbone keeps its BatchNorm statistics
-            model.encoder.backbone.eval()
+
+        def set_train_mode():
+            model.train()
+            if peft or args.freeze_bn:  # frozen BatchNorm: running statistics, not the batch's
+                for m in model.encoder.backbone.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.eval()
+        set_train_mode()
         bar = None
         if rank == 0 and not args.no_progress:
             from tqdm import tqdm
             bar = tqdm(total=steps, initial=start, desc=f"{args.task}/{args.arch}", dynamic_ncols=True)
+        log = bar.write if bar is not None else print
         t0 = time.time()
-        ctx = (lambda: torch.autocast("cpu", torch.bfloat16)) if args.bf16 else \
-            (lambda: torch.autocast("cpu", enabled=False))
+        amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        ctx = (lambda: torch.autocast("cpu", amp)) if amp else (lambda: torch.autocast("cpu", enabled=False))
         loss_ema = None
+        n_queries = cfg.num_queries if args.arch == "narvl" else None
         for step in range(start, steps):
             idx = batch_indices(step, args.batch_size, len(data), args.seed)[rank::world]
-            images, text, targets, lengths, weights = data.batch(idx, tok, cfg.max_text_len, cfg.max_target_len)
+            stats = {}
+            images, text, targets, lengths, weights = data.batch(idx, tok, cfg.max_text_len, cfg.max_target_len,
+                                                                 stats=stats)
+            epoch = str(step * args.batch_size // len(data))
+            infeasible = int((narvl.ctc_min_frames(targets, lengths) > n_queries).sum()) if n_queries else 0
+            for k, v in (("cut", stats.get("cut", 0)), ("infeasible", infeasible), ("samples", len(idx))):
+                counts[k][epoch] = counts[k].get(epoch, 0) + v
+            prev = str((step + 1) * args.batch_size // len(data))
+            if rank == 0 and (prev != epoch or step + 1 == steps):  # an epoch ends (or training does)
+                log(f"[narvl] epoch {epoch}: {counts['samples'][epoch]} samples, {counts['cut'][epoch]} targets "
+                    f"cut at {cfg.max_target_len} tokens"
+                    + (f", {counts['infeasible'][epoch]} infeasible (more CTC frames needed than the "
+                       f"{n_queries} queries: zero CTC loss under zero_infinity)" if n_queries else ""))
             for g in opt.param_groups:
                 g["lr"] = args.lr * sched(step)
             with ctx():
                 loss = ddp(images, text, targets, lengths, weights if args.task == "vqa" else None)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            if not math.isfinite(loss.item()):
-                sys.exit(f"error: loss is {loss.item()} at step {step}")
-            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            scaler.scale(loss).backward()
+            lv = loss.item()
+            if args.fp16:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                scale = scaler.get_scale()
+                scaler.step(opt)  # skipped when the gradients hold inf/NaN
+                scaler.update()
+                if scaler.get_scale() < scale:
+                    skipped_steps += 1
+                    log(f"[narvl] step {step}: fp16 gradients overflowed (loss {lv}); step skipped, "
+                        f"scale {scale:g} -> {scaler.get_scale():g}")
+            else:
+                if not math.isfinite(lv):
+                    sys.exit(f"error: loss is {lv} at step {step} (no optimizer step was taken; "
+                             f"the last checkpoint is {ckpt_path})")
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+            losses.append(round(lv, 5))
+            if math.isfinite(lv):
+                loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+                bar.set_postfix(loss=f"{loss_ema:.3f}" if loss_ema is not None else "-",
+                                lr=f"{opt.param_groups[0]['lr']:.1e}")
             done = step + 1
             if rank == 0 and (done % args.ckpt_every == 0 or done == steps):
+                train_state = dict(counts=counts, losses=losses, skipped_steps=skipped_steps)
+                if args.fp16:
+                    train_state["scaler"] = scaler.state_dict()
                 save_checkpoint(ckpt_path, model, opt, meta=dict(
                     config=cfg.to_json(), tokenizer=tok.to_json(), arch=args.arch, task=args.task,
                     step=str(done), peft=json.dumps(peft), soft_prompt=json.dumps(not args.no_soft_prompt),
-                    train_seconds=str(train_seconds + time.time() - t0)))
+                    train_seconds=str(train_seconds + time.time() - t0), train_state=json.dumps(train_state)))
         if bar is not None:
             bar.close()
         train_seconds += time.time() - t0
-        if world > 1:
+        if world > 1:  # every rank counted its own shard
+            for k in counts:
+                keys = sorted(counts[k], key=int)
+                t = torch.tensor([counts[k][e] for e in keys], dtype=torch.long)
+                torch.distributed.all_reduce(t)
+                counts[k] = dict(zip(keys, t.tolist()))
             torch.distributed.barrier()
+        report.update(
+            max_target_len=cfg.max_target_len,
+            targets_cut=sum(counts["cut"].values()), targets_cut_per_epoch=counts["cut"],
+            infeasible=sum(counts["infeasible"].values()) if n_queries else None,
+            infeasible_per_epoch=counts["infeasible"] if n_queries else None,
+            trained_samples_per_epoch=counts["samples"], skipped_steps=skipped_steps,
+            train_set=dict(samples=len(data), cut=data.count_cut(tok, cfg.max_target_len), skipped=data.skipped),
+            losses=losses)
+        if rank == 0:
+            print(f"[narvl] training used {sum(counts['samples'].values())} samples: "
+                  f"{report['targets_cut']} targets cut at {cfg.max_target_len} tokens"
+                  + (f", {report['infeasible']} infeasible for {n_queries} queries" if n_queries else "")
+                  + (f", {skipped_steps} fp16 steps skipped" if args.fp16 else ""))
 
     if rank == 0:
         metric, latency, extra, examples = evaluate(model, eval_data, tok, args.task, args.beam,
@@ -334,7 +439,9 @@ def run(args):
                    train_seconds=round(train_seconds, 1), beam=args.beam, image_size=cfg.image_size,
                    num_queries=cfg.num_queries if args.arch == "narvl" else None,
                    eval_samples=len(eval_data), threads=torch.get_num_threads(), world_size=world,
-                   backend=os.environ.get("NARVL_BACKEND", "auto"), **extra, examples=examples)
+                   backend=os.environ.get("NARVL_BACKEND", "auto"),
+                   precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", **extra, **report,
+                   examples=examples)
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(out, f, indent=2)
         trainable = f" trainable {100 * frac:.2f}%" if peft else ""

@@ -7,11 +7,11 @@ metrics). The backend is chosen per call by ``NARVL_BACKEND`` (see ``narvl._back
 """
 from . import _backend
 from ._backend import native_available
-from .ops.ctc import ctc_loss, qctc_loss
+from .ops.ctc import ctc_loss, ctc_min_frames, qctc_loss
 from .ops.attention import query_attention
 from .ops.decode import BeamSearchResult, CTCBeamDecoder, ctc_greedy_decode, ctc_prefix_beam_search
 from . import models, nn, reference  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ctc_loss", "qctc_loss", "query_attention", "ctc_greedy_decode", "ctc_prefix_beam_search",
+__all__ = ["ctc_loss", "ctc_min_frames", "qctc_loss", "query_attention", "ctc_greedy_decode", "ctc_prefix_beam_search",
            "CTCBeamDecoder", "BeamSearchResult", "models", "nn", "reference", "native_available"]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from narvl.data import (TaskData, Tokenizer, load_coco_captions, load_refcoco, load_snli_ve, load_spec, load_vqa_v2,
+from narvl.data import (TaskData, Tokenizer, load_coco_captions, load_image, load_refcoco, load_snli_ve, load_spec, load_vqa_v2,
                         sample_texts,
                         metrics, shapes, shapes_task)
 from narvl.data.tokenizer import BOS, EOS, PAD
@@ -216,3 +216,105 @@ def test_load_spec(tmp_path):
         load_spec("ocr", {}, 16)
     with pytest.raises(ValueError, match="no such file"):
         load_spec("entailment", {"jsonl": "none.jsonl", "images": "."}, 16, str(tmp_path))
+
+
+# ---- the official VQA accuracy: each normalisation rule, and leave-one-annotator-out ----------
+
+@pytest.mark.parametrize("pred,gts,expected", [
+    # number words become digits (the prediction is always normalised)
+    ("two", ["2"] * 10, 1.0),
+    ("None", ["0"] * 10, 1.0),
+    # articles go, case goes
+    ("A Dog", ["dog"] * 10, 1.0),
+    # contractions are restored
+    ("dont know", ["don't know"] * 10, 1.0),
+    ("isnt", ["isn't"] * 10, 1.0),
+    ("lets go", ["let's go"] * 10, 0.0),  # "lets" is not in the official table
+    # punctuation: a mark touching a space is deleted, otherwise replaced by a space
+    ("yes , sir", ["yes sir"] * 10, 1.0),
+    ("black/white", ["black white"] * 10, 1.0),
+    # a number with a comma deletes every mark: "1,000" -> "1000"
+    ("1,000", ["1000"] * 10, 1.0),
+    # a period not before a digit goes; a decimal point stays
+    ("yes.", ["yes"] * 10, 1.0),
+    ("3.5", ["3.5"] * 10, 1.0),
+    ("3.5", ["35"] * 10, 0.0),
+    # apostrophes are kept
+    ("dog's", ["dogs"] * 10, 0.0),
+])
+def test_vqa_normalisation_rules(pred, gts, expected):
+    assert metrics.vqa_accuracy(pred, gts) == pytest.approx(expected)
+
+
+def test_vqa_annotator_answers_normalised_only_when_they_disagree():
+    # unanimous annotators are compared as written (only stripped)
+    assert metrics.vqa_accuracy("two", ["two"] * 10) == 0.0  # the prediction became "2"
+    assert metrics.vqa_accuracy("two", [" two\n"] * 10) == 0.0
+    # disagreeing annotators are normalised like the prediction
+    assert metrics.vqa_accuracy("two", ["two"] * 9 + ["3"]) == pytest.approx(1.0)
+    assert metrics.vqa_accuracy("2", ["Two!"] * 4 + ["three"] * 6) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("k", range(0, 11))
+def test_vqa_leave_one_annotator_out_average(k):
+    """k of 10 annotators agree with the prediction: the mean over the 10 subsets of 9 of
+    min(1, matches / 3) (the official formula), against a brute-force count."""
+    gts = ["cat"] * k + ["dog"] * (10 - k)
+    brute = sum(min(1.0, sum(a == "cat" for j, a in enumerate(gts) if j != i) / 3) for i in range(10)) / 10
+    assert metrics.vqa_accuracy("cat", gts) == pytest.approx(brute)
+    expected = {0: 0.0, 1: 0.3, 2: 0.6, 3: 0.9}.get(k, 1.0)
+    assert metrics.vqa_accuracy("cat", gts) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_rejects_empty_answers():
+    with pytest.raises(ValueError, match="answers"):
+        metrics.vqa_accuracy("x", [])
+    with pytest.raises(ValueError, match="answers"):
+        metrics.vqa_accuracy("x", "cat")
+
+
+def test_coco_training_split_yields_every_caption(tmp_path):
+    _jpg(tmp_path / "x.jpg")
+    _jpg(tmp_path / "y.jpg")
+    caps = ["a red box", "red square", "one box", "the box", "a square"]
+    d = {"images": [{"id": 1, "file_name": "x.jpg"}, {"id": 2, "file_name": "y.jpg"},
+                    {"id": 3, "file_name": "z.jpg"}],
+         "annotations": [{"image_id": 1, "caption": c} for c in caps] + [{"image_id": 2, "caption": "blue"}]}
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    train = load_coco_captions(tmp_path / "c.json", str(tmp_path), image_size=16, per_caption=True)
+    assert [s["target"] for s in train.samples] == caps + ["blue"]
+    assert all(s["refs"] == caps for s in train.samples[:5])
+    ev = load_coco_captions(tmp_path / "c.json", str(tmp_path), image_size=16)
+    assert len(ev) == 2 and ev.samples[0]["refs"] == caps  # one per image, all references
+    assert train.skipped == ev.skipped == {"images without captions": 1}  # counted, not silent
+    spec = {"captions": "c.json", "images": "."}
+    assert len(load_spec("caption", spec, 16, str(tmp_path), split="train")) == 6
+    assert len(load_spec("caption", spec, 16, str(tmp_path), split="eval")) == 2
+
+
+def test_cut_targets_are_counted(tok):
+    d = TaskData("caption", [dict(image=0, text="x", target="a red box and a blue circle"),
+                             dict(image=0, text="x", target="red")], 16,
+                 images=torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    n0 = len(d.target_ids(d.samples[0], tok))
+    stats = {}
+    _, _, targets, lengths, _ = d.batch([0, 1, 0], tok, max_target_len=4, stats=stats)
+    assert n0 > 4 and stats["cut"] == 2 and d.count_cut(tok, 4) == 1
+    assert lengths.tolist() == [4, len(d.target_ids(d.samples[1], tok)), 4]
+    assert targets[0, 3] == 2  # EOS kept
+    stats = {}
+    d.batch([0, 1], tok, max_target_len=n0, stats=stats)
+    assert stats["cut"] == 0
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="bad.jpg.*cannot be decoded"):
+        load_image(str(tmp_path / "bad.jpg"), 16)
+    with pytest.raises(ValueError, match="none.jpg.*does not exist"):
+        load_image(str(tmp_path / "none.jpg"), 16)
+    good = tmp_path / "t.jpg"
+    _jpg(good)
+    good.write_bytes(good.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError, match="t.jpg"):
+        load_image(str(good), 16)

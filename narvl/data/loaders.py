@@ -2,18 +2,21 @@
 
 - ``load_vqa_v2(questions_json, annotations_json, image_dir)``: VQA v2 question and annotation
   files; images ``{image_dir}/COCO_{data_subtype}_{image_id:012d}.jpg``. Training target = the
-  most frequent answer (``multiple_choice_answer`` when present), weight = its VQA soft score;
-  evaluation keeps the 10 answers.
-- ``load_coco_captions(captions_json, image_dir)``: COCO ``captions_*.json``; one sample per
-  image, target = its first caption, references = all of them.
+  most frequent answer (``multiple_choice_answer`` when present), normalised as the official
+  evaluation does, weight = its VQA accuracy; evaluation keeps the 10 raw answers.
+- ``load_coco_captions(captions_json, image_dir, per_caption=False)``: COCO ``captions_*.json``;
+  references = all captions of the image; evaluation (default) has one sample per image (target =
+  its first caption), training (``per_caption=True``) one sample per caption (target = that
+  caption), so no caption is left out.
 - ``load_refcoco(refs_json, image_dir, split=None)``: a JSON list of referring expressions,
   each ``{"file_name" | "image", "bbox": [x, y, w, h] (COCO pixels), "sentences": [str or
   {"sent": str}], "split"?}``; one sample per sentence; the box is rescaled to ``image_size``.
 - ``load_snli_ve(jsonl, image_dir)``: SNLI-VE lines with ``Flickr30k_ID``, ``sentence2`` and
   ``gold_label`` (entailment / contradiction / neutral -> yes / no / maybe); images
   ``{image_dir}/{Flickr30k_ID}.jpg``.
-- ``load_spec(task, spec, image_size, base_dir)``: one of the above from a dict of file names
-  (``SPEC_KEYS[task]``), as ``train.py --data`` reads them from a JSON file.
+- ``load_spec(task, spec, image_size, base_dir, split)``: one of the above from a dict of file
+  names (``SPEC_KEYS[task]``), as ``train.py --data`` reads them from a JSON file (``split``
+  "train" gives COCO one sample per caption).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import os
 from collections import Counter
 
 from .dataset import TaskData, load_image
-from .metrics import normalize_answer, vqa_accuracy
+from .metrics import vqa_accuracy, vqa_normalize
 from .shapes import PROMPTS
 
 SNLI_LABELS = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
@@ -62,8 +65,9 @@ def load_vqa_v2(questions_json, annotations_json, image_dir, image_size=480):
         if x["question_id"] not in ann:
             raise ValueError(f"annotations_json: no annotation for question {x['question_id']}")
         y = ann[x["question_id"]]
-        answers = [normalize_answer(r["answer"]) for r in y["answers"]]
-        best = normalize_answer(y.get("multiple_choice_answer", "")) or Counter(answers).most_common(1)[0][0]
+        answers = [str(r["answer"]) for r in y["answers"]]  # raw: vqa_accuracy normalises as vqaEval
+        best = vqa_normalize(y.get("multiple_choice_answer", "")) or \
+            Counter(vqa_normalize(a) for a in answers).most_common(1)[0][0]
         w = vqa_accuracy(best, answers) if answers else 0.0
         samples.append(dict(image=os.path.join(image_dir, f"COCO_{subtype}_{x['image_id']:012d}.jpg"),
                             text=PROMPTS["vqa"].format(x["question"]), target=best, weight=w,
@@ -71,7 +75,7 @@ def load_vqa_v2(questions_json, annotations_json, image_dir, image_size=480):
     return TaskData("vqa", samples, image_size)
 
 
-def load_coco_captions(captions_json, image_dir, image_size=480):
+def load_coco_captions(captions_json, image_dir, image_size=480, per_caption=False):
     d = _read_json(captions_json, "captions_json")
     if "images" not in d or "annotations" not in d:
         raise ValueError("captions_json: needs 'images' and 'annotations'")
@@ -79,14 +83,18 @@ def load_coco_captions(captions_json, image_dir, image_size=480):
     for x in d["annotations"]:
         _need(x, ("image_id", "caption"), "captions_json")
         caps.setdefault(x["image_id"], []).append(x["caption"].strip())
-    samples = []
+    samples, no_caption = [], 0
     for im in d["images"]:
         _need(im, ("id", "file_name"), "captions_json images")
         refs = caps.get(im["id"])
-        if refs:
+        no_caption += not refs
+        for r in (refs or [])[: None if per_caption else 1]:
             samples.append(dict(image=os.path.join(image_dir, im["file_name"]), text=PROMPTS["caption"],
-                                target=refs[0].lower(), refs=refs, weight=1.0))
-    return TaskData("caption", samples, image_size)
+                                target=r.lower(), refs=refs, weight=1.0))
+    if not samples:
+        raise ValueError(f"captions_json: {captions_json!r} has no image with a caption")
+    return TaskData("caption", samples, image_size,
+                    skipped={"images without captions": no_caption} if no_caption else None)
 
 
 def load_refcoco(refs_json, image_dir, image_size=512, split=None):
@@ -151,7 +159,7 @@ SPEC_KEYS = {
 }
 
 
-def load_spec(task: str, spec: dict, image_size: int, base_dir: str = ".") -> TaskData:
+def load_spec(task: str, spec: dict, image_size: int, base_dir: str = ".", split: str = "eval") -> TaskData:
     """``TaskData`` for ``task`` from one split's entry of a ``--data`` file, e.g. for VQA
     ``{"questions": "q.json", "annotations": "a.json", "images": "val2014/"}``; relative paths
     are taken from ``base_dir``."""
@@ -170,7 +178,7 @@ def load_spec(task: str, spec: dict, image_size: int, base_dir: str = ".") -> Ta
     if task == "vqa":
         return load_vqa_v2(path["questions"], path["annotations"], path["images"], image_size)
     if task == "caption":
-        return load_coco_captions(path["captions"], path["images"], image_size)
+        return load_coco_captions(path["captions"], path["images"], image_size, per_caption=split == "train")
     if task == "grounding":
         return load_refcoco(path["refs"], path["images"], image_size, split=spec.get("split"))
     return load_snli_ve(path["jsonl"], path["images"], image_size)

@@ -9,7 +9,8 @@ From each scene's description:
   square center and green triangle bottom"), the training target; two paraphrases join it as
   evaluation references (CIDEr, BLEU-4).
 - vqa: colour / shape / count / existence / position questions with 10 simulated annotator
-  answers (some questions get disagreeing annotators); training uses one annotator's answer
+  answers, stored in the official evaluation's normal form as VQA v2 stores them (counts as
+  digits; some questions get disagreeing annotators); training uses one annotator's answer
   weighted by its VQA soft score (1.0 / 0.9 / 0.6 / 0.3), as VQA training with confidences.
 - grounding: a referring expression that identifies one object; target = its box as 4 bins.
 - entailment: a hypothesis entailed (yes), contradicted (no) or undecidable (maybe).
@@ -21,7 +22,7 @@ import random
 import torch
 
 from .dataset import sample_texts
-from .metrics import vqa_accuracy
+from .metrics import vqa_accuracy, vqa_normalize
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230),
@@ -141,6 +142,8 @@ def _vqa(rng, objs):
     wrong = [rng.choice([x for x in alts if x != a]) for _ in range(n_wrong)]
     answers = [a] * (10 - n_wrong) + wrong
     rng.shuffle(answers)
+    # stored as VQA v2 stores them: in the official evaluation's normal form ("two" -> "2")
+    answers = [vqa_normalize(x) for x in answers]
     pick = rng.choice(answers)
     return q, answers, pick, vqa_accuracy(pick, answers)
 

@@ -347,6 +347,22 @@ def _pad_concatenated(targets, target_lengths):
 # --------------------------------------------------------------------------------- public API
 
 
+def ctc_min_frames(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) the fewest frames (queries) a CTC alignment of each target needs: L_b plus the number
+    of adjacent repeated labels (a blank must separate them). A sample with fewer frames than
+    this is infeasible: its CTC loss is +inf (0 under ``zero_infinity``, which is why
+    ``train.py`` counts such samples). targets: (B, S) padded; target_lengths: (B,)."""
+    if targets.dim() != 2 or target_lengths.shape != (targets.shape[0],):
+        raise ValueError(f"targets must be (B, S) and target_lengths (B,), got {tuple(targets.shape)} "
+                         f"and {tuple(target_lengths.shape)}")
+    tl_ = target_lengths.long()
+    S = targets.shape[1]
+    k = torch.arange(1, S, device=targets.device)
+    rep = (targets[:, 1:] == targets[:, :-1]) & (k[None, :] < tl_[:, None])
+    return tl_ + rep.sum(1)
+
+
+
 def _run(kind, x, targets, lengths, target_lengths, blank):
     """Per-sample (nll, smooth) from the backend chosen for x's device."""
     backend = _backend.resolve(x.device)
