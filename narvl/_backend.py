@@ -9,6 +9,10 @@
   interpreter, used by the test suite), otherwise a clear error.
 * ``reference``: the pure-PyTorch float64 reference (slow; for checking).
 
+``NARVL_CPU_FASTPATH=0`` turns off the CPU fast paths that call torch's private oneDNN ops
+(``narvl.ops.linear``'s fused matmul, the packed ResNet): everything then runs on ATen. A fast
+path whose op is missing or raises falls back to ATen by itself, once, with a logged warning.
+
 ``NARVL_CHECK`` sets the value checks of the loss functions:
 
 * ``1`` (default): lengths and labels are checked (out of range, blank in targets) with one host
@@ -22,6 +26,7 @@ Shape, dtype and device checks always run.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import warnings
 
@@ -116,6 +121,34 @@ def triton_kernels():
             f"narvl: the Triton backend needs the `triton` package ({exc}); `pip install triton`"
         ) from exc
     return kernels
+
+
+_log = logging.getLogger("narvl")
+_failed_fastpaths: dict = {}  # name -> the error that turned it off
+
+
+def cpu_fastpath_enabled(name: str) -> bool:
+    """Whether the CPU fast path ``name`` ("onednn_linear", "packed_resnet") may run: not forced
+    off by ``NARVL_CPU_FASTPATH=0`` and not turned off by an earlier failure."""
+    if os.environ.get("NARVL_CPU_FASTPATH", "1").strip() in ("0", "false", "False", "off"):
+        return False
+    return name not in _failed_fastpaths
+
+
+def cpu_fastpath_failed(name: str, exc: BaseException) -> None:
+    """A private-op fast path raised: remember it (later calls take the ATen route) and log it
+    once, with the error."""
+    if name not in _failed_fastpaths:
+        _failed_fastpaths[name] = exc
+        msg = (f"narvl: the CPU fast path {name!r} failed ({type(exc).__name__}: {exc}); "
+               f"falling back to ATen for the rest of this process")
+        _log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def failed_fastpaths() -> dict:
+    """{name: error} of the CPU fast paths turned off by a failure in this process."""
+    return dict(_failed_fastpaths)
 
 
 @functools.lru_cache(maxsize=None)

@@ -150,3 +150,52 @@ def test_modules_keep_nn_layout_and_function():
     assert isinstance(layer, torch.nn.Linear)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_route_is_twice_differentiable(bias):
+    """A gradient penalty (double backward) through the oneDNN training route equals ATen's."""
+    x, w, b, _ = make((9, 12), 7, bias)
+
+    def penalty(fn):
+        leaves = [t.clone().double().float().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
+        y = fn(leaves[0], leaves[1], leaves[2] if bias else None)
+        (gx,) = torch.autograd.grad(y.pow(2).sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), leaves)
+
+    got = penalty(lambda a, c, d: lin.linear(a, c, d, "gelu"))
+    want = penalty(lambda a, c, d: F.gelu(F.linear(a, c, d)))
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_failing_private_op_falls_back_to_aten_once(monkeypatch):
+    """A oneDNN op that raises: the call still returns F.linear's result, the failure is logged
+    once, and later calls do not try the op again."""
+    from narvl import _backend
+    monkeypatch.setattr(_backend, "_failed_fastpaths", {})
+    tries = []
+
+    def broken(*a):
+        tries.append(1)
+        raise RuntimeError("oneDNN primitive creation failed")
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken)
+    x, w, b, _ = make((9, 5), 6, True)
+    with pytest.warns(RuntimeWarning, match="onednn_linear"):
+        with torch.no_grad():
+            y = lin.linear(x, w, b, "gelu")
+    torch.testing.assert_close(y, F.gelu(F.linear(x, w, b)))
+    xg = x.clone().requires_grad_(True)
+    y2 = lin.linear(xg, w, b)  # the training route: ATen now, and differentiable
+    y2.sum().backward()
+    torch.testing.assert_close(xg.grad, torch.ones(9, 6) @ w)
+    assert len(tries) == 1 and "onednn_linear" in _backend.failed_fastpaths()
+
+
+@needs_onednn
+def test_fastpath_env_switch_forces_aten(monkeypatch):
+    monkeypatch.setenv("NARVL_CPU_FASTPATH", "0")
+    with torch.no_grad():
+        assert lin._onednn_route(torch.randn(8, 8), torch.randn(4, 8), None) is None

@@ -375,3 +375,94 @@ def test_time_generate_takes_turns_and_keeps_each_samples_best():
     assert [n for n, _ in rounds] == (["a"] * 4 + ["b"] * 4) * 3            # turns, all samples each
     for name in ("a", "b"):
         assert len(t[name].round_ms) == 3 and t[name].best_ms <= min(t[name].round_ms) + 1e-9
+
+
+def _perturbed_model(cfg, seed=3):
+    torch.manual_seed(seed)
+    model = NARVL(cfg)
+    randomise_bn(model.encoder.backbone)
+    with torch.no_grad():
+        for t in list(model.encoder.rel_bias) + list(model.query_rel):
+            t.weight.normal_()
+    return model.eval()
+
+
+def test_inference_bias_cache_is_a_bounded_lru():
+    cfg = small_cfg()
+    model = _perturbed_model(cfg)
+    images, text, _, _ = inputs(cfg)
+    g = cfg.image_size // 16
+    one = cfg.enc_layers * cfg.heads * (g * g + 5) ** 2 * 4  # bytes of one text length's biases
+    infer = prepare_for_inference(model, cache_bytes=int(2.5 * one))
+    cache = infer.encoder._bias_cache
+    with torch.no_grad():
+        for n in (5, 4, 3, 2, 5):
+            got = infer.encoder(images, text[:, :n])[0]
+            torch.testing.assert_close(got, model.encoder(images, text[:, :n])[0], rtol=1e-4, atol=1e-4)
+            assert cache.nbytes <= 2.5 * one and len(cache) <= 3
+    assert cache.get((5, torch.float32, images.device)) is not None  # most recent kept
+    assert cache.get((4, torch.float32, images.device)) is None      # least recent evicted
+    tiny = prepare_for_inference(model, cache_bytes=one // 2)         # nothing fits: nothing kept
+    with torch.no_grad():
+        tiny.encoder(images, text)
+    assert len(tiny.encoder._bias_cache) == 0
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "queries", "rel_table", "backbone_conv", "layer0"])
+def test_inference_snapshots_follow_weight_changes(change):
+    """After prepare_for_inference, changing the copy's weights in place changes its outputs as
+    it changes the uncached computation (grad mode skips every cache and the packed convs)."""
+    cfg = small_cfg()
+    infer = prepare_for_inference(_perturbed_model(cfg))
+    images, text, _, _ = inputs(cfg)
+    with torch.no_grad():
+        before = infer.logits(images, text)
+        if change == "load_state_dict":
+            other = prepare_for_inference(_perturbed_model(cfg, seed=4))
+            infer.load_state_dict(other.state_dict())
+        elif change == "queries":
+            infer.queries.add_(torch.randn_like(infer.queries))  # (a uniform shift is invisible after LN)
+        elif change == "rel_table":
+            infer.encoder.rel_bias[1].weight.mul_(-2.0)
+        elif change == "backbone_conv":
+            infer.encoder.backbone.layer2[0].conv2.weight.mul_(1.5)
+        else:
+            w = infer.layers[0].out_self.weight  # inside the cached first block
+            w.add_(torch.randn_like(w))
+        cached = infer.logits(images, text)
+    with torch.enable_grad():
+        fresh = infer.logits(images, text)
+    assert not torch.allclose(before, fresh, atol=1e-3)
+    torch.testing.assert_close(cached, fresh, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", [NARVL, ARBaseline])
+def test_model_with_cpu_fast_paths_forced_off(arch, monkeypatch):
+    """NARVL_CPU_FASTPATH=0: no private oneDNN op runs (a spy counts none), and the model
+    computes the same loss, gradients and decodes as with the fast paths on."""
+    torch.manual_seed(5)
+    cfg = small_cfg()
+    model = arch(cfg)
+    randomise_bn(model.encoder.backbone)
+    images, text, targets, lengths = inputs(cfg)
+
+    def run():
+        m = copy.deepcopy(model).train()
+        loss = m(images, text, targets, lengths)
+        grads = torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad])
+        infer = prepare_for_inference(m.eval())
+        return loss, grads, infer.generate(images, text), infer
+
+    loss_on, grads_on, gen_on, _ = run()
+    monkeypatch.setenv("NARVL_CPU_FASTPATH", "0")
+    calls = []
+    for name in ("_linear_pointwise", "_convolution_pointwise"):
+        real = getattr(torch.ops.mkldnn, name)
+        monkeypatch.setattr(torch.ops.mkldnn, name,
+                            lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    loss_off, grads_off, gen_off, infer_off = run()
+    assert calls == [] and infer_off.encoder.backbone._packed is None
+    torch.testing.assert_close(loss_off, loss_on, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_off, grads_on):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert gen_off == gen_on

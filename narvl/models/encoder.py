@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..nn import FeedForward, Linear, merge_heads, split_heads, zero_bias_tables
 from ..ops.attention import query_attention
+from .cache import DEFAULT_CACHE_BYTES, LRUCache, ParamStamp
 from .config import NARVLConfig
 from .resnet import ResNetStages
 
@@ -70,8 +71,9 @@ class Encoder(nn.Module):
                                     for _ in range(cfg.enc_layers))
         self.ln_out = nn.LayerNorm(d)
         self.soft_prompt = None  # (P, d) parameter in the parameter-efficient mode
-        self._rel_cache = {}
-        self._bias_cache = None  # {(n_text, dtype, device): per-layer biases}, inference only
+        self._rel_cache = LRUCache(64 << 20)  # (n_text, device) -> (L, L) bucket ids
+        self._bias_cache = None  # LRUCache (n_text, dtype, device) -> per-layer biases, inference only
+        self._bias_stamp = None  # the tables the cached biases were gathered from
 
     def rel_index(self, n_text: int, device) -> torch.Tensor:
         """(L, L) bucket ids for [g*g image tokens ; n_text text positions]."""
@@ -93,8 +95,7 @@ class Encoder(nn.Module):
             idx[n_img:, n_img:] = dt
             idx[n_img:, :n_img] = self._cross_off      # text query -> image key
             idx[:n_img, n_img:] = self._cross_off + 1  # image query -> text key
-            idx = idx.to(device)
-            self._rel_cache[key] = idx
+            idx = self._rel_cache.put(key, idx.to(device))
         return idx
 
     def forward(self, images: torch.Tensor, text: torch.Tensor):
@@ -140,19 +141,27 @@ class Encoder(nn.Module):
 
     def layer_biases(self, n_text: int, dtype, device):
         """Each layer's relative-position bias (H, L, L), gathered from its table in one go.
-        After ``cache_biases_()`` (inference copies) they are computed once per text length."""
+        After ``cache_biases_()`` (inference copies) they are kept per text length, in an LRU
+        cache of bounded size, and recomputed when the tables change."""
         cache = self._bias_cache if not torch.is_grad_enabled() else None
         key = (n_text, dtype, device)
-        if cache is not None and key in cache:
-            return cache[key]
+        if cache is not None:
+            if self._bias_stamp.stale():  # the tables changed since the biases were gathered
+                cache.clear()
+                self._bias_stamp = ParamStamp(self._bias_stamp.refs)
+            hit = cache.get(key)
+            if hit is not None:
+                return hit
         idx = self.rel_index(n_text, device)
         table = torch.stack([rel.weight for rel in self.rel_bias])      # (layers, buckets, H)
         biases = table[:, idx].permute(0, 3, 1, 2).to(dtype).unbind(0)  # layers x (H, L, L)
         if cache is not None:
-            biases = cache[key] = [b.contiguous() for b in biases]
+            biases = cache.put(key, [b.contiguous() for b in biases])
         return biases
 
-    def cache_biases_(self):
-        """Inference only: keep each text length's biases (a snapshot of the tables)."""
-        self._bias_cache = {}
+    def cache_biases_(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        """Inference only: keep each text length's biases, at most ``max_bytes`` of them (least
+        recently used first out; a text length whose biases exceed the cap is not kept)."""
+        self._bias_cache = LRUCache(max_bytes)
+        self._bias_stamp = ParamStamp([(rel, "weight") for rel in self.rel_bias])
         return self

@@ -20,19 +20,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .cache import DEFAULT_CACHE_BYTES
 from .resnet import fold_batchnorm_, pack_for_cpu_
 
 
-def prepare_for_inference(model: nn.Module, image_size: int | None = None) -> nn.Module:
+def prepare_for_inference(model: nn.Module, image_size: int | None = None,
+                          cache_bytes: int = DEFAULT_CACHE_BYTES) -> nn.Module:
     """A prepared copy of ``model`` (a ``NARVL`` or ``ARBaseline``); ``model`` is unchanged.
-    ``image_size`` (default ``model.cfg.image_size``) picks the packed conv layout only."""
+    ``image_size`` (default ``model.cfg.image_size``) picks the packed conv layout only;
+    ``cache_bytes`` caps the encoder's per-text-length bias cache (LRU). Every snapshot of the
+    copy (packed convs, bias caches, NARVL's first block) is recomputed when the copy's own
+    parameters change in place (``narvl.models.cache.ParamStamp``)."""
     if not hasattr(model, "encoder") or not hasattr(model, "cfg"):
         raise TypeError(f"expected a NARVL or ARBaseline model, got {type(model).__name__}")
     infer = copy.deepcopy(model).eval()
     backbone = infer.encoder.backbone
     fold_batchnorm_(backbone)
     pack_for_cpu_(backbone, image_size or model.cfg.image_size)
-    infer.encoder.cache_biases_()  # relative-position biases: constants per text length
+    infer.encoder.cache_biases_(cache_bytes)  # relative-position biases: constants per text length
     if hasattr(infer, "cache_first_self_attention_"):  # NARVL: its queries are constants here
         infer.cache_first_self_attention_()
     for p in infer.parameters():

@@ -23,6 +23,7 @@ from ..nn import QueryDecoderLayer, zero_bias_tables
 from ..ops.ctc import qctc_loss
 from ..ops.linear import linear
 from ..ops.decode import ctc_greedy_decode, ctc_prefix_beam_search
+from .cache import ParamStamp, param_refs
 from .config import NARVLConfig
 from .encoder import Encoder
 
@@ -60,6 +61,7 @@ class NARVL(nn.Module):
         self.out_adapter = None  # (d, d) linear in the parameter-efficient mode
         self._first_self = None  # (1, N, d): layer 0's self-attention block, cached for inference
         self._self_biases = None  # per-layer (H, N, N) self-attention biases, cached for inference
+        self._first_stamp = None  # the parameters both caches were computed from
         r = torch.arange(N)
         self.register_buffer("_qrel_idx", (r[None, :] - r[:, None]) + N - 1, persistent=False)
 
@@ -71,9 +73,11 @@ class NARVL(nn.Module):
         """Inference only: layer 0's self-attention block sees only the learnable queries, so
         its output x1 = q + SelfAttn(LN(q)) is the same for every input, as are the layers'
         relative self-attention biases. Compute them once and let ``decode_logits`` start from
-        x1 (``prepare_for_inference`` calls this on its copy; the cache is a snapshot, ignored
-        whenever gradients are on)."""
+        x1 (``prepare_for_inference`` calls this on its copy; the cache is ignored whenever
+        gradients are on, and recomputed when the parameters it depends on change)."""
         q = self.queries[None]
+        self._first_stamp = ParamStamp([(self, "queries")] + param_refs(self.query_rel)
+                                       + param_refs(self.layers[0]))
         self._self_biases = [self._self_bias(i, q.dtype).contiguous() for i in range(len(self.layers))]
         self._first_self = self.layers[0].self_block(q, self._self_biases[0]).detach()
         return self
@@ -84,6 +88,8 @@ class NARVL(nn.Module):
         first = self._first_self
         if first is not None and first.dtype == memory.dtype and first.device == memory.device \
                 and not torch.is_grad_enabled():
+            if self._first_stamp.stale():  # the queries or layer 0 changed: recompute
+                first = self.cache_first_self_attention_()._first_self
             x = first.expand(B, -1, -1)
             x = self.layers[0].cross_ffn_block(x, *self.layers[0].cross_kv(memory), memory_lengths)
             start, biases = 1, self._self_biases

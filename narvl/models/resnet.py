@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _backend
+from .cache import ParamStamp, param_refs
 
 
 class Bottleneck(nn.Module):
@@ -75,13 +76,21 @@ class ResNetStages(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
         self._packed = None  # set by pack_for_cpu_ (inference only)
+        self._pack_stamp = None  # the folded weights the plan was packed from
+        self._pack_size = None
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(x.shape)}")
         if (self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
-            return _run_packed(self._packed, x)
+            if self._pack_stamp.stale():  # weights changed after packing: pack them again
+                pack_for_cpu_(self, self._pack_size)
+            if self._packed is not None and _backend.cpu_fastpath_enabled(_FASTPATH):
+                try:
+                    return _run_packed(self._packed, x)
+                except RuntimeError as e:  # a private op that raises: the folded modules from now on
+                    _backend.cpu_fastpath_failed(_FASTPATH, e)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer3(self.layer2(self.layer1(x)))
 
@@ -123,6 +132,9 @@ def fold_batchnorm_(backbone: ResNetStages) -> ResNetStages:
     return backbone
 
 
+_FASTPATH = "packed_resnet"
+
+
 def mkldnn_fusion_available() -> bool:
     """True when torch's oneDNN fused-conv ops (``torch.ops.mkldnn._convolution_pointwise``,
     used by inductor's CPU backend) exist in this build."""
@@ -162,15 +174,29 @@ def pack_for_cpu_(backbone: ResNetStages, image_size: int = 224) -> bool:
     in place. Returns False (and changes nothing) when the ops are absent or the weights are not
     float32 CPU tensors. ``image_size`` only picks the packed layout (batch 1, S x S).
 
-    Inference only: the packed weights are a snapshot; training the module afterwards would
-    leave them stale, so call it on an inference copy (as ``train.py`` and the benches do).
+    Inference only (``train.py`` and the benches call it on an inference copy): the packed
+    weights are a snapshot, packed again at the next call when the folded weights change.
     """
     if not isinstance(backbone.bn1, nn.Identity):
         raise ValueError("pack_for_cpu_ needs a BN-folded backbone: call fold_batchnorm_ first")
     w = backbone.conv1.weight
-    if not mkldnn_fusion_available() or w.device.type != "cpu" or w.dtype != torch.float32:
+    if (not mkldnn_fusion_available() or w.device.type != "cpu" or w.dtype != torch.float32
+            or not _backend.cpu_fastpath_enabled(_FASTPATH)):
+        backbone._packed = None
         return False
-    s = int(image_size)
+    try:
+        plan = _plan(backbone, int(image_size))
+    except RuntimeError as e:
+        _backend.cpu_fastpath_failed(_FASTPATH, e)
+        backbone._packed = None
+        return False
+    backbone._packed = plan
+    backbone._pack_stamp = ParamStamp(param_refs(backbone))
+    backbone._pack_size = int(image_size)
+    return True
+
+
+def _plan(backbone: ResNetStages, s: int):
     stem = _pack(backbone.conv1, (1, 3, s, s))
     s = (s + 1) // 2  # 7x7/2 conv, then 3x3/2 max-pool
     s = (s + 1) // 2
@@ -183,5 +209,4 @@ def pack_for_cpu_(backbone: ResNetStages, image_size: int = 224) -> bool:
                            _pack(m.conv3, (1, m.conv2.out_channels, s2, s2)),
                            _pack(m.downsample, (1, c, s, s)) if m.downsample is not None else None))
             s, c = s2, m.conv3.out_channels
-    backbone._packed = (stem, blocks)
-    return True
+    return stem, blocks

@@ -5,8 +5,8 @@
 
 x: (..., K); weight: (N, K); bias: (N,) or None -> (..., N) in x's dtype.
 
-Routes, for float32 CPU calls with at least ``ONEDNN_MIN_ROWS`` rows, no autocast, and
-``NARVL_BACKEND`` not ``reference``:
+Routes, for float32 CPU calls with at least ``ONEDNN_MIN_ROWS`` rows, no autocast,
+``NARVL_BACKEND`` not ``reference`` and ``NARVL_CPU_FASTPATH`` not ``0``:
 - no gradient needed (inference): one oneDNN matmul primitive with the bias and GELU fused as
   post-ops (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend emits);
 - a gradient needed (training): ``_OneDNNLinear``, oneDNN for the forward and for dx = dy W,
@@ -15,7 +15,9 @@ On this project's AMD EPYC oneDNN's matmul is 1.2-1.8x faster than ATen's ``addm
 model's 20-26 rows and 2.1-3.6x at training-sized batches (bench/bench_linear.py). With 1-7 rows
 (an autoregressive decoding step or beam) ``addmm`` is as fast or faster, so those calls keep
 it, as does every other device, dtype, or torch build without the op. All routes compute the
-same function; tests compare them, values and gradients.
+same function; tests compare them, values and gradients (second order too). If the private op
+is missing or raises, the call and all later ones take ATen (``narvl._backend.cpu_fastpath_failed``
+logs it once).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .. import _backend
 
 ONEDNN_MIN_ROWS = 8
 _ACTIVATIONS = (None, "gelu")
+_FASTPATH = "onednn_linear"
 
 
 def onednn_linear_available() -> bool:
@@ -44,7 +47,7 @@ def _onednn_route(x, weight, bias) -> str | None:
         return None
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or not onednn_linear_available():
         return None
-    if _backend.requested_backend() == "reference":
+    if _backend.requested_backend() == "reference" or not _backend.cpu_fastpath_enabled(_FASTPATH):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
@@ -60,7 +63,8 @@ def _mm(a, b_t):
 class _OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b with oneDNN for the forward and for dx = dy W (1.7-2.7x and ~1.8x ATen's
     addmm / mm at training sizes here); dW = dy^T x and db stay on ATen, which is as fast for
-    them. x (M, K) contiguous, weight (N, K), bias (N,) or None. Not twice differentiable."""
+    them. x (M, K) contiguous, weight (N, K), bias (N,) or None. Twice differentiable: under
+    ``create_graph`` the backward runs on differentiable ATen ops."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -69,13 +73,22 @@ class _OneDNNLinear(torch.autograd.Function):
         return torch.ops.mkldnn._linear_pointwise(x, weight.detach().contiguous(), bias, "none", [], "")
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        gy = gy.contiguous()
-        dx = _mm(gy, weight.t().contiguous()) if ctx.needs_input_grad[0] else None
-        dw = gy.t().mm(x) if ctx.needs_input_grad[1] else None
-        db = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # double backward: a graph of ATen ops
+            dx = gy.mm(weight) if need_x else None
+        else:
+            gy = gy.contiguous()
+            dx = None
+            if need_x:
+                try:
+                    dx = _mm(gy, weight.t().contiguous())
+                except RuntimeError as e:
+                    _backend.cpu_fastpath_failed(_FASTPATH, e)
+                    dx = gy.mm(weight)
+        dw = gy.t().mm(x) if need_w else None
+        db = gy.sum(0) if ctx.has_bias and need_b else None
         return dx, dw, db
 
 
@@ -88,12 +101,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if route is not None and x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in-features "
                          f"({weight.shape[-1]})")
-    if route == "infer":
-        attr, algo = ("gelu", "none") if activation == "gelu" else ("none", "")
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, attr, [], algo)
-    if route == "train":
-        y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
-        y = y.view(*x.shape[:-1], weight.shape[0])
-    else:
+    y = None
+    try:
+        if route == "infer":
+            attr, algo = ("gelu", "none") if activation == "gelu" else ("none", "")
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, attr, [], algo)
+        if route == "train":
+            y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+            y = y.view(*x.shape[:-1], weight.shape[0])
+    except RuntimeError as e:  # a private op that raises: ATen from now on (logged once)
+        _backend.cpu_fastpath_failed(_FASTPATH, e)
+        y = None
+    if y is None:
         y = F.linear(x, weight, bias)
     return F.gelu(y) if activation == "gelu" else y

@@ -1,0 +1,88 @@
+"""Inference caches that stay bounded and never go stale.
+
+- ``LRUCache``: a size-capped (bytes) least-recently-used map of tensors or lists of tensors, for
+  per-shape constants such as the encoder's relative-position biases per text length (at the base
+  preset and 480 px one text length holds ~260 MB of biases, so an unbounded dict grows without
+  limit as new lengths arrive). A value larger than the cap is not stored.
+- ``ParamStamp``: the identity and version counter of the parameters a snapshot was computed
+  from. Any in-place change (an optimizer step, ``load_state_dict``, ``copy_``) or a replaced
+  parameter makes ``stale()`` true, and the owner recomputes its snapshot. Writes through
+  ``param.data`` bypass version counters (PyTorch does not count them), so they are not seen:
+  call ``prepare_for_inference`` again after such writes.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+#: default cap of each per-shape cache (bytes); ``prepare_for_inference(cache_bytes=...)``
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(_nbytes(v) for v in value)
+
+
+class LRUCache:
+    """``get(key)`` / ``put(key, value)`` with at most ``max_bytes`` held; least recently used
+    entries go first. ``nbytes`` and ``len()`` tell what it holds."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._d: OrderedDict = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self):
+        return len(self._d)
+
+    def get(self, key):
+        value = self._d.get(key)
+        if value is not None:
+            self._d.move_to_end(key)
+        return value[0] if value is not None else None
+
+    def put(self, key, value):
+        n = _nbytes(value)
+        if key in self._d:
+            self.nbytes -= self._d.pop(key)[1]
+        if n > self.max_bytes:
+            return value
+        while self._d and self.nbytes + n > self.max_bytes:
+            _, (_, m) = self._d.popitem(last=False)
+            self.nbytes -= m
+        self._d[key] = (value, n)
+        self.nbytes += n
+        return value
+
+    def clear(self):
+        self._d.clear()
+        self.nbytes = 0
+
+
+class ParamStamp:
+    """See the module docstring. ``refs``: (module, attribute name) pairs of tensors."""
+
+    def __init__(self, refs):
+        self.refs = [(m, name) for m, name in refs if getattr(m, name, None) is not None]
+        self.value = self._read()
+
+    def _read(self):
+        out = []
+        for m, name in self.refs:
+            t = getattr(m, name)
+            out.append((id(t), t.data_ptr(), t._version))
+        return tuple(out)
+
+    def stale(self) -> bool:
+        return self._read() != self.value
+
+
+def param_refs(module: torch.nn.Module):
+    """(owning module, name) of every parameter and buffer of ``module``."""
+    return [(m, n) for m in module.modules()
+            for n in list(m._parameters) + list(m._buffers)]
