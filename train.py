@@ -94,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     p.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint")
     p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--stop-after", type=int, default=None, metavar="K",
+                   help="end after K optimizer steps of the --steps schedule, with a checkpoint (a time-boxed "
+                        "job; --resume continues it exactly)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     for name in ("batch_size", "image_size", "train_size", "eval_size", "latency_samples", "beam", "ckpt_every",
@@ -106,6 +109,8 @@ def parse_args(argv=None):
         p.error("--lr must be > 0")
     if a.image_size % 16:
         p.error("--image-size must be a multiple of 16")
+    if a.stop_after is not None and a.stop_after < 1:
+        p.error("--stop-after must be >= 1")
     if a.max_target_len is not None and a.max_target_len < 1:
         p.error("--max-target-len must be >= 1")
     if a.bf16 and a.fp16:
@@ -352,7 +357,8 @@ def run(args):
         ctx = (lambda: torch.autocast("cpu", amp)) if amp else (lambda: torch.autocast("cpu", enabled=False))
         loss_ema = None
         n_queries = cfg.num_queries if args.arch == "narvl" else None
-        for step in range(start, steps):
+        end = steps if args.stop_after is None else min(steps, args.stop_after)
+        for step in range(start, end):
             idx = batch_indices(step, args.batch_size, len(data), args.seed)[rank::world]
             stats = {}
             images, text, targets, lengths, weights = data.batch(idx, tok, cfg.max_text_len, cfg.max_target_len,
@@ -362,7 +368,7 @@ def run(args):
             for k, v in (("cut", stats.get("cut", 0)), ("infeasible", infeasible), ("samples", len(idx))):
                 counts[k][epoch] = counts[k].get(epoch, 0) + v
             prev = str((step + 1) * args.batch_size // len(data))
-            if rank == 0 and (prev != epoch or step + 1 == steps):  # an epoch ends (or training does)
+            if rank == 0 and (prev != epoch or step + 1 == end):  # an epoch ends (or training does)
                 log(f"[narvl] epoch {epoch}: {counts['samples'][epoch]} samples, {counts['cut'][epoch]} targets "
                     f"cut at {cfg.max_target_len} tokens"
                     + (f", {counts['infeasible'][epoch]} infeasible (more CTC frames needed than the "
@@ -373,7 +379,12 @@ def run(args):
                 loss = ddp(images, text, targets, lengths, weights if args.task == "vqa" else None)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            lv = loss.item()
+            if world > 1:  # log the global batch's loss: the mean of the ranks' (equal-sized) shards
+                lt = loss.detach().clone()
+                torch.distributed.all_reduce(lt)
+                lv = lt.item() / world
+            else:
+                lv = loss.item()
             if args.fp16:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -398,7 +409,7 @@ def run(args):
                 bar.set_postfix(loss=f"{loss_ema:.3f}" if loss_ema is not None else "-",
                                 lr=f"{opt.param_groups[0]['lr']:.1e}")
             done = step + 1
-            if rank == 0 and (done % args.ckpt_every == 0 or done == steps):
+            if rank == 0 and (done % args.ckpt_every == 0 or done == end):
                 train_state = dict(counts=counts, losses=losses, skipped_steps=skipped_steps)
                 if args.fp16:
                     train_state["scaler"] = scaler.state_dict()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,6 +59,71 @@ def test_resume_continues_and_eval_only(tmp_path):
     assert e["task"] == "vqa" and e["metric"] == m["metric"] and e["train_seconds"] == 0.0
 
 
+def test_resume_is_bit_exact(tmp_path):
+    """A 5-step run stopped after 2 steps (--stop-after) and resumed ends with the same weights,
+    optimizer state, RNG state and losses, bit for bit, as 5 uninterrupted steps (dropout on, so
+    the RNG state matters)."""
+    from narvl.checkpoint import read_checkpoint
+    common = ["--task", "caption", "--dropout", "0.1", "--ckpt-every", "100"]
+    full = run(tmp_path / "full", *common, "--steps", "5")
+    part = run(tmp_path / "cut", *common, "--steps", "5", "--stop-after", "2")
+    assert len(part["losses"]) == 2
+    cut = run(tmp_path / "cut", *common, "--steps", "5", "--resume")
+    a, _ = read_checkpoint(str(tmp_path / "full" / "last.safetensors"))
+    b, _ = read_checkpoint(str(tmp_path / "cut" / "last.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a) and "rng.torch" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert cut["losses"] == full["losses"] and len(full["losses"]) == 5
+
+
+def test_bf16_run_lowers_the_loss(tmp_path):
+    m = run(tmp_path, "--task", "caption", "--bf16", "--steps", "14", "--lr", "1e-3")
+    first, last = sum(m["losses"][:3]) / 3, sum(m["losses"][-3:]) / 3
+    assert m["precision"] == "bf16" and last < 0.8 * first, m["losses"]
+
+
+def test_fp16_gradscaler_run(tmp_path):
+    m = run(tmp_path, "--task", "vqa", "--fp16", "--steps", "2", "--batch-size", "2")
+    assert m["precision"] == "fp16" and m["skipped_steps"] >= 0 and len(m["losses"]) == 2
+
+
+def test_counts_what_training_cannot_use(tmp_path):
+    """Grounding (4 bins + EOS on 5 queries): boxes with a repeated adjacent bin need 6 CTC
+    frames; train.py counts them per epoch instead of letting zero_infinity hide them."""
+    m = run(tmp_path, "--task", "grounding", "--steps", "9", "--batch-size", "16")
+    assert m["max_target_len"] == 5 and m["targets_cut"] == 0
+    assert sum(m["trained_samples_per_epoch"].values()) == 9 * 16
+    assert set(m["infeasible_per_epoch"]) == {"0", "1", "2"} and m["infeasible"] == sum(m["infeasible_per_epoch"].values())
+    assert 0 < m["infeasible"] < 9 * 16
+    c = run(tmp_path / "c", "--task", "caption", "--steps", "2", "--max-target-len", "6")
+    assert c["targets_cut"] > 0 and c["train_set"]["cut"] > 0 and c["max_target_len"] == 6
+    a = run(tmp_path / "a", "--task", "caption", "--arch", "ar", "--steps", "1")
+    assert a["infeasible"] is None and a["max_target_len"] == 20
+
+
+def test_distillation_trains_on_cached_teacher_outputs(tmp_path, capsys):
+    run(tmp_path / "ar", "--task", "caption", "--arch", "ar", "--steps", "2")
+    teacher = str(tmp_path / "ar" / "last.safetensors")
+    m = run(tmp_path / "kd", "--task", "caption", "--steps", "2", "--distill-from", teacher)
+    info = m["distillation"]
+    assert info["samples"] == 64 and not info["cache_reused"] and os.path.isfile(info["cache"])
+    with open(info["cache"]) as f:
+        cached = json.load(f)["targets"]
+    assert len(cached) == 64 and all(isinstance(t, list) for t in cached)
+    m2 = run(tmp_path / "kd", "--task", "caption", "--steps", "3", "--distill-from", teacher)
+    assert m2["distillation"]["cache_reused"] and "reusing 64 teacher outputs" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="task 'caption'"):
+        run(tmp_path / "kd2", "--task", "vqa", "--steps", "1", "--distill-from", teacher)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        run(tmp_path / "kd3", "--task", "caption", "--steps", "1", "--distill-from", teacher, "--bpe-vocab", "700")
+    with pytest.raises(ValueError, match="must be an AR"):
+        run(tmp_path / "kd4", "--task", "caption", "--steps", "1",
+            "--distill-from", str(tmp_path / "kd" / "last.safetensors"))
+    with pytest.raises(SystemExit):
+        run(tmp_path / "kd5", "--task", "caption", "--arch", "ar", "--steps", "1", "--distill-from", teacher)
+
+
 def test_resume_requires_matching_task(tmp_path):
     run(tmp_path, "--task", "entailment", "--steps", "1")
     with pytest.raises(SystemExit, match="entailment"):
@@ -87,16 +153,31 @@ def test_bad_arguments(args, tmp_path):
         train.main([*SMALL, "--out", str(tmp_path), *args])
 
 
-def test_ddp_two_processes(tmp_path):
+def test_ddp_two_ranks_equal_one_rank(tmp_path):
+    """2 gloo ranks (torchrun) and 1 rank on the same global batch give the same losses and the
+    same weights after k steps, within fp32 tolerance (dropout off, BatchNorm frozen: then each
+    sample's computation is independent of its rank's shard)."""
+    from narvl.checkpoint import read_checkpoint
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train.py"), *SMALL, "--task", "entailment", "--steps", "2",
-           "--out", str(tmp_path)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    with open(tmp_path / "metrics.json") as f:
-        m = json.load(f)
-    assert m["world_size"] == 2 and m["task"] == "entailment"
+    args = [*SMALL, "--task", "entailment", "--steps", "3", "--dropout", "0", "--freeze-bn"]
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"w{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               os.path.join(ROOT, "train.py"), *args, "--out", str(out)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        with open(out / "metrics.json") as f:
+            outs[n] = json.load(f), read_checkpoint(str(out / "last.safetensors"))[0]
+    (m1, w1), (m2, w2) = outs[1], outs[2]
+    assert m2["world_size"] == 2 and m1["world_size"] == 1
+    assert m1["losses"] == pytest.approx(m2["losses"], rel=1e-4, abs=1e-5)
+    assert sum(m2["trained_samples_per_epoch"].values()) == 3 * 8  # counts summed over the ranks
+    keys = [k for k in w1 if k.startswith("model.")]
+    assert keys and set(keys) == {k for k in w2 if k.startswith("model.")}
+    for k in keys:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-5, msg=k)
+    assert m1["losses"][0] != m1["losses"][-1]  # the weights did move between the steps
 
 
 def _data_files(tmp_path, task):

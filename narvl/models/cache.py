@@ -7,8 +7,9 @@
 - ``ParamStamp``: the identity and version counter of the parameters a snapshot was computed
   from. Any in-place change (an optimizer step, ``load_state_dict``, ``copy_``) or a replaced
   parameter makes ``stale()`` true, and the owner recomputes its snapshot. Writes through
-  ``param.data`` bypass version counters (PyTorch does not count them), so they are not seen:
-  call ``prepare_for_inference`` again after such writes.
+  ``param.data`` bypass version counters (PyTorch does not count them), and so do in-place writes
+  to inference tensors inside ``torch.inference_mode``: call ``prepare_for_inference`` again
+  after such writes.
 """
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ class ParamStamp:
         out = []
         for m, name in self.refs:
             t = getattr(m, name)
-            out.append((id(t), t.data_ptr(), t._version))
+            # inference tensors keep no version counter (they change in place only inside
+            # inference_mode); their identity and storage still count
+            out.append((id(t), t.data_ptr(), 0 if t.is_inference() else t._version))
         return tuple(out)
 
     def stale(self) -> bool:
