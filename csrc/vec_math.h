@@ -81,7 +81,11 @@ void row_stats_f32(const float* x, int64_t V, float* out_max, double* out_sumexp
 
 // out[v] = A * exp(x[v] - shift) + C; returns whether x holds a -inf (F.ctc_loss's backward
 // turns such a row's gradient into NaN, and narvl follows it).
+// Rows of 4096+ floats are written with non-temporal stores on AVX2/AVX-512 x86 (not with
+// NARVL_STREAM_STORES=0); row_softmax_affine_plain always uses plain stores.
 bool row_softmax_affine_f32(const float* x, int64_t V, float shift, float A, float C, float* out);
+bool row_softmax_affine_plain(const float* x, int64_t V, float shift, float A, float C, float* out);
+bool stream_stores_disabled();
 
 // The CTC gradient's fill of a row of log-probs x, with F.ctc_loss's non-finite values:
 // out[v] = NaN where x[v] is NaN or -inf, inf * gn where x[v] = +inf, 0 elsewhere; returns

@@ -116,7 +116,7 @@ def test_distillation_trains_on_cached_teacher_outputs(tmp_path, capsys):
     with pytest.raises(ValueError, match="task 'caption'"):
         run(tmp_path / "kd2", "--task", "vqa", "--steps", "1", "--distill-from", teacher)
     with pytest.raises(ValueError, match="another vocabulary"):
-        run(tmp_path / "kd3", "--task", "caption", "--steps", "1", "--distill-from", teacher, "--bpe-vocab", "700")
+        run(tmp_path / "kd3", "--task", "caption", "--steps", "1", "--distill-from", teacher, "--num-bins", "32")
     with pytest.raises(ValueError, match="must be an AR"):
         run(tmp_path / "kd4", "--task", "caption", "--steps", "1",
             "--distill-from", str(tmp_path / "kd" / "last.safetensors"))
