@@ -1,12 +1,21 @@
-"""Q-CTC / CTC: narvl's fused kernels against torch's log_softmax + F.ctc_loss, same inputs.
+"""Q-CTC / CTC: narvl's fused kernels against torch's log_softmax + F.ctc_loss, same inputs,
+and narvl against the machine's memory-bandwidth floor, measured in the same run.
 
 Run: python -m pytest bench/bench_ctc.py --benchmark-json bench/results/ctc_cpu.json
 Peak extra memory is measured in a fresh subprocess per variant (peak RSS growth, Linux).
+
+The floor: Q-CTC must read the logits once in the forward, and read them and write the gradient
+once in the backward. ``test_ctc_bandwidth_floor`` measures, with the same threads and on the
+same tensor, the read bandwidth R (``x.sum()``) and the copy bandwidth C (``y.copy_(x)``,
+bytes read + written), and reports floor_fwd = S / R and floor_fwdbwd = S / R + 2 S / C (S =
+the logits' bytes) next to narvl's medians, with the CPU model.
 """
 import json
 import os
+import platform
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -84,3 +93,55 @@ def test_ctc_peak_memory(impl, shape, record_property):
     if impl == "narvl":
         # no more than one gradient-sized buffer (plus slack for small tensors)
         assert res["extra_mib"] <= 1.15 * res["grad_mib"] + 16
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _median_seconds(fn, reps=9):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+@pytest.mark.parametrize("shape", ["caption", "vqa"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_ctc_bandwidth_floor(benchmark, threads, shape, mode):
+    """narvl's Q-CTC median next to the bandwidth floor measured in this run (see the module
+    docstring); extra_info holds R, C, the floor and the ratio."""
+    x, targets, tl, blank = ctc_inputs(shape)
+    S = x.numel() * x.element_size()
+    y = torch.empty_like(x)
+    read_bw = S / _median_seconds(lambda: x.sum())
+    copy_bw = 2 * S / _median_seconds(lambda: y.copy_(x))
+    floor = S / read_bw + (2 * S / copy_bw if mode == "fwdbwd" else 0.0)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return narvl_loss(x, targets, tl, blank)
+    else:
+        xr = x.requires_grad_(True)
+
+        def run():
+            return torch.autograd.grad(narvl_loss(xr, targets, tl, blank), xr)[0]
+    benchmark.group = f"ctc-floor-{shape}-{mode}-{threads}thr"
+    benchmark.pedantic(run, rounds=9, warmup_rounds=2, iterations=1)
+    med = benchmark.stats.stats.median
+    benchmark.extra_info.update(shape=CTC_SHAPES[shape], threads=threads, impl="narvl", mode=mode,
+                                cpu_model=cpu_model(), logits_mb=S / 1e6, read_gbps=read_bw / 1e9,
+                                copy_gbps=copy_bw / 1e9, floor_ms=floor * 1e3, narvl_ms=med * 1e3,
+                                ratio_to_floor=med / floor)
+    print(f"\n[{cpu_model()}] {shape} {mode} {threads} thr: narvl {med * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
+          f"(read {read_bw / 1e9:.1f} GB/s, copy {copy_bw / 1e9:.1f} GB/s): {med / floor:.2f}x the floor")

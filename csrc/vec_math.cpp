@@ -1,5 +1,6 @@
 #include "vec_math.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -10,8 +11,8 @@
 namespace narvl {
 
 // GCC vector extensions: 16 float lanes, lowered to the ISA of each target_clones variant
-// (one zmm on AVX-512, two ymm on AVX2, four xmm on the baseline). Written this way, the row
-// kernels are vector code on every ISA (GCC's auto-vectoriser left the AVX2 variants scalar).
+// (one zmm on AVX-512, two ymm on AVX2, four xmm on the baseline), for the kernels below that
+// only compare, select and add.
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
@@ -21,147 +22,188 @@ static inline v16f load16(const float* p) {
   return v;
 }
 
-static inline v16f splat16(float a) { return v16f{} + a; }
+// The Q-CTC row kernels (exp-heavy) are instantiated at each ISA's native width instead: GCC
+// scalarises wider-than-native vector selects and conversions (the AVX2 build of a 16-lane
+// version ran ~15x slower than its AVX-512 one). W lanes of VF (floats) / VI (int32).
+template <int W>
+struct Vec {
+  typedef float F __attribute__((vector_size(4 * W)));
+  typedef int32_t I __attribute__((vector_size(4 * W)));
+};
 
-// exp_f32 (vec_math.h) on 16 lanes: the same range reduction, polynomial and clamps.
-static inline v16f exp16(v16f x) {
-  const v16f lo = splat16(-87.33654f);
-  const v16f xc = x < splat16(-100.f) ? splat16(-100.f) : x;  // NaN stays (comparison false)
-  v16f fn = xc * 1.44269504088896341f + 12582912.f;
+template <typename F>
+__attribute__((always_inline)) static inline F vload(const float* p) {
+  F v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename F>
+__attribute__((always_inline)) static inline F vsplat(float a) {
+  return F{} + a;
+}
+
+// exp_f32 (vec_math.h) on a vector: the same range reduction, polynomial and clamps.
+template <typename F, typename I>
+__attribute__((always_inline)) static inline F vexp(F x) {
+  const F xc = x < vsplat<F>(-100.f) ? vsplat<F>(-100.f) : x;  // NaN stays (comparison false)
+  F fn = xc * 1.44269504088896341f + 12582912.f;
   fn = fn - 12582912.f;
-  v16f r = xc - fn * 0.693359375f;
+  F r = xc - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
-  v16f p = splat16(1.9875691500e-4f);
+  F p = vsplat<F>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  v16i n = __builtin_convertvector(fn == fn ? fn : splat16(0.f), v16i);
-  n = n < -126 ? v16i{} - 126 : (n > 127 ? v16i{} + 127 : n);
-  const v16i bits = (n + 127) << 23;
-  v16f scale;
+  I n = __builtin_convertvector(fn == fn ? fn : vsplat<F>(0.f), I);
+  n = n < -126 ? I{} - 126 : (n > 127 ? I{} + 127 : n);
+  const I bits = (n + 127) << 23;
+  F scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const v16f y = p * scale;
-  return xc < lo ? splat16(0.f) : y;
+  const F y = p * scale;
+  return xc < vsplat<F>(-87.33654f) ? vsplat<F>(0.f) : y;
 }
 
-// One pass over the row from memory: blocks of kStatBlock floats (1 KiB, L1-resident) are swept
-// twice, once for the per-lane block maximum and the plain sum, once for sum exp(x - max) with
-// the lane's running sum rescaled when its maximum grows (online softmax, one extra exp per lane
-// and block). A lane whose maximum is still -inf shifts by 0, so exp(-inf - 0) = 0 there. The
-// summation order is fixed by V alone (deterministic for any thread count).
-constexpr int64_t kStatBlock = 16 * kLanes;
-
-NARVL_CLONES void row_stats_f32(const float* x, int64_t V, float* out_max, double* out_sumexp,
-                                double* out_sum) {
+// One pass over the row from memory: blocks of 16 vectors (L1-resident) are swept twice, once
+// for the per-lane block maximum and the plain sum, once for sum exp(x - max) with the lane's
+// running sum rescaled when its maximum grows (online softmax, one extra exp per lane and
+// block). A lane whose maximum is still -inf shifts by 0, so exp(-inf - 0) = 0 there. The
+// summation order depends on V and the ISA only (deterministic for any thread count).
+template <int W>
+__attribute__((always_inline)) static inline void row_stats_impl(const float* x, int64_t V, float* out_max,
+                                                                 double* out_sumexp, double* out_sum) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+  constexpr int64_t kBlock = 16 * W;
   const float ninf = -std::numeric_limits<float>::infinity();
-  const v16f vninf = splat16(ninf);
-  v16f mx = vninf, sm = splat16(0.f), se = splat16(0.f);
-  auto step = [&](v16f bm, const float* xb, int64_t n) {  // fold n floats whose lane max is bm
-    const v16f mn = bm > mx ? bm : mx;
-    const v16f sh = mn == vninf ? splat16(0.f) : mn;
-    se *= exp16(mx - sh);
-    mx = mn;
-    for (int64_t k = 0; k < n; k += kLanes) se += exp16(load16(xb + k) - sh);
-  };
+  const F vninf = vsplat<F>(ninf);
+  F mx = vninf, sm = vsplat<F>(0.f), se = vsplat<F>(0.f);
   int64_t i = 0;
-  for (; i + kStatBlock <= V; i += kStatBlock) {
-    v16f bm = vninf;
-    for (int64_t k = 0; k < kStatBlock; k += kLanes) {
-      const v16f v = load16(x + i + k);
+  for (; i + kBlock <= V; i += kBlock) {
+    F bm = vninf;
+    for (int64_t k = 0; k < kBlock; k += W) {
+      const F v = vload<F>(x + i + k);
       bm = v > bm ? v : bm;
       sm += v;
     }
-    step(bm, x + i, kStatBlock);
+    const F mn = bm > mx ? bm : mx;
+    const F sh = mn == vninf ? vsplat<F>(0.f) : mn;
+    se *= vexp<F, I>(mx - sh);
+    mx = mn;
+    for (int64_t k = 0; k < kBlock; k += W) se += vexp<F, I>(vload<F>(x + i + k) - sh);
   }
-  for (; i + kLanes <= V; i += kLanes) {  // whole vectors of the tail
-    const v16f v = load16(x + i);
-    sm += v;
-    step(v, x + i, kLanes);
-  }
-  if (i < V) {  // the last < 16 floats, padded with -inf (exp -> 0) and 0 (sum)
-    float pad[kLanes], zero[kLanes];
-    for (int j = 0; j < kLanes; ++j) {
-      pad[j] = i + j < V ? x[i + j] : ninf;
-      zero[j] = i + j < V ? x[i + j] : 0.f;
+  for (; i < V; i += W) {  // the tail, a vector at a time, the last one padded with -inf / 0
+    F v, z;
+    if (i + W <= V) {
+      v = z = vload<F>(x + i);
+    } else {
+      float pad[W], zero[W];
+      for (int j = 0; j < W; ++j) {
+        pad[j] = i + j < V ? x[i + j] : ninf;
+        zero[j] = i + j < V ? x[i + j] : 0.f;
+      }
+      v = vload<F>(pad);
+      z = vload<F>(zero);
     }
-    sm += load16(zero);
-    const v16f v = load16(pad);
-    step(v, pad, kLanes);
+    sm += z;
+    const F mn = v > mx ? v : mx;
+    const F sh = mn == vninf ? vsplat<F>(0.f) : mn;
+    se = se * vexp<F, I>(mx - sh) + vexp<F, I>(v - sh);
+    mx = mn;
   }
   float m = ninf;
   double s = 0.0, e = 0.0;
-  for (int j = 0; j < kLanes; ++j) {
+  for (int j = 0; j < W; ++j) {
     m = mx[j] > m ? mx[j] : m;
     s += sm[j];
   }
   const double ms = m == ninf ? 0.0 : static_cast<double>(m);
-  for (int j = 0; j < kLanes; ++j)
+  for (int j = 0; j < W; ++j)
     e += static_cast<double>(se[j]) * (mx[j] == ninf ? 0.0 : std::exp(static_cast<double>(mx[j]) - ms));
   *out_max = m;
   *out_sumexp = e;
   *out_sum = s;
 }
 
-// out[v] = A * exp(x[v] - shift) + C. The gradient row is written once and not read again by
-// this kernel, so on x86 the stores of long rows are non-temporal (streaming): they skip the
-// read-for-ownership a plain store makes, a third of the backward's memory traffic. STORE(p, r)
-// writes the 16 results r at p (16-float aligned when STREAM); a macro, so that each variant is
-// compiled, its intrinsics inlined, under its own target.
-#define NARVL_SOFTMAX_AFFINE_BODY(STREAM, STORE)                                              \
-  const float ninf = -std::numeric_limits<float>::infinity();                                \
-  int32_t neg = 0;                                                                           \
-  int64_t i = 0;                                                                             \
-  if (STREAM) { /* plain stores up to a 64-byte-aligned output address */                   \
-    while (i < V && (reinterpret_cast<uintptr_t>(out + i) % 64) != 0) {                      \
-      out[i] = A * exp_f32(x[i] - shift) + C;                                                \
-      neg |= x[i] == ninf;                                                                   \
-      ++i;                                                                                   \
-    }                                                                                        \
-  }                                                                                          \
-  v16i negv = v16i{};                                                                        \
-  for (; i + kLanes <= V; i += kLanes) {                                                     \
-    const v16f v = load16(x + i);                                                            \
-    const v16f r = exp16(v - shift) * A + C;                                                 \
-    negv |= v == ninf;                                                                       \
-    STORE(out + i, r);                                                                       \
-  }                                                                                          \
-  for (; i < V; ++i) {                                                                       \
-    out[i] = A * exp_f32(x[i] - shift) + C;                                                  \
-    neg |= x[i] == ninf;                                                                     \
-  }                                                                                          \
-  for (int j = 0; j < kLanes; ++j) neg |= negv[j] != 0;
-
-#define NARVL_PLAIN_STORE(p, r) std::memcpy((p), &(r), sizeof(v16f))
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NARVL_STREAM_AVX512(p, r)                        \
-  do {                                                   \
-    __m512 z;                                            \
-    std::memcpy(&z, &(r), sizeof(z));                    \
-    _mm512_stream_ps((p), z);                            \
-  } while (0)
-#define NARVL_STREAM_AVX2(p, r)                          \
-  do {                                                   \
-    __m256 h[2];                                         \
-    std::memcpy(h, &(r), sizeof(h));                     \
-    _mm256_stream_ps((p), h[0]);                         \
-    _mm256_stream_ps((p) + 8, h[1]);                     \
-  } while (0)
-
-__attribute__((target("arch=x86-64-v4"))) static bool softmax_affine_avx512(
-    const float* x, int64_t V, float shift, float A, float C, float* out) {
-  NARVL_SOFTMAX_AFFINE_BODY(true, NARVL_STREAM_AVX512)
-  _mm_sfence();  // the streamed rows are visible to every thread after the parallel region
+// out[v] = A * exp(x[v] - shift) + C; returns whether x holds a -inf.
+template <int W>
+__attribute__((always_inline)) static inline bool softmax_affine_impl(const float* x, int64_t V, float shift,
+                                                                      float A, float C, float* out) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  I negv = I{};
+  int64_t i = 0;
+  for (; i + W <= V; i += W) {
+    const F v = vload<F>(x + i);
+    const F r = vexp<F, I>(v - shift) * A + C;
+    negv |= v == ninf;
+    std::memcpy(out + i, &r, sizeof(F));
+  }
+  int32_t neg = 0;
+  for (; i < V; ++i) {
+    out[i] = A * exp_f32(x[i] - shift) + C;
+    neg |= x[i] == ninf;
+  }
+  for (int j = 0; j < W; ++j) neg |= negv[j] != 0;
   return neg != 0;
 }
-__attribute__((target("arch=x86-64-v3"))) static bool softmax_affine_avx2(
-    const float* x, int64_t V, float shift, float A, float C, float* out) {
-  NARVL_SOFTMAX_AFFINE_BODY(true, NARVL_STREAM_AVX2)
-  _mm_sfence();
-  return neg != 0;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NARVL_X86_DISPATCH 1
+#define NARVL_V4 __attribute__((target("arch=x86-64-v4")))
+#define NARVL_V3 __attribute__((target("arch=x86-64-v3")))
+
+// Streaming variant: the gradient row is written once and not read again by this kernel, so
+// whole 64-byte lines go out with non-temporal stores, which skip the read-for-ownership of a
+// plain store (a third of the backward's memory traffic). Chunks are computed into an L1 buffer,
+// then streamed; the unaligned head and the tail use plain stores.
+constexpr int64_t kStreamChunk = 512;
+#define NARVL_STREAMED_ROW(W, STREAM_CHUNK)                                              \
+  int64_t i = 0;                                                                         \
+  bool neg = false;                                                                      \
+  const int64_t head = std::min<int64_t>(                                                \
+      V, ((64 - reinterpret_cast<uintptr_t>(out) % 64) % 64) / sizeof(float));           \
+  neg |= softmax_affine_impl<W>(x, head, shift, A, C, out);                              \
+  i = head;                                                                              \
+  alignas(64) float buf[kStreamChunk];                                                   \
+  for (; i + kStreamChunk <= V; i += kStreamChunk) {                                     \
+    neg |= softmax_affine_impl<W>(x + i, kStreamChunk, shift, A, C, buf);                \
+    STREAM_CHUNK;                                                                        \
+  }                                                                                      \
+  neg |= softmax_affine_impl<W>(x + i, V - i, shift, A, C, out + i);                     \
+  _mm_sfence(); /* streamed rows are visible to every thread after the parallel region */ \
+  return neg;
+
+NARVL_V4 static bool softmax_affine_stream_v4(const float* x, int64_t V, float shift, float A, float C,
+                                              float* out) {
+  NARVL_STREAMED_ROW(16, for (int64_t k = 0; k < kStreamChunk; k += 16)
+                             _mm512_stream_ps(out + i + k, _mm512_load_ps(buf + k)))
+}
+NARVL_V3 static bool softmax_affine_stream_v3(const float* x, int64_t V, float shift, float A, float C,
+                                              float* out) {
+  NARVL_STREAMED_ROW(8, for (int64_t k = 0; k < kStreamChunk; k += 8)
+                            _mm256_stream_ps(out + i + k, _mm256_load_ps(buf + k)))
+}
+NARVL_V4 static bool softmax_affine_v4(const float* x, int64_t V, float sh, float A, float C, float* out) {
+  return softmax_affine_impl<16>(x, V, sh, A, C, out);
+}
+NARVL_V3 static bool softmax_affine_v3(const float* x, int64_t V, float sh, float A, float C, float* out) {
+  return softmax_affine_impl<8>(x, V, sh, A, C, out);
+}
+
+NARVL_V4 static void row_stats_v4(const float* x, int64_t V, float* m, double* e, double* s) {
+  row_stats_impl<16>(x, V, m, e, s);
+}
+NARVL_V3 static void row_stats_v3(const float* x, int64_t V, float* m, double* e, double* s) {
+  row_stats_impl<8>(x, V, m, e, s);
+}
+static int x86_level() {  // 4: AVX-512 (x86-64-v4), 3: AVX2 + FMA (v3), 0: baseline
+  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+  return level;
 }
 #endif
 
@@ -176,21 +218,30 @@ bool stream_stores_disabled() {
 // Rows shorter than this stay in cache for whoever reads them next: plain stores.
 constexpr int64_t kStreamMinRow = 4096;
 
+void row_stats_f32(const float* x, int64_t V, float* out_max, double* out_sumexp, double* out_sum) {
+#ifdef NARVL_X86_DISPATCH
+  if (x86_level() == 4) return row_stats_v4(x, V, out_max, out_sumexp, out_sum);
+  if (x86_level() == 3) return row_stats_v3(x, V, out_max, out_sumexp, out_sum);
+#endif
+  row_stats_impl<4>(x, V, out_max, out_sumexp, out_sum);
+}
+
 bool row_softmax_affine_f32(const float* x, int64_t V, float shift, float A, float C, float* out) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef NARVL_X86_DISPATCH
   if (V >= kStreamMinRow && !stream_stores_disabled()) {
-    static const int isa = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
-    if (isa == 2) return softmax_affine_avx512(x, V, shift, A, C, out);
-    if (isa == 1) return softmax_affine_avx2(x, V, shift, A, C, out);
+    if (x86_level() == 4) return softmax_affine_stream_v4(x, V, shift, A, C, out);
+    if (x86_level() == 3) return softmax_affine_stream_v3(x, V, shift, A, C, out);
   }
 #endif
   return row_softmax_affine_plain(x, V, shift, A, C, out);
 }
 
-NARVL_CLONES bool row_softmax_affine_plain(const float* x, int64_t V, float shift, float A, float C,
-                                           float* out) {
-  NARVL_SOFTMAX_AFFINE_BODY(false, NARVL_PLAIN_STORE)
-  return neg != 0;
+bool row_softmax_affine_plain(const float* x, int64_t V, float shift, float A, float C, float* out) {
+#ifdef NARVL_X86_DISPATCH
+  if (x86_level() == 4) return softmax_affine_v4(x, V, shift, A, C, out);
+  if (x86_level() == 3) return softmax_affine_v3(x, V, shift, A, C, out);
+#endif
+  return softmax_affine_impl<4>(x, V, shift, A, C, out);
 }
 
 NARVL_CLONES bool row_ctc_fill_f32(const float* x, int64_t V, float gn, float* out) {
