@@ -118,3 +118,32 @@ def test_fp16_gradscaler_skips_an_overflowing_step():
     assert scales[3] == scales[2] / 2, scales
     assert all(torch.isfinite(torch.tensor(losses[4:])))
     assert losses[-1] < losses[0], losses
+
+
+class _CountHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the tensor -> Python scalar reads (.item(), bool(), int()): each is a host
+    synchronisation on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("check,expected", [("1", 1), ("0", 0)])
+def test_host_syncs_per_call(check, expected, monkeypatch):
+    """The README's count: qctc_loss and ctc_loss (padded targets) read one scalar back per
+    call with the value checks on, none with NARVL_CHECK=0; NaN/inf checks cost none."""
+    monkeypatch.setenv("NARVL_CHECK", check)
+    monkeypatch.setenv("NARVL_BACKEND", "cpp")
+    x = torch.randn(B, N, V, requires_grad=True)
+    lp = torch.randn(8, B, V).log_softmax(-1)
+    for fn in (lambda: narvl.qctc_loss(x, TARGETS, TL, blank=BLANK, label_smoothing=0.1),
+               lambda: narvl.ctc_loss(lp, TARGETS, torch.full((B,), 8), TL, blank=BLANK)):
+        with _CountHostReads() as c:
+            fn()
+        assert c.n == expected
