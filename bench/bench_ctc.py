@@ -84,11 +84,19 @@ print(json.dumps(dict(extra_mib=(peak - base) / 1024, grad_mib=g.numel() * g.ele
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", ["caption"])
-def test_ctc_peak_memory(impl, shape, record_property):
+def test_ctc_peak_memory(benchmark, impl, shape):
+    """Peak RSS growth of one forward + backward in a fresh process (1 thread); the figures go
+    into the benchmark JSON's extra_info (the timing of this entry is the child process's)."""
     code = _MEM_CHILD.format(here=HERE, shape=shape, impl=impl)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    record_property("peak_extra_memory", res)
+    res = {}
+
+    def child():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        res.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    benchmark.group = "ctc-peak-memory"
+    benchmark.pedantic(child, rounds=1, iterations=1)
+    benchmark.extra_info.update(shape=CTC_SHAPES[shape], impl=impl, cpu_model=cpu_model(),
+                                peak_extra_mib=res["extra_mib"], grad_mib=res["grad_mib"])
     print(f"\n{impl} {shape}: peak extra {res['extra_mib']:.0f} MiB, gradient {res['grad_mib']:.0f} MiB")
     if impl == "narvl":
         # no more than one gradient-sized buffer (plus slack for small tensors)

@@ -43,21 +43,12 @@ __attribute__((always_inline)) static inline F vsplat(float a) {
   return F{} + a;
 }
 
-// exp_f32 (vec_math.h) on a vector: the same range reduction, polynomial and clamps.
+// exp_f32 (vec_math.h) on a vector: the same exp_poly and clamps.
 template <typename F, typename I>
 __attribute__((always_inline)) static inline F vexp(F x) {
   const F xc = x < vsplat<F>(-100.f) ? vsplat<F>(-100.f) : x;  // NaN stays (comparison false)
-  F fn = xc * 1.44269504088896341f + 12582912.f;
-  fn = fn - 12582912.f;
-  F r = xc - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  F p = vsplat<F>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
+  F fn;
+  const F p = exp_poly(xc, &fn);
   I n = __builtin_convertvector(fn == fn ? fn : vsplat<F>(0.f), I);
   n = n < -126 ? I{} - 126 : (n > 127 ? I{} + 127 : n);
   const I bits = (n + 127) << 23;

@@ -17,22 +17,32 @@ namespace narvl {
 
 constexpr int kLanes = 16;
 
-// exp(x) for x <= ~88 with ~1 ulp-level relative error (Cephes-style range reduction
-// x = n*ln2 + r, |r| <= ln2/2, degree-5 polynomial). exp(-inf) = 0, exp(NaN) = NaN.
-static inline float exp_f32(float x) {
-  const float lo = -87.33654f;
-  float xc = x < -100.f ? -100.f : x;  // keeps NaN (comparison is false)
-  float fn = xc * 1.44269504088896341f + 12582912.f;
+// The core of exp_f32 and of its vector form (vec_math.cpp), for a float or a GCC float vector
+// T: x = n*ln2 + r, |r| <= ln2/2 (Cephes-style range reduction), degree-5 polynomial in r.
+// Returns p ~ exp(r) and sets *fn to n (as a float).
+template <typename T>
+__attribute__((always_inline)) static inline T exp_poly(T xc, T* fn_out) {
+  T fn = xc * 1.44269504088896341f + 12582912.f;
   fn = fn - 12582912.f;  // round to nearest integer
-  float r = xc - fn * 0.693359375f;
+  T r = xc - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  T p = T{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
+  *fn_out = fn;
+  return p;
+}
+
+// exp(x) for x <= ~88 with ~1 ulp-level relative error. exp(-inf) = 0, exp(NaN) = NaN.
+static inline float exp_f32(float x) {
+  const float lo = -87.33654f;
+  float xc = x < -100.f ? -100.f : x;  // keeps NaN (comparison is false)
+  float fn;
+  const float p = exp_poly(xc, &fn);
   int32_t n = static_cast<int32_t>(fn);
   n = n < -126 ? -126 : (n > 127 ? 127 : n);
   int32_t bits = (n + 127) << 23;
