@@ -13,7 +13,7 @@ def table(path):
     rows = {}
     for b in d["benchmarks"]:
         ei = b.get("extra_info", {})
-        if "impl" not in ei:
+        if "impl" not in ei or not b["name"].startswith("test_ctc["):
             continue
         shape = b["params"]["shape"]
         key = (list(CTC_SHAPES).index(shape), shape, b["params"]["mode"], ei["threads"])
@@ -24,6 +24,23 @@ def table(path):
         out.append(f"| {shape} ({B}, {N}, {V}, {lo}..{hi}) | {mode} | {thr} | {r['narvl']:.2f} | "
                    f"{r['torch']:.2f} | {r['torch'] / r['narvl']:.1f}x |")
     return "\n".join(out)
+
+
+def floor_table(path):
+    """bench_ctc.py's bandwidth-floor entries: narvl's median next to the floor measured in the
+    same run, with the CPU model."""
+    d = json.load(open(path))
+    out = []
+    for b in d["benchmarks"]:
+        ei = b.get("extra_info", {})
+        if b["name"].startswith("test_ctc_bandwidth_floor"):
+            out.append((list(CTC_SHAPES).index(b["params"]["shape"]), b["params"]["shape"],
+                        ei["mode"], ei["threads"], ei))
+    rows = []
+    for _, shape, mode, thr, ei in sorted(out, key=lambda r: r[:4]):
+        rows.append(f"| {ei['cpu_model']} | {shape} | {mode} | {thr} | {ei['read_gbps']:.1f} | {ei['copy_gbps']:.1f} | "
+                    f"{ei['floor_ms']:.2f} | {ei['narvl_ms']:.2f} | {ei['ratio_to_floor']:.2f}x |")
+    return "\n".join(rows)
 
 
 def decode_table(path):
@@ -133,3 +150,6 @@ if __name__ == "__main__":
         print(task_table(path))
     else:
         print(decode_table(path) if "decode" in path else table(path))
+    if "ctc" in path:
+        print()
+        print(floor_table(path))
