@@ -401,7 +401,7 @@ def run(args):
                              f"the last checkpoint is {ckpt_path})")
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
-            losses.append(round(lv, 5))
+            losses.append(round(lv, 5) if math.isfinite(lv) else None)  # JSON has no inf/NaN
             if math.isfinite(lv):
                 loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
             if bar is not None:
