@@ -27,10 +27,11 @@ TORCH_LIBRARY(narvl, m) {
   m.def("ctc_greedy_decode(Tensor scores, Tensor lengths, int blank) -> (Tensor, Tensor)");
   // Prefix beam search -> (tokens (B, nbest, T) int64 padded with -1, lengths (B, nbest) int64,
   // scores (B, nbest) float32 log-probabilities, timesteps (B, nbest, T) int64 padded with -1).
-  // log_input: scores are log-probabilities (else probabilities). num_threads <= 0: torch's.
+  // input_kind: 0 probabilities, 1 log-probabilities, 2 logits (log-softmax fused into the scan).
+  // num_threads <= 0: torch's.
   m.def(
       "ctc_beam_search(Tensor scores, Tensor lengths, int beam_width, int blank, int cutoff_top_n, "
-      "float cutoff_prob, int nbest, bool log_input, int num_threads) -> "
+      "float cutoff_prob, int nbest, int input_kind, int num_threads) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
   // Learnable-query attention: q (B, H, Lq, D), k/v (B, H, Lk, D), keys j >= key_lengths[b]
   // masked, attn_bias (H, Lq, Lk) or (B, H, Lq, Lk) additive -> (out (B, H, Lq, D),
@@ -45,6 +46,11 @@ TORCH_LIBRARY(narvl, m) {
       "(Tensor, Tensor, Tensor, Tensor)");
 }
 
+namespace narvl {
+void register_beam_decoder(pybind11::module_& m);  // beam_decoder.cpp
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "narvl native CPU kernels (operators are registered under torch.ops.narvl)";
+  narvl::register_beam_decoder(m);
 }

@@ -10,18 +10,6 @@
 
 namespace narvl {
 
-// GCC vector extensions: 16 float lanes, lowered to the ISA of each target_clones variant
-// (one zmm on AVX-512, two ymm on AVX2, four xmm on the baseline), for the kernels below that
-// only compare, select and add.
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-static inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // The Q-CTC row kernels (exp-heavy) are instantiated at each ISA's native width instead: GCC
 // scalarises wider-than-native vector selects and conversions (the AVX2 build of a 16-lane
 // version ran ~15x slower than its AVX-512 one). W lanes of VF (floats) / VI (int32).
@@ -260,44 +248,28 @@ NARVL_CLONES bool row_ctc_fill_f32(const float* x, int64_t V, float gn, float* o
   return any != 0;
 }
 
-
-// max over the 16 lanes: a 4-step shuffle tree instead of 15 dependent scalar steps.
-static inline float hmax16(v16f v) {
-  const v16i s8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
-  const v16i s4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
-  const v16i s2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
-  const v16i s1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-  v16f t = __builtin_shuffle(v, s8);
-  v = v > t ? v : t;
-  t = __builtin_shuffle(v, s4);
-  v = v > t ? v : t;
-  t = __builtin_shuffle(v, s2);
-  v = v > t ? v : t;
-  t = __builtin_shuffle(v, s1);
-  v = v > t ? v : t;
-  return v[0];
-}
-
-
-NARVL_CLONES int64_t row_argmax_f32(const float* x, int64_t V, bool* nan) {
+// First index of the maximum (torch.argmax: NaN is not a maximum here; it is reported instead).
+template <int W>
+__attribute__((always_inline)) static inline int64_t row_argmax_impl(const float* x, int64_t V, bool* nan) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
   const float ninf = -std::numeric_limits<float>::infinity();
-  v16f best = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf,
-               ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
-  v16i arg = {0}, bad = {0};
-  v16i idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  F best = vsplat<F>(ninf);
+  I arg = I{}, bad = I{}, idx = I{};
+  for (int j = 0; j < W; ++j) idx[j] = j;
   int64_t i = 0;
-  for (; i + kLanes <= V; i += kLanes) {
-    const v16f v = load16(x + i);
-    const v16i up = v > best;  // strict: each lane keeps its first maximum
+  for (; i + W <= V; i += W) {
+    const F v = vload<F>(x + i);
+    const I up = v > best;  // strict: each lane keeps its first maximum
     best = up ? v : best;
     arg = up ? idx : arg;
     bad |= v != v;
-    idx += kLanes;
+    idx += W;
   }
   float m = ninf;
   int64_t a = 0;
   bool any_bad = false;
-  for (int j = 0; j < kLanes; ++j) {
+  for (int j = 0; j < W; ++j) {
     any_bad |= bad[j] != 0;
     if (best[j] > m || (best[j] == m && arg[j] < a)) {
       m = best[j];
@@ -312,34 +284,106 @@ NARVL_CLONES int64_t row_argmax_f32(const float* x, int64_t V, bool* nan) {
     }
   }
   *nan = any_bad;
-  return m == ninf ? 0 : a;
+  return a;
 }
 
-NARVL_CLONES bool block_max_f32(const float* x, int64_t V, int64_t block, float* out) {
+// Per-block maxima of the row and, when lse != nullptr, the row's log-sum-exp in the same read:
+// each lane keeps a running maximum and a sum of exp(x - max) rescaled when the maximum grows
+// (online softmax). Returns whether the row holds a NaN.
+template <int W, bool LSE>
+__attribute__((always_inline)) static inline bool block_max_impl(const float* x, int64_t V, int64_t block,
+                                                                 float* out, float* lse) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
   const float ninf = -std::numeric_limits<float>::infinity();
-  v16i bad = {0};
+  const F vninf = vsplat<F>(ninf);
+  I bad = I{};
   bool tail_bad = false;
+  F rmx = vninf, rse = vsplat<F>(0.f);
+  float tmx = ninf;  // the scalar tail's maximum and sum
+  double tse = 0.0;
   int64_t b = 0;
   for (int64_t s = 0; s < V; s += block, ++b) {
     const int64_t e = s + block <= V ? s + block : V;
-    v16f mx = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf,
-               ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+    F mx = vninf;
     int64_t i = s;
-    for (; i + kLanes <= e; i += kLanes) {
-      const v16f v = load16(x + i);
+    for (; i + W <= e; i += W) {
+      const F v = vload<F>(x + i);
       mx = v > mx ? v : mx;
       bad |= v != v;
     }
-    float m = hmax16(mx);
+    if (LSE && i > s) {
+      const F mn = mx > rmx ? mx : rmx;
+      const F sh = mn == vninf ? vsplat<F>(0.f) : mn;
+      rse *= vexp<F, I>(rmx - sh);
+      rmx = mn;
+      for (int64_t k = s; k + W <= e; k += W) rse += vexp<F, I>(vload<F>(x + k) - sh);
+    }
+    float m = ninf;
+    for (int j = 0; j < W; ++j) m = mx[j] > m ? mx[j] : m;
     for (; i < e; ++i) {
       m = x[i] > m ? x[i] : m;
       tail_bad |= x[i] != x[i];
+      if (LSE) {
+        const float xi = x[i];
+        if (xi > tmx) {
+          tse = tse * (tmx == ninf ? 0.0 : std::exp(static_cast<double>(tmx) - xi)) + 1.0;
+          tmx = xi;
+        } else if (xi != ninf) {
+          tse += std::exp(static_cast<double>(xi) - tmx);
+        }
+      }
     }
     out[b] = m;
   }
   bool any = tail_bad;
-  for (int j = 0; j < kLanes; ++j) any |= bad[j] != 0;
+  for (int j = 0; j < W; ++j) any |= bad[j] != 0;
+  if (LSE) {
+    float M = tmx;
+    for (int j = 0; j < W; ++j) M = rmx[j] > M ? rmx[j] : M;
+    if (M == ninf || M != M || M == -ninf) {
+      *lse = M;  // all -inf: -inf; NaN or +inf maxima propagate
+    } else {
+      double sum = tmx == ninf ? 0.0 : tse * std::exp(static_cast<double>(tmx) - M);
+      for (int j = 0; j < W; ++j)
+        if (rmx[j] != ninf) sum += static_cast<double>(rse[j]) * std::exp(static_cast<double>(rmx[j]) - M);
+      *lse = static_cast<float>(M + std::log(sum));
+    }
+  }
   return any;
+}
+
+#ifdef NARVL_X86_DISPATCH
+NARVL_V4 static int64_t row_argmax_v4(const float* x, int64_t V, bool* nan) { return row_argmax_impl<16>(x, V, nan); }
+NARVL_V3 static int64_t row_argmax_v3(const float* x, int64_t V, bool* nan) { return row_argmax_impl<8>(x, V, nan); }
+NARVL_V4 static bool block_max_v4(const float* x, int64_t V, int64_t bl, float* o) { return block_max_impl<16, false>(x, V, bl, o, nullptr); }
+NARVL_V3 static bool block_max_v3(const float* x, int64_t V, int64_t bl, float* o) { return block_max_impl<8, false>(x, V, bl, o, nullptr); }
+NARVL_V4 static bool block_max_lse_v4(const float* x, int64_t V, int64_t bl, float* o, float* l) { return block_max_impl<16, true>(x, V, bl, o, l); }
+NARVL_V3 static bool block_max_lse_v3(const float* x, int64_t V, int64_t bl, float* o, float* l) { return block_max_impl<8, true>(x, V, bl, o, l); }
+#endif
+
+int64_t row_argmax_f32(const float* x, int64_t V, bool* nan) {
+#ifdef NARVL_X86_DISPATCH
+  if (x86_level() == 4) return row_argmax_v4(x, V, nan);
+  if (x86_level() == 3) return row_argmax_v3(x, V, nan);
+#endif
+  return row_argmax_impl<4>(x, V, nan);
+}
+
+bool block_max_f32(const float* x, int64_t V, int64_t block, float* out) {
+#ifdef NARVL_X86_DISPATCH
+  if (x86_level() == 4) return block_max_v4(x, V, block, out);
+  if (x86_level() == 3) return block_max_v3(x, V, block, out);
+#endif
+  return block_max_impl<4, false>(x, V, block, out, nullptr);
+}
+
+bool block_max_lse_f32(const float* x, int64_t V, int64_t block, float* out, float* lse) {
+#ifdef NARVL_X86_DISPATCH
+  if (x86_level() == 4) return block_max_lse_v4(x, V, block, out, lse);
+  if (x86_level() == 3) return block_max_lse_v3(x, V, block, out, lse);
+#endif
+  return block_max_impl<4, true>(x, V, block, out, lse);
 }
 
 static inline float lse3_plus_f32(float a0, float a1, float a2, float e) {

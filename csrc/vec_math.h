@@ -117,5 +117,8 @@ int64_t row_argmax_f32(const float* x, int64_t V, bool* nan);
 // out[i] = max of x[i*block, (i+1)*block) (the last block may be short), block a multiple of 16;
 // returns whether x holds a NaN.
 bool block_max_f32(const float* x, int64_t V, int64_t block, float* out);
+// block_max_f32 and, in the same read of the row, *lse = log sum_v exp(x[v]) (online softmax;
+// -inf for an all -inf row, NaN/+inf propagate).
+bool block_max_lse_f32(const float* x, int64_t V, int64_t block, float* out, float* lse);
 
 }  // namespace narvl

@@ -71,7 +71,7 @@ def _key_value(key):
 
 
 @triton.jit
-def _topk_kernel(X, stride_b, stride_t, T, V, TOPV, TOPI, LOG_INPUT: tl.constexpr,
+def _topk_kernel(X, stride_b, stride_t, T, V, TOPV, TOPI, INPUT: tl.constexpr,
                  K: tl.constexpr, BLOCK_V: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     b = r // T
@@ -79,18 +79,28 @@ def _topk_kernel(X, stride_b, stride_t, T, V, TOPV, TOPI, LOG_INPUT: tl.constexp
     row = X + b * stride_b + t * stride_t
     lowest = -9223372036854775807 - 1
     run = tl.full((K,), lowest, tl.int64)
+    m_run = tl.full((), float("-inf"), tl.float32)  # logits: running max and sum of exp
+    s_run = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         m = offs < V
         x = tl.load(row + offs, mask=m, other=1.0).to(tl.float32)
-        if not LOG_INPUT:
+        if INPUT == 0:
             x = tl.log(x)
+        if INPUT == 2:  # the row's log-sum-exp in the same read (online softmax)
+            cm = tl.max(tl.where(m, x, float("-inf")), 0)
+            nm = tl.maximum(m_run, cm)
+            sh = tl.where(nm == float("-inf"), 0.0, nm)
+            s_run = s_run * tl.exp(m_run - sh) + tl.sum(tl.where(m, tl.exp(x - sh), 0.0), 0)
+            m_run = nm
         key = tl.where(m, _ordered_key(x, offs, V), lowest)
         both = tl.reshape(tl.join(run, tl.topk(key, K)), (2 * K,))
         run = tl.topk(both, K)
     ok = run != lowest
     idx = tl.where(ok, (V - 1) - (run & 0xFFFFFFFF), -1)
     val = tl.where(ok, _key_value(run), float("-inf"))
+    if INPUT == 2:
+        val = val - (m_run + tl.log(s_run))
     kk = tl.arange(0, K)
     tl.store(TOPV + r * K + kk, val)
     tl.store(TOPI + r * K + kk, idx.to(tl.int32))
@@ -223,7 +233,7 @@ def greedy_decode(scores, lengths, blank):
     return tokens, out_lens
 
 
-def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, log_input):
+def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind):
     """Same contract as torch.ops.narvl.ctc_beam_search (see narvl.ctc_prefix_beam_search)."""
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
@@ -242,7 +252,7 @@ def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, n
     topi = torch.empty(B, max(T, 1), K, dtype=torch.int32, device=dev)
     if B * T > 0:
         _topk_kernel[(B * T,)](scores, scores.stride(0), scores.stride(1), T, V, topv, topi,
-                               LOG_INPUT=bool(log_input), K=K,
+                               INPUT=int(input_kind), K=K,
                                BLOCK_V=max(K, min(2048, triton.next_power_of_2(V))), num_warps=4)
     scr_f = torch.empty(B, 3 * NCP, dtype=torch.float32, device=dev)
     scr_i = torch.empty(B, 5 * NCP, dtype=torch.int64, device=dev)

@@ -9,9 +9,12 @@ from . import _backend
 from ._backend import native_available
 from .ops.ctc import ctc_loss, ctc_min_frames, qctc_loss
 from .ops.attention import query_attention
-from .ops.decode import BeamSearchResult, CTCBeamDecoder, ctc_greedy_decode, ctc_prefix_beam_search
+from .ops.decode import BeamSearchResult, ctc_greedy_decode, ctc_prefix_beam_search
+from .decoder import CTCBeamDecoder, DecoderState, OnlineCTCBeamDecoder
+from .lm import ArpaLanguageModel, KenLMLanguageModel, LanguageModel, load_language_model
 from . import models, nn, reference  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ctc_loss", "ctc_min_frames", "qctc_loss", "query_attention", "ctc_greedy_decode", "ctc_prefix_beam_search",
-           "CTCBeamDecoder", "BeamSearchResult", "models", "nn", "reference", "native_available"]
+           "CTCBeamDecoder", "OnlineCTCBeamDecoder", "DecoderState", "LanguageModel",
+           "ArpaLanguageModel", "KenLMLanguageModel", "load_language_model", "BeamSearchResult", "models", "nn", "reference", "native_available"]

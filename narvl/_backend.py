@@ -48,6 +48,15 @@ def native_available() -> bool:
     return NATIVE
 
 
+def native_module(feature: str):
+    """The native extension ``narvl._C``; a feature that exists only there (``feature``, in
+    words) fails loudly without it."""
+    if not NATIVE:
+        raise RuntimeError(f"{feature} need(s) the native extension narvl._C, which is not built "
+                           f"({_native_error}); install with `pip install --no-build-isolation -e .`")
+    return _C
+
+
 def checks_enabled() -> bool:
     return os.environ.get("NARVL_CHECK", "1").strip() not in ("0", "false", "False", "off")
 

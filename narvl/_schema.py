@@ -16,7 +16,7 @@ SCHEMAS = {
     "Tensor input_lengths, Tensor target_lengths, int blank) -> Tensor",
     "ctc_greedy_decode": "(Tensor scores, Tensor lengths, int blank) -> (Tensor, Tensor)",
     "ctc_beam_search": "(Tensor scores, Tensor lengths, int beam_width, int blank, "
-    "int cutoff_top_n, float cutoff_prob, int nbest, bool log_input, int num_threads) -> "
+    "int cutoff_top_n, float cutoff_prob, int nbest, int input_kind, int num_threads) -> "
     "(Tensor, Tensor, Tensor, Tensor)",
     "query_attention_fwd": "(Tensor q, Tensor k, Tensor v, Tensor key_lengths, "
     "Tensor? attn_bias, float scale) -> (Tensor, Tensor)",

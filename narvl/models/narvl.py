@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..nn import QueryDecoderLayer, zero_bias_tables
 from ..ops.ctc import qctc_loss
@@ -131,7 +130,8 @@ class NARVL(nn.Module):
             else:  # one label per slot (grounding, entailment): argmax, drop blanks
                 seqs = [[t for t in row if t != cfg.blank_id] for row in logits.argmax(-1).tolist()]
         else:
-            res = ctc_prefix_beam_search(F.log_softmax(logits, -1), beam_width=beam_width,
-                                         blank=cfg.blank_id, cutoff_top_n=cutoff_top_n, nbest=1)
+            # the search normalises the logits itself, in the same scan as its top-k
+            res = ctc_prefix_beam_search(logits, beam_width=beam_width, blank=cfg.blank_id,
+                                         cutoff_top_n=cutoff_top_n, nbest=1, input="logits")
             seqs = [res.tokens[b, 0, : res.lengths[b, 0]].tolist() for b in range(logits.shape[0])]
         return [s[: s.index(cfg.eos_id)] if cfg.eos_id in s else s for s in seqs]

@@ -1,11 +1,12 @@
-"""CTC decoding: greedy and prefix beam search, and a drop-in for ctcdecode's CTCBeamDecoder.
+"""CTC decoding: greedy and prefix beam search (the drop-in decoders are narvl/decoder.py).
 
 Layers: kernels (csrc/decode_cpu.cpp; kernels/decode.py on CUDA) -> ops
 ``torch.ops.narvl.ctc_greedy_decode`` / ``ctc_beam_search`` (fake + CUDA registrations here) ->
-``ctc_greedy_decode`` / ``ctc_prefix_beam_search`` -> ``CTCBeamDecoder``.
+``ctc_greedy_decode`` / ``ctc_prefix_beam_search`` -> ``narvl.CTCBeamDecoder``.
 
-Scores are batch-first (B, T, V): log-probabilities (or logits for greedy: same argmax), or
-probabilities where a ``log_probs_input=False`` option says so.
+Scores are batch-first (B, T, V): log-probabilities, probabilities or raw logits (``input=``);
+the beam search normalises logits in the same scan as its top-k (no separate log-softmax pass),
+and greedy decoding takes any of them (same argmax).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _greedy_fake(scores, lengths, blank):
 
 
 @torch.library.register_fake("narvl::ctc_beam_search")
-def _beam_fake(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, log_input,
+def _beam_fake(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
                num_threads):
     B, T, _ = scores.shape
     new = scores.new_empty
@@ -45,31 +46,43 @@ def _greedy_cuda(scores, lengths, blank):
 
 
 @torch.library.register_kernel("narvl::ctc_beam_search", "cuda")
-def _beam_cuda(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, log_input,
+def _beam_cuda(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
                num_threads):
     return _tk().beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest,
-                             log_input)
+                             input_kind)
 
 
 if not _backend.NATIVE:
     torch.library.register_kernel("narvl::ctc_greedy_decode", "cpu", ref.greedy_decode_reference)
     torch.library.register_kernel("narvl::ctc_beam_search", "cpu",
-                                  lambda s, l, bw, bl, n, cp, nb, li, th:
-                                  ref.beam_search_reference(s, l, bw, bl, n, cp, nb, li))
+                                  lambda s, l, bw, bl, n, cp, nb, kind, th:
+                                  ref.beam_search_reference(s, l, bw, bl, n, cp, nb, kind))
+
+
+INPUT_KINDS = {"probs": 0, "log_probs": 1, "logits": 2}
 
 
 class BeamSearchResult(NamedTuple):
     """tokens (B, nbest, T) int64 padded with -1; lengths (B, nbest); scores (B, nbest) float32
     log-probabilities of each labeling summed over the alignments the beam kept (-inf for empty
-    slots); timesteps (B, nbest, T) a frame at which each token is emitted along the alignments
-    the beam kept, strictly increasing (-1 padded): the CPU path reports the frame at which the
-    prefix ending in that token was first built, the GPU path the frame at which the surviving
-    hypothesis appended it."""
+    slots); timesteps (B, nbest, T) int64 (-1 padded), ctcdecode's alignment: for each token, the
+    frame at which its probability was highest among the frames at which the search extended
+    the shorter prefix by it (while the prefix stayed alive in the beam)."""
 
     tokens: torch.Tensor
     lengths: torch.Tensor
     scores: torch.Tensor
     timesteps: torch.Tensor
+
+
+def input_kind(input, log_probs_input=True):
+    """The ``input_kind`` int of the ops from ``input`` ('log_probs', 'probs', 'logits' or None:
+    then from the boolean ``log_probs_input``)."""
+    if input is None:
+        return INPUT_KINDS["log_probs" if log_probs_input else "probs"]
+    if input not in INPUT_KINDS:
+        raise ValueError(f"input must be one of {tuple(INPUT_KINDS)}, got {input!r}")
+    return INPUT_KINDS[input]
 
 
 def _check_scores(scores, name):
@@ -163,10 +176,14 @@ def ctc_greedy_decode(log_probs, lengths=None, blank=0):
 
 
 def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, cutoff_top_n=40,
-                           cutoff_prob=1.0, nbest=None, log_probs_input=True, num_threads=0):
+                           cutoff_prob=1.0, nbest=None, log_probs_input=True, num_threads=0,
+                           input=None):
     """CTC prefix beam search.
 
-    log_probs: (B, T, V) log-probabilities (probabilities with ``log_probs_input=False``).
+    log_probs: (B, T, V) scores: log-probabilities (``input="log_probs"``, the default),
+    probabilities (``input="probs"`` or ``log_probs_input=False``) or raw logits
+    (``input="logits"``: each frame's log-sum-exp is computed in the same scan as its top-k, so
+    the logits are read once and no log-softmax pass runs before the search).
     Each frame expands the ``cutoff_top_n`` most probable tokens, cut further to the smallest
     set whose probability reaches ``cutoff_prob``; each prefix carries the probabilities of its
     alignments ending in blank and in non-blank, merged exactly; the ``beam_width`` most probable
@@ -185,8 +202,8 @@ def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, c
     if not 0.0 < cutoff_prob <= 1.0 or math.isnan(cutoff_prob):
         raise ValueError(f"cutoff_prob must be in (0, 1], got {cutoff_prob}")
     lengths = _lengths(lengths, "lengths", B, T, log_probs.device)
-    args = (log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest,
-            bool(log_probs_input))
+    kind = input_kind(input, log_probs_input)
+    args = (log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, kind)
     route = _route(log_probs)
     if route == "reference":
         fn = lambda: ref.beam_search_reference(*args)  # noqa: E731
@@ -195,61 +212,3 @@ def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, c
     else:
         fn = lambda: _OPS.ctc_beam_search(*args, int(num_threads))  # noqa: E731
     return BeamSearchResult(*_run_checked(route, "log_probs", log_probs, fn))
-
-
-class CTCBeamDecoder:
-    """Drop-in for parlance/ctcdecode's ``CTCBeamDecoder`` (no language model).
-
-    ``decode(probs, seq_lens=None)`` -> (beam_results int32 (B, beam, T), beam_scores float32
-    (B, beam) negative log-probabilities (lower is better), timesteps int32 (B, beam, T),
-    out_lens int32 (B, beam)); read a result as ``beam_results[b, k, :out_lens[b, k]]``.
-    ``probs`` (B, T, V) are probabilities unless ``log_probs_input``; any device (the result
-    comes back on the CPU, as ctcdecode's does). ``num_processes`` sets the CPU threads.
-    """
-
-    def __init__(self, labels, model_path=None, alpha=0, beta=0, cutoff_top_n=40, cutoff_prob=1.0,
-                 beam_width=100, num_processes=4, blank_id=0, log_probs_input=False):
-        if model_path is not None:
-            raise NotImplementedError(
-                "narvl.CTCBeamDecoder has no language-model (KenLM) scoring: model_path must be "
-                "None (alpha and beta are then unused)")
-        self._labels = list(labels)
-        if not self._labels:
-            raise ValueError("labels must not be empty")
-        _check_int(blank_id, "blank_id", 0, len(self._labels))
-        _check_int(beam_width, "beam_width", 1)
-        _check_int(cutoff_top_n, "cutoff_top_n", 1)
-        _check_int(num_processes, "num_processes", 1)
-        if not 0.0 < float(cutoff_prob) <= 1.0:
-            raise ValueError(f"cutoff_prob must be in (0, 1], got {cutoff_prob}")
-        self._beam_width, self._blank = beam_width, blank_id
-        self._cutoff_top_n, self._cutoff_prob = cutoff_top_n, float(cutoff_prob)
-        self._num_processes, self._log_probs_input = num_processes, bool(log_probs_input)
-
-    def decode(self, probs, seq_lens=None):
-        if not isinstance(probs, torch.Tensor):
-            raise TypeError(f"probs must be a torch.Tensor, got {type(probs).__name__}")
-        if probs.dim() != 3:
-            raise ValueError(f"probs must be 3-D (batch, time, vocabulary), got {tuple(probs.shape)}")
-        if probs.shape[2] != len(self._labels):
-            raise ValueError(f"probs has a vocabulary of {probs.shape[2]} but labels has "
-                             f"{len(self._labels)} entries")
-        res = ctc_prefix_beam_search(
-            probs, seq_lens, beam_width=self._beam_width, blank=self._blank,
-            cutoff_top_n=self._cutoff_top_n, cutoff_prob=self._cutoff_prob,
-            log_probs_input=self._log_probs_input, num_threads=self._num_processes)
-        tokens = res.tokens.clamp_min(0).to(torch.int32).cpu()
-        steps = res.timesteps.clamp_min(0).to(torch.int32).cpu()
-        return tokens, (-res.scores).float().cpu(), steps, res.lengths.to(torch.int32).cpu()
-
-    def character_based(self):
-        return True
-
-    def max_order(self):
-        return 0
-
-    def dict_size(self):
-        return 0
-
-    def reset_params(self, alpha, beta):
-        pass

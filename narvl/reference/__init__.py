@@ -7,8 +7,11 @@ from .ctc import (  # noqa: F401
     qctc_terms_reference,
 )
 from .decode import (  # noqa: F401
+    ArpaReference,
+    beam_search_lm_reference,
     beam_search_reference,
     greedy_decode_reference,
+    hotword_boost,
     labeling_logprobs_bruteforce,
 )
 from .attention import query_attention_reference  # noqa: F401
