@@ -36,6 +36,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "triton", "numpy"],
         "triton": ["triton"],
+        "kenlm": ["kenlm"],
         "bench": ["pytest-benchmark", "flashlight-text", "pyctcdecode"],
     },
 )

@@ -56,15 +56,14 @@ struct Cand {
 
 // The k largest entries of a row as log-probabilities, sorted descending (ties: lower token id),
 // and the log-probability of `blank` (any rank). Selection runs on the raw values (same order
-// for probabilities, log-probabilities and logits): a min-heap of size k fed block by block,
-// where a block of 64 whose maximum cannot enter the heap is skipped with one comparison. For
-// logits the row's log-sum-exp comes from the same read as the block maxima.
+// for probabilities, log-probabilities and logits) from per-block maxima (blocks of 64), never a
+// sort of V. For logits the row's log-sum-exp comes from the same read as the block maxima.
 template <typename scalar_t>
 void top_candidates(const scalar_t* xr, int64_t V, int64_t k, int64_t input, int64_t blank,
                     std::vector<Cand>& heap, float* blank_lp) {
   constexpr int64_t kBlock = 64;
   static thread_local std::vector<float> bmax;
-  static thread_local std::vector<float> sel;  // min-heap of the k largest block maxima
+  static thread_local std::vector<float> sel;  // block maxima, partially sorted
   const float* x = float_row(xr, V);
   const int64_t nblk = (V + kBlock - 1) / kBlock;
   if (static_cast<int64_t>(bmax.size()) < nblk) bmax.resize(nblk);
@@ -75,40 +74,23 @@ void top_candidates(const scalar_t* xr, int64_t V, int64_t k, int64_t input, int
   heap.clear();
   auto cmp = [](const Cand& a, const Cand& b) { return a.lp > b.lp || (a.lp == b.lp && a.tok < b.tok); };
   // The k-th largest block maximum bounds the k-th largest value from below (those k blocks
-  // each hold a value at least that large): only blocks reaching it are scanned (about k).
+  // each hold a value at least that large): only values reaching it, in blocks reaching it,
+  // are gathered (about k to 2k of them), then the k best of those are selected.
   float floor = -std::numeric_limits<float>::infinity();
   if (nblk > k) {
-    sel.assign(bmax.begin(), bmax.begin() + k);
-    std::make_heap(sel.begin(), sel.end(), std::greater<float>());
-    for (int64_t blk = k; blk < nblk; ++blk) {
-      if (bmax[blk] > sel.front()) {
-        std::pop_heap(sel.begin(), sel.end(), std::greater<float>());
-        sel.back() = bmax[blk];
-        std::push_heap(sel.begin(), sel.end(), std::greater<float>());
-      }
-    }
-    floor = sel.front();
+    sel.assign(bmax.begin(), bmax.begin() + nblk);
+    std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<float>());
+    floor = sel[k - 1];
   }
-  float thr = -std::numeric_limits<float>::infinity();
   for (int64_t blk = 0; blk < nblk; ++blk) {
-    if (bmax[blk] < floor) continue;
-    const bool full = static_cast<int64_t>(heap.size()) == k;
-    if (full && !(bmax[blk] > thr)) continue;
+    if (!(bmax[blk] >= floor)) continue;
     const int64_t e = std::min(V, (blk + 1) * kBlock);
-    for (int64_t v = blk * kBlock; v < e; ++v) {
-      const float f = x[v];
-      if (f < floor) continue;
-      if (static_cast<int64_t>(heap.size()) < k) {
-        heap.push_back({f, static_cast<int32_t>(v)});
-        std::push_heap(heap.begin(), heap.end(), cmp);
-        if (static_cast<int64_t>(heap.size()) == k) thr = heap.front().lp;
-      } else if (f > thr) {
-        std::pop_heap(heap.begin(), heap.end(), cmp);
-        heap.back() = {f, static_cast<int32_t>(v)};
-        std::push_heap(heap.begin(), heap.end(), cmp);
-        thr = heap.front().lp;
-      }
-    }
+    for (int64_t v = blk * kBlock; v < e; ++v)
+      if (x[v] >= floor) heap.push_back({x[v], static_cast<int32_t>(v)});
+  }
+  if (static_cast<int64_t>(heap.size()) > k) {
+    std::nth_element(heap.begin(), heap.begin() + (k - 1), heap.end(), cmp);
+    heap.resize(k);
   }
   auto to_log = [&](float f) {
     return input == kProbs ? std::log(f) : input == kLogits ? f - lse : f;
