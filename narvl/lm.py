@@ -38,12 +38,17 @@ class LanguageModel(abc.ABC):
         """ln P(word | context)."""
 
 
-def _read_text(path):
+def _opener(path):
+    """gzip.open for a gzipped file, else open; FileNotFoundError when it does not exist."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"language model file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
+    return gzip.open if head == b"\x1f\x8b" else open
+
+
+def _read_text(path):
+    opener = _opener(path)
     try:
         with opener(path, "rb") as f:
             data = f.read()
@@ -58,11 +63,7 @@ def _read_text(path):
 def is_arpa(path) -> bool:
     """Whether ``path`` (plain or gzipped) is an ARPA text file (it has a ``\\data\\`` line near
     its start)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"language model file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
+    opener = _opener(path)
     try:
         with opener(path, "rb") as f:
             start = f.read(65536)
