@@ -16,18 +16,16 @@ import torch
 
 from . import _backend
 from .lm import ArpaLanguageModel, LanguageModel, load_language_model
-from .ops.decode import _check_int, _check_scores, _lengths, ctc_prefix_beam_search, input_kind
+from .ops.decode import (_check_int, _check_scores, _lengths, _run_checked, ctc_prefix_beam_search,
+                         input_kind)
 
 DEFAULT_HOTWORD_WEIGHT = 10.0  # pyctcdecode's
 
 
-def _nan_to_value_error(fn, name):
-    try:
-        return fn()
-    except RuntimeError as exc:
-        if "narvl: NaN in scores" in str(exc):
-            raise ValueError(f"{name} contains NaN") from None
-        raise
+def _native_checked(probs, fn):
+    """Runs a native decoder call on CPU ``probs``: the C++ row scan reports NaN, which
+    ``_run_checked`` turns into a ValueError naming ``probs``."""
+    return _run_checked("op", "probs", probs, fn)
 
 
 class CTCBeamDecoder:
@@ -143,8 +141,8 @@ class CTCBeamDecoder:
             return self._ctcdecode_format(res.tokens, res.lengths, res.scores, res.timesteps)
         probs = probs.detach().cpu()
         lengths = _lengths(seq_lens, "seq_lens", B, T, probs.device)
-        out = _nan_to_value_error(lambda: self._native.decode(probs, lengths, self._beam_width,
-                                                              self._num_processes), "probs")
+        out = _native_checked(probs, lambda: self._native.decode(probs, lengths, self._beam_width,
+                                                                 self._num_processes))
         tokens, lens, scores, steps = out
         return self._ctcdecode_format(tokens, lens, scores, steps)
 
@@ -197,10 +195,10 @@ class OnlineCTCBeamDecoder(CTCBeamDecoder):
             native_states.append(s.state)
         probs = probs.detach().cpu()
         lengths = _lengths(seq_lens, "seq_lens", B, T, probs.device)
-        out = _nan_to_value_error(
-            lambda: self._native.decode_chunk(probs, lengths, native_states,
-                                              [bool(e) for e in is_eos_s], self._beam_width,
-                                              self._num_processes), "probs")
+        out = _native_checked(
+            probs, lambda: self._native.decode_chunk(probs, lengths, native_states,
+                                                     [bool(e) for e in is_eos_s], self._beam_width,
+                                                     self._num_processes))
         return self._ctcdecode_format(*out)
 
     def reset_state(self, state):
