@@ -41,6 +41,8 @@ def _parse():
     p.add_argument("--dry-run", action="store_true",
                    help="run the whole control flow on CPU tensors in the Triton interpreter")
     p.add_argument("--only", choices=("checks", "bench", "profile"), default=None)
+    p.add_argument("--ops", default="qctc,ctc,attention,decode",
+                   help="comma-separated subset of qctc, ctc, attention, decode")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -368,7 +370,11 @@ def bench_qctc(bn, dev, shapes, bw):
             for mode in ("fwd", "fwdbwd"):
                 floor_bytes = nbytes if mode == "fwd" else 3 * nbytes
                 group = f"qctc {name} B{B} N{N} V{V} {dname} {mode}"
-                for impl, fn in (("narvl", mine), ("narvl NARVL_CHECK=0", mine), ("torch", theirs)):
+                impls = [("narvl", mine), ("narvl NARVL_CHECK=0", mine), ("torch", theirs)]
+                if name == "caption" and dev.type == "cuda":
+                    # launch overhead out of the way: torch.compile with CUDA graphs
+                    impls += [("narvl compiled", _compiled(mine)), ("torch compiled", _compiled(theirs))]
+                for impl, fn in impls:
                     if mode == "fwd":
                         def run(fn=fn):
                             with torch.no_grad():
@@ -387,6 +393,11 @@ def bench_qctc(bn, dev, shapes, bw):
                         bn.rows[-1].update(GBps=gbps, hbm_frac=gbps / bw)
                         bn.save()
             del x
+
+
+def _compiled(fn):
+    """fn under torch.compile(mode="reduce-overhead"): CUDA graphs replay the launches."""
+    return torch.compile(fn, mode="reduce-overhead", dynamic=False)
 
 
 def _flex(dev):
@@ -412,6 +423,8 @@ def bench_attention(bn, dev, shapes):
             keep = torch.arange(Lk, device=dev)[None, :] < lens[:, None]
             maskf = torch.zeros(keep.shape, dtype=dt, device=dev).masked_fill(~keep, float("-inf"))[:, None, None, :]
             impls = {"narvl": lambda q, k, v, b: narvl.query_attention(q, k, v, lens, b)}
+            if dev.type == "cuda" and name == "cross":
+                impls["narvl compiled"] = _compiled(lambda q, k, v, b: narvl.query_attention(q, k, v, lens, b))
             for bname, be in (("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
                               ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-math", SDPBackend.MATH)):
                 def sd(q, k, v, b, be=be):
@@ -483,6 +496,25 @@ def _no_checks(fn):
     return run
 
 
+def _host_profile(fn, sync, iters=20):
+    """cProfile of the host side of fn: the 12 functions with the most own time, per call."""
+    import cProfile
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(iters):
+        fn()
+    sync()
+    pr.disable()
+    st = pstats.Stats(pr)
+    rows = []
+    for (file, line, func), (cc, nc, tt, ct, _) in st.stats.items():
+        rows.append({"func": f"{os.path.basename(file)}:{line}:{func}", "calls": nc // iters,
+                     "own_us": tt * 1e6 / iters, "cum_us": ct * 1e6 / iters})
+    rows.sort(key=lambda r: -r["own_us"])
+    return rows[:12]
+
+
 def profile_calls(dev, calls, path):
     """Per call: host wall time per iteration and the device time of each kernel it launched
     (torch.profiler), so launch overhead and host syncs show apart from kernel time."""
@@ -491,7 +523,7 @@ def profile_calls(dev, calls, path):
     out = []
     for name, fn in calls:
         try:
-            for _ in range(3):
+            for _ in range(3 if dev.type == "cuda" else 1):
                 fn()
             sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
             sync()
@@ -509,7 +541,8 @@ def profile_calls(dev, calls, path):
                                     "device_ms": e.self_device_time_total / 1e3 / iters})
             kernels.sort(key=lambda r: -r["device_ms"])
             total = sum(k["device_ms"] for k in kernels)
-            out.append({"call": name, "wall_ms_profiled": wall, "device_ms": total, "kernels": kernels[:12]})
+            out.append({"call": name, "wall_ms_profiled": wall, "device_ms": total, "kernels": kernels[:12],
+                        "host_top": _host_profile(fn, sync, 20 if dev.type == "cuda" else 2)})
             print(f"  {name:<52} wall {wall:8.3f} ms  kernels {total:8.3f} ms", flush=True)
             for k in kernels[:5]:
                 print(f"      {k['device_ms']:8.3f} ms x{k['calls']:<3} {k['kernel'][:80]}", flush=True)
@@ -521,7 +554,7 @@ def profile_calls(dev, calls, path):
     return out
 
 
-def profile_suite(dev, dry, path):
+def profile_suite(dev, dry, path, ops):
     g = torch.Generator().manual_seed(4)
     B, N, V = (2, 5, 19) if dry else (32, 20, V_OFA)
     x = (torch.randn(B, N, V, generator=g) * 3).to(dev)
@@ -549,7 +582,8 @@ def profile_suite(dev, dry, path):
         ("beam B256 caption", lambda: narvl.ctc_prefix_beam_search(lp, beam_width=3 if dry else 10,
                                                                    blank=Vd - 1)),
     ]
-    return profile_calls(dev, calls, path)
+    want = {"qctc": "qctc", "attention": "attention", "greedy": "decode", "beam": "decode"}
+    return profile_calls(dev, [c for c in calls if want[c[0].split()[0]] in ops], path)
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -563,21 +597,24 @@ def main(args):
     info = env_info(dev)
     print(json.dumps(info), flush=True)
     g = torch.Generator().manual_seed(args.seed)
+    ops = set(args.ops.split(","))
+    if not ops <= {"qctc", "ctc", "attention", "decode"}:
+        raise SystemExit(f"gpu_suite: --ops takes qctc, ctc, attention, decode; got {args.ops}")
     failed = 0
     if args.only in (None, "checks"):
         ch = Checks(os.path.join(args.out, "gpu_checks.json"), info)
         t0 = time.time()
-        if dry:
-            check_qctc(ch, dev, [(2, 5, 19)], g)
-            check_ctc(ch, dev, [(7, 2, 11)], g)
-            check_attention(ch, dev, [(2, 2, 3, 21, 16)], g)
-            check_decode(ch, dev, [(2, 5, 13)], [1, 3], g)
-        else:
-            check_qctc(ch, dev, [(3, 7, 33), (5, 20, 1000), (4, 6, V_OFA), (2, 200, 1001)], g)
-            check_ctc(ch, dev, [(7, 3, 11), (50, 4, 97)], g)
-            check_attention(ch, dev, [(2, 3, 5, 37, 16), (2, 2, 20, 130, 64), (2, 2, 6, 93, 80),
-                                      (1, 2, 7, 61, 128), (4, 12, 20, 930, 64)], g)
-            check_decode(ch, dev, [(3, 7, 33), (4, 20, 1000)], [1, 10], g)
+        if "qctc" in ops:
+            check_qctc(ch, dev, [(2, 5, 19)] if dry else [(3, 7, 33), (5, 20, 1000), (4, 6, V_OFA), (2, 200, 1001)], g)
+        if "ctc" in ops:
+            check_ctc(ch, dev, [(7, 2, 11)] if dry else [(7, 3, 11), (50, 4, 97)], g)
+        if "attention" in ops:
+            check_attention(ch, dev, [(2, 2, 3, 21, 16)] if dry else [
+                (2, 3, 5, 37, 16), (2, 2, 20, 130, 64), (2, 2, 6, 93, 80), (1, 2, 7, 61, 128),
+                (4, 12, 20, 930, 64)], g)
+        if "decode" in ops:
+            check_decode(ch, dev, [(2, 5, 13)] if dry else [(3, 7, 33), (4, 20, 1000), (3, 5, V_OFA)],
+                         [1, 3] if dry else [1, 10], g)
         failed = sum(not r["ok"] for r in ch.rows)
         ch.save(failed=failed, complete=True)
         print(f"checks: {len(ch.rows) - failed} ok, {failed} failed ({time.time() - t0:.0f} s)", flush=True)
@@ -586,19 +623,20 @@ def main(args):
         bw = copy_bandwidth(dev, dry)
         bn = Bench(dev, dry, os.path.join(args.out, "gpu_bench.json"), {**info, "copy_GBps": bw})
         print(f"  device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
-        if dry:
-            bench_qctc(bn, dev, {"tiny": (2, 5, 19)}, bw)
-            bench_attention(bn, dev, {"tiny": (2, 2, 3, 21, 16)})
-            bench_decode(bn, dev, {"tiny": (4, 5, 13)}, [1, 3])
-        else:
-            bench_qctc(bn, dev, {"caption": (32, 20, V_OFA), "vqa": (64, 6, V_OFA), "asr": (16, 200, 1000),
-                                 "caption-B256": (256, 20, V_OFA)}, bw)
-            bench_attention(bn, dev, {"cross": (32, 12, 20, 930, 64), "dec-b1": (1, 4, 6, 28, 64)})
-            bench_decode(bn, dev, {"caption": (256, 20, V_OFA), "vqa": (256, 6, V_OFA)}, [1, 10])
+        if "qctc" in ops:
+            bench_qctc(bn, dev, {"tiny": (2, 5, 19)} if dry else {
+                "caption": (32, 20, V_OFA), "vqa": (64, 6, V_OFA), "asr": (16, 200, 1000),
+                "caption-B256": (256, 20, V_OFA)}, bw)
+        if "attention" in ops:
+            bench_attention(bn, dev, {"tiny": (2, 2, 3, 21, 16)} if dry else {
+                "cross": (32, 12, 20, 930, 64), "dec-b1": (1, 4, 6, 28, 64)})
+        if "decode" in ops:
+            bench_decode(bn, dev, {"tiny": (4, 5, 13)} if dry else {
+                "caption": (256, 20, V_OFA), "vqa": (256, 6, V_OFA)}, [1, 3] if dry else [1, 10, 32])
         bn.save(complete=True)
         print(f"bench: {len(bn.rows)} rows ({time.time() - t0:.0f} s)", flush=True)
     if args.only in (None, "profile"):
-        profile_suite(dev, dry, os.path.join(args.out, "gpu_profile.json"))
+        profile_suite(dev, dry, os.path.join(args.out, "gpu_profile.json"), ops)
     return 1 if failed else 0
 
 

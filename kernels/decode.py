@@ -25,19 +25,22 @@ _HASH_MUL = 4194301
 
 
 @triton.jit
-def _argmax_kernel(X, stride_b, stride_t, T, V, OUT, BLOCK_V: tl.constexpr):
+def _argmax_kernel(X, stride_b, stride_t, T, V, OUT, NANF, BLOCK_V: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     b = r // T
     t = r % T
     row = X + b * stride_b + t * stride_t
     best = tl.full((BLOCK_V,), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_V,), tl.int64)
+    nan = tl.zeros((BLOCK_V,), tl.int32)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         x = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        nan += (x != x).to(tl.int32)
         upd = x > best
         arg = tl.where(upd, offs, arg)
         best = tl.where(upd, x, best)
+    tl.store(NANF + r, tl.sum(nan, 0))
     m = tl.max(best, 0)
     tl.store(OUT + r, tl.min(tl.where(best == m, arg, V), 0))
 
@@ -71,31 +74,64 @@ def _key_value(key):
 
 
 @triton.jit
-def _topk_kernel(X, stride_b, stride_t, T, V, TOPV, TOPI, INPUT: tl.constexpr,
-                 K: tl.constexpr, BLOCK_V: tl.constexpr):
+def _frame_keys(row, offs, V, INPUT: tl.constexpr):
+    """(x as float32 log-scores, int64 keys, valid mask) of the row's columns offs."""
+    m = offs < V
+    x = tl.load(row + offs, mask=m, other=1.0).to(tl.float32)
+    if INPUT == 0:
+        x = tl.log(x)
+    return x, tl.where(m, _ordered_key(x, offs, V), -9223372036854775807 - 1), m
+
+
+@triton.jit
+def _topk_kernel(X, stride_b, stride_t, T, V, TOPV, TOPI, NANF, SCR, INPUT: tl.constexpr,
+                 K: tl.constexpr, BLOCK_V: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr):
+    """Top K keys of one frame in two reads of the row, with two tl.topk calls in all.
+
+    Pass 1 keeps each lane's largest key over the chunks (and, for logits, the online
+    log-sum-exp; NaNs are counted). The K-th largest lane maximum kth is <= the K-th largest key,
+    so every top-K key is >= kth; at most K lanes hold keys >= kth, each at most one per chunk,
+    so pass 2 compacts at most K * chunks <= CAP candidates (prefix sum, masked store) into the
+    frame's scratch row SCR, and one tl.topk over them (SMALL of them when they fit, the usual
+    case) gives the answer. Keys are unique (the index is in the low bits), so the result is
+    exactly the top K, ties to the lower token id."""
     r = tl.program_id(0).to(tl.int64)
     b = r // T
     t = r % T
     row = X + b * stride_b + t * stride_t
     lowest = -9223372036854775807 - 1
-    run = tl.full((K,), lowest, tl.int64)
+    lane = tl.full((BLOCK_V,), lowest, tl.int64)
+    nan = tl.zeros((BLOCK_V,), tl.int32)
     m_run = tl.full((), float("-inf"), tl.float32)  # logits: running max and sum of exp
     s_run = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
-        m = offs < V
-        x = tl.load(row + offs, mask=m, other=1.0).to(tl.float32)
-        if INPUT == 0:
-            x = tl.log(x)
+        x, key, m = _frame_keys(row, offs, V, INPUT)
+        nan += (x != x).to(tl.int32)
         if INPUT == 2:  # the row's log-sum-exp in the same read (online softmax)
             cm = tl.max(tl.where(m, x, float("-inf")), 0)
             nm = tl.maximum(m_run, cm)
             sh = tl.where(nm == float("-inf"), 0.0, nm)
             s_run = s_run * tl.exp(m_run - sh) + tl.sum(tl.where(m, tl.exp(x - sh), 0.0), 0)
             m_run = nm
-        key = tl.where(m, _ordered_key(x, offs, V), lowest)
-        both = tl.reshape(tl.join(run, tl.topk(key, K)), (2 * K,))
-        run = tl.topk(both, K)
+        lane = tl.maximum(lane, key)
+    kth = tl.min(tl.topk(lane, K), 0)
+    tl.store(NANF + r, tl.sum(nan, 0))
+    scr = SCR + r * CAP
+    base = tl.zeros((), tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        x, key, m = _frame_keys(row, offs, V, INPUT)
+        c = m & (key >= kth)
+        pos = base + tl.cumsum(c.to(tl.int32), 0) - 1
+        tl.store(scr + pos, key, mask=c)
+        base += tl.sum(c.to(tl.int32), 0)
+    if base <= SMALL:
+        js = tl.arange(0, SMALL)
+        run = tl.topk(tl.load(scr + js, mask=js < base, other=lowest), K)
+    else:
+        jc = tl.arange(0, CAP)
+        run = tl.topk(tl.load(scr + jc, mask=jc < base, other=lowest), K)
     ok = run != lowest
     idx = tl.where(ok, (V - 1) - (run & 0xFFFFFFFF), -1)
     val = tl.where(ok, _key_value(run), float("-inf"))
@@ -215,8 +251,16 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
 # ----------------------------------------------------------------------------------- launchers
 
 
-def greedy_decode(scores, lengths, blank):
-    """scores (B, T, V) -> (tokens (B, T) int64 padded with -1, out_lens (B,) int64)."""
+def _raise_on_nan(nanf):
+    """One host read of the per-frame NaN counts the scans kept (no extra pass over the scores);
+    the message is the one the C++ kernels raise, which the ops layer turns into a ValueError."""
+    if bool(nanf.any()):
+        raise RuntimeError("narvl: NaN in scores")
+
+
+def greedy_decode(scores, lengths, blank, nan_check=False):
+    """scores (B, T, V) -> (tokens (B, T) int64 padded with -1, out_lens (B,) int64).
+    nan_check: raise RuntimeError("narvl: NaN in scores") when a frame holds NaN."""
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     B, T, V = scores.shape
@@ -226,15 +270,41 @@ def greedy_decode(scores, lengths, blank):
     out_lens = torch.zeros(B, dtype=torch.int64, device=dev)
     if B * T == 0:
         return tokens, out_lens
-    _argmax_kernel[(B * T,)](scores, scores.stride(0), scores.stride(1), T, V, ids,
+    nanf = torch.empty(B * T, dtype=torch.int32, device=dev)
+    _argmax_kernel[(B * T,)](scores, scores.stride(0), scores.stride(1), T, V, ids, nanf,
                              BLOCK_V=max(16, min(4096, triton.next_power_of_2(V))), num_warps=4)
+    if nan_check:
+        _raise_on_nan(nanf)
     _collapse_kernel[(B,)](ids, T, lengths.to(device=dev, dtype=torch.int64).contiguous(), tokens,
                            out_lens, blank, BLOCK_T=max(16, triton.next_power_of_2(T)))
     return tokens, out_lens
 
 
-def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind):
-    """Same contract as torch.ops.narvl.ctc_beam_search (see narvl.ctc_prefix_beam_search)."""
+_TOPK_BLOCK = 2048  # the scan's chunk width over V (tests lower it to cover many chunks)
+
+
+def frame_topk(scores, K, input_kind):
+    """scores (B, T, V), last dim contiguous, B*T > 0 -> (values (B, T, K) float32
+    log-probabilities, ids (B, T, K) int32, NaN counts (B*T,) int32): each frame's K largest
+    scores, best first, ties to the lower id (-inf / -1 past V)."""
+    B, T, V = scores.shape
+    dev = scores.device
+    topv = torch.empty(B, T, K, dtype=torch.float32, device=dev)
+    topi = torch.empty(B, T, K, dtype=torch.int32, device=dev)
+    nanf = torch.empty(B * T, dtype=torch.int32, device=dev)
+    block_v = max(K, min(_TOPK_BLOCK, triton.next_power_of_2(V)))
+    cap = triton.next_power_of_2(K * triton.cdiv(V, block_v))
+    scratch = torch.empty(B * T, cap, dtype=torch.int64, device=dev)
+    _topk_kernel[(B * T,)](scores, scores.stride(0), scores.stride(1), T, V, topv, topi, nanf,
+                           scratch, INPUT=int(input_kind), K=K, BLOCK_V=block_v, CAP=cap,
+                           SMALL=min(cap, 4 * K), num_warps=4)
+    return topv, topi, nanf
+
+
+def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
+                nan_check=False):
+    """Same contract as torch.ops.narvl.ctc_beam_search (see narvl.ctc_prefix_beam_search);
+    nan_check as in greedy_decode."""
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     B, T, V = scores.shape
@@ -248,12 +318,13 @@ def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, n
     steps = torch.full((B, nbest, T), -1, dtype=torch.int64, device=dev)
     out_lens = torch.zeros(B, nbest, dtype=torch.int64, device=dev)
     out_scores = torch.full((B, nbest), float("-inf"), dtype=torch.float32, device=dev)
-    topv = torch.empty(B, max(T, 1), K, dtype=torch.float32, device=dev)
-    topi = torch.empty(B, max(T, 1), K, dtype=torch.int32, device=dev)
     if B * T > 0:
-        _topk_kernel[(B * T,)](scores, scores.stride(0), scores.stride(1), T, V, topv, topi,
-                               INPUT=int(input_kind), K=K,
-                               BLOCK_V=max(K, min(2048, triton.next_power_of_2(V))), num_warps=4)
+        topv, topi, nanf = frame_topk(scores, K, input_kind)
+        if nan_check:
+            _raise_on_nan(nanf)
+    else:
+        topv = torch.empty(B, 1, K, dtype=torch.float32, device=dev)
+        topi = torch.empty(B, 1, K, dtype=torch.int32, device=dev)
     scr_f = torch.empty(B, 3 * NCP, dtype=torch.float32, device=dev)
     scr_i = torch.empty(B, 5 * NCP, dtype=torch.int64, device=dev)
     bp_par = torch.empty(B, max(T, 1), BEAM, dtype=torch.int64, device=dev)

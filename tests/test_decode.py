@@ -154,3 +154,78 @@ def test_beam_threads_do_not_change_results(monkeypatch):
     a = narvl.ctc_prefix_beam_search(lp, L, beam_width=6, num_threads=1)
     b = narvl.ctc_prefix_beam_search(lp, L, beam_width=6, num_threads=2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------- the Triton frame top-k (two-pass select)
+
+def _topk_oracle(x, K):
+    """Each frame's K largest entries, best first, ties to the lower id (float64 sort)."""
+    B, T, V = x.shape
+    xs = x.double().reshape(-1, V)
+    ids = torch.arange(V, dtype=torch.float64).expand_as(xs)
+    order = torch.stack([torch.tensor(sorted(range(V), key=lambda j: (-xs[r, j].item(), j)))
+                         for r in range(xs.shape[0])])
+    k = min(K, V)
+    vals = torch.full((xs.shape[0], K), float("-inf"), dtype=torch.float64)
+    idx = torch.full((xs.shape[0], K), -1, dtype=torch.int64)
+    vals[:, :k] = xs.gather(1, order[:, :k])
+    idx[:, :k] = ids.gather(1, order[:, :k]).long()
+    return vals.reshape(B, T, K), idx.reshape(B, T, K)
+
+
+def _frames(kind, B, T, V, g):
+    if kind == "random":
+        return torch.randn(B, T, V, generator=g) * 3
+    if kind == "ties":  # every score equal: the K lowest ids
+        return torch.zeros(B, T, V)
+    if kind == "few-values":  # heavy ties between distinct values
+        return torch.randint(0, 3, (B, T, V), generator=g).float()
+    if kind == "one-lane":  # the largest scores all sit in a few lanes of every chunk
+        v = torch.arange(V, dtype=torch.float32)
+        lane = v.remainder(16)
+        return (-(lane * 1000.0) + v / V).expand(B, T, V).contiguous()
+    if kind == "increasing":
+        return torch.arange(V, dtype=torch.float32).expand(B, T, V).contiguous()
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "few-values", "one-lane", "increasing"])
+@pytest.mark.parametrize("V, block", [(5, 16), (37, 16), (203, 16), (203, 32), (1000, 2048)])
+def test_frame_topk_is_exact(monkeypatch, kind, V, block):
+    """The kernel's two reads (lane maxima, then compaction of the candidates >= the K-th lane
+    maximum) give exactly each frame's top K, for one chunk and for many (the adversarial
+    layouts put more candidates than the small buffer holds)."""
+    from narvl.kernels import decode as kd
+    monkeypatch.setattr(kd, "_TOPK_BLOCK", block)
+    g = torch.Generator().manual_seed(V + block)
+    x = _frames(kind, 2, 3, V, g)
+    K = 16
+    vals, ids, nanf = kd.frame_topk(x, K, 1)
+    rv, ri = _topk_oracle(x, K)
+    assert torch.equal(ids.long(), ri)
+    assert torch.equal(vals.double(), rv.float().double())
+    assert nanf.tolist() == [0] * 6
+
+
+@pytest.mark.parametrize("input_kind", [0, 2])
+def test_frame_topk_probs_and_logits(monkeypatch, input_kind):
+    from narvl.kernels import decode as kd
+    monkeypatch.setattr(kd, "_TOPK_BLOCK", 16)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 4, 77, generator=g) * 2
+    x = logits.softmax(-1) if input_kind == 0 else logits
+    vals, ids, _ = kd.frame_topk(x, 16, input_kind)
+    rv, ri = _topk_oracle(logits.double().log_softmax(-1), 16)
+    assert torch.equal(ids.long(), ri)
+    torch.testing.assert_close(vals.double(), rv, atol=2e-5, rtol=0)
+
+
+def test_frame_topk_counts_nan(monkeypatch):
+    from narvl.kernels import decode as kd
+    monkeypatch.setattr(kd, "_TOPK_BLOCK", 16)
+    x = torch.randn(2, 3, 50)
+    x[0, 1, 7] = float("nan")
+    x[1, 2, 40] = float("nan")
+    x[1, 2, 3] = float("nan")
+    _, _, nanf = kd.frame_topk(x, 16, 1)
+    assert nanf.tolist() == [0, 1, 0, 0, 0, 2]

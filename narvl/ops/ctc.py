@@ -431,10 +431,11 @@ def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, r
         if weights.shape != (B,):
             raise ValueError(f"weights must have shape ({B},), got {tuple(weights.shape)}")
         weights = weights.to(logits.device)
-    _raise_if_any([
-        _range_check(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets"),
-        _range_check(ql, 0, N, "query_lengths", "a query length must fit in the N query slots"),
-        *_label_checks(targets, tl_, V, blank)])
+    if _eager_checks():  # the masks are not even built without checks (no launches, no sync)
+        _raise_if_any([
+            _range_check(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets"),
+            _range_check(ql, 0, N, "query_lengths", "a query length must fit in the N query slots"),
+            *_label_checks(targets, tl_, V, blank)])
     _check_finite_input(logits, "logits")
     targets = targets.long()
     nll, smooth = _run("qctc", logits, targets, ql, tl_, blank)
@@ -473,15 +474,18 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
     il = _as_lengths(input_lengths, "input_lengths", B, log_probs.device)
     tl_ = _as_lengths(target_lengths, "target_lengths", B, log_probs.device)
     if targets.dim() == 1:
-        _raise_if_any([_range_check(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
-                       _range_check(tl_, 0, targets.numel(), "target_lengths", "lengths must fit the targets")])
+        if _eager_checks():
+            _raise_if_any([
+                _range_check(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
+                _range_check(tl_, 0, targets.numel(), "target_lengths", "lengths must fit the targets")])
         targets = _pad_concatenated(targets, tl_)
     elif targets.dim() != 2 or targets.shape[0] != B:
         raise ValueError(f"targets must be (B={B}, S) or 1-D concatenated, got {tuple(targets.shape)}")
-    _raise_if_any([
-        _range_check(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
-        _range_check(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets"),
-        *_label_checks(targets, tl_, C, blank)])
+    if _eager_checks():
+        _raise_if_any([
+            _range_check(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
+            _range_check(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets"),
+            *_label_checks(targets, tl_, C, blank)])
     _check_finite_input(log_probs, "log_probs")
     targets = targets.long()
     nll, _ = _run("ctc", log_probs, targets, il, tl_, blank)

@@ -42,14 +42,14 @@ def _tk():
 
 @torch.library.register_kernel("narvl::ctc_greedy_decode", "cuda")
 def _greedy_cuda(scores, lengths, blank):
-    return _tk().greedy_decode(scores, lengths, blank)
+    return _tk().greedy_decode(scores, lengths, blank, nan_check=_checks())
 
 
 @torch.library.register_kernel("narvl::ctc_beam_search", "cuda")
 def _beam_cuda(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
                num_threads):
     return _tk().beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest,
-                             input_kind)
+                             input_kind, nan_check=_checks())
 
 
 if not _backend.NATIVE:
@@ -101,10 +101,10 @@ def _check_scores(scores, name):
 
 
 def _run_checked(route, name, scores, fn):
-    """Runs fn(); NaN in scores -> ValueError. The C++ kernels detect NaN in their row scans
-    (no extra pass); elsewhere one isnan pass runs first."""
-    native = route == "op" and scores.device.type == "cpu" and _backend.NATIVE
-    if not native:
+    """Runs fn(); NaN in scores -> ValueError. The C++ and Triton kernels detect NaN in their
+    row scans (no extra pass); the reference route runs one isnan pass first."""
+    fused = (route == "op" and (scores.device.type == "cuda" or _backend.NATIVE)) or route == "triton-cpu"
+    if not fused:
         if _checks() and bool(torch.isnan(scores).any()):
             raise ValueError(f"{name} contains NaN")
         return fn()
@@ -169,7 +169,7 @@ def ctc_greedy_decode(log_probs, lengths=None, blank=0):
     if route == "reference":
         fn = lambda: ref.greedy_decode_reference(log_probs, lengths, blank)  # noqa: E731
     elif route == "triton-cpu":
-        fn = lambda: _tk().greedy_decode(log_probs, lengths, blank)  # noqa: E731
+        fn = lambda: _tk().greedy_decode(log_probs, lengths, blank, nan_check=_checks())  # noqa: E731
     else:
         fn = lambda: _OPS.ctc_greedy_decode(log_probs, lengths, blank)  # noqa: E731
     return _run_checked(route, "log_probs", log_probs, fn)
@@ -208,7 +208,7 @@ def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, c
     if route == "reference":
         fn = lambda: ref.beam_search_reference(*args)  # noqa: E731
     elif route == "triton-cpu":
-        fn = lambda: _tk().beam_search(*args)  # noqa: E731
+        fn = lambda: _tk().beam_search(*args, nan_check=_checks())  # noqa: E731
     else:
         fn = lambda: _OPS.ctc_beam_search(*args, int(num_threads))  # noqa: E731
     return BeamSearchResult(*_run_checked(route, "log_probs", log_probs, fn))
