@@ -12,7 +12,6 @@ the logits' bytes) next to narvl's medians, with the CPU model.
 """
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import narvl
-from setups import CTC_SHAPES, ctc_inputs
+from setups import CTC_SHAPES, cpu_model, ctc_inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -103,17 +102,6 @@ def test_ctc_peak_memory(benchmark, impl, shape):
     if impl == "narvl":
         # no more than one gradient-sized buffer (plus slack for small tensors)
         assert res["extra_mib"] <= 1.15 * res["grad_mib"] + 16
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _median_seconds(fn, reps=9):

@@ -58,6 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 import narvl  # noqa: E402
 
 try:  # an uninstalled checkout: narvl.kernels is the repo's kernels/ (setup.py's package_dir)
@@ -67,20 +68,10 @@ except ImportError:
 from narvl.reference.attention import query_attention_reference  # noqa: E402
 from narvl.reference.ctc import ctc_loss_reference, qctc_loss_reference  # noqa: E402
 from narvl.reference.decode import beam_search_reference, greedy_decode_reference  # noqa: E402
+from setups import cpu_model  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 V_OFA = 59458
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def env_info(dev):

@@ -1,4 +1,6 @@
 """One setup per op, shared by the benchmarks (and importable for ad-hoc runs)."""
+import platform
+
 import torch
 
 V_OFA = 59458  # OFA's vocabulary + NARVL's blank (narvl-facts.md)
@@ -140,3 +142,15 @@ def backbone_variants(image_size=MODEL_IMAGE_SIZE, seed=0):
     packed = fold_batchnorm_(copy.deepcopy(net))
     pack_for_cpu_(packed, image_size)
     return {"eval": net, "folded": folded, "packed": packed}
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), named in every benchmark result."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
