@@ -229,3 +229,18 @@ def test_frame_topk_counts_nan(monkeypatch):
     x[1, 2, 3] = float("nan")
     _, _, nanf = kd.frame_topk(x, 16, 1)
     assert nanf.tolist() == [0, 1, 0, 0, 0, 2]
+
+
+@pytest.mark.parametrize("fn", ["greedy", "beam"])
+def test_nan_in_scores_is_reported_by_the_scans(backend, monkeypatch, fn):
+    """A single NaN anywhere raises a ValueError naming log_probs (the kernels count NaN in the
+    scans they already make); with NARVL_CHECK=0 the call returns without a check."""
+    x = torch.randn(2, 4, 9).log_softmax(-1)
+    x[1, 3, 5] = float("nan")
+    call = ((lambda: narvl.ctc_greedy_decode(x)) if fn == "greedy"
+            else (lambda: narvl.ctc_prefix_beam_search(x, beam_width=3)))
+    with pytest.raises(ValueError, match="log_probs contains NaN"):
+        call()
+    if backend != "cpp":  # the C++ scans always report NaN
+        monkeypatch.setenv("NARVL_CHECK", "0")
+        call()
