@@ -15,6 +15,8 @@ block): dQ = dS K * scale), with dS = P * (dO V^T - delta), delta = rowsum(dO * 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +25,7 @@ import triton.language as tl
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
     """a @ b with fp32 accumulation. PREC == "upcast": fp32 operands (the Triton interpreter's
-    dot is wrong on bf16 operands; used for CPU tensors only), else the native dot."""
+    dot is wrong on bf16 operands; bf16 under the interpreter only), else the native dot."""
     if PREC == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
@@ -216,10 +218,17 @@ def _blocks(Lq, D):
     return max(16, min(64, triton.next_power_of_2(Lq))), max(16, triton.next_power_of_2(D))
 
 
+# Triton picks interpreter or compiler when the kernels are defined, from the same variable.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
+
+
 def _prec(x):
+    """The dot's mode: "ieee" for fp32/fp64; the native low-precision dot on GPUs, and in the
+    interpreter for fp16 too (the GPU's code path, tested on CPU); "upcast" (fp32 operands) for
+    bf16 in the interpreter only, whose bf16 dot is wrong (numpy has no bf16)."""
     if x.dtype in (torch.float32, torch.float64):
         return "ieee"
-    return "upcast" if x.device.type == "cpu" else "tf32"
+    return "upcast" if _INTERPRET and x.dtype == torch.bfloat16 else "tf32"
 
 
 def _bias_strides(bias, B):
@@ -233,9 +242,20 @@ def _bias_strides(bias, B):
 
 
 def _sm_count(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    """SMs of the GPU the kernels are compiled for: the active Triton driver's (a real GPU, or a
+    stub that compiles for one on a CPU machine, bench/gpu_resources.py); 1 in the interpreter."""
+    if _INTERPRET:
+        return 1
+    index = device.index if device.type == "cuda" and device.index is not None else 0
+    return triton.runtime.driver.active.utils.get_device_properties(index)["multiprocessor_count"]
+
+
+def _warps(x, BLOCK_D):
+    """fp32 tiles of head dim >= 64 take twice the threads: with 4 warps the forward (D 80/128)
+    and dQ kernels spilled up to 1.3 KB and 0.5 KB per thread on sm_90, with 8 none do. The
+    fp32 dK/dV kernel still spills (its FMA dots on transposed tiles; 5-6 KB with 8 warps,
+    8.8 KB with 4): bench/results/gpu_resources.json."""
+    return 8 if x.dtype in (torch.float32, torch.float64) and BLOCK_D >= 64 else 4
 
 
 def _last_contig(x):
@@ -273,7 +293,7 @@ def attention_fwd(q, k, v, key_lengths, bias, scale, num_splits=None):
         v.stride(0), v.stride(1), v.stride(2), *sb, out.stride(0), out.stride(1), out.stride(2),
         H, Lq, Lk, D, float(scale), keys_per_split, num_splits,
         HAS_BIAS=bias_t is not None, SPLIT=split, PREC=_prec(q),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=_warps(q, BLOCK_D))
     if split:
         _combine_kernel[(B * H, mblocks)](
             po, pm, pl, out, lse, out.stride(0), out.stride(1), out.stride(2), H, Lq, D, num_splits,
@@ -307,11 +327,11 @@ def attention_bwd(grad_out, q, k, v, out, lse, key_lengths, bias, scale, bias_gr
     _dkdv_kernel[(B * H, triton.cdiv(Lk, BLOCK_N))](
         q, k, v, bias_arg, lens, do, lse, delta, dk, dv, ds, *common,
         HAS_BIAS=bias_t is not None, STORE_DS=want_ds, PREC=_prec(q), BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=_warps(q, BLOCK_D))
     _dq_kernel[(B * H, triton.cdiv(Lq, BLOCK_M))](
         q, k, v, bias_arg, lens, do, lse, delta, dq, *common,
         HAS_BIAS=bias_t is not None, PREC=_prec(q), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, num_warps=4)
+        BLOCK_D=BLOCK_D, num_warps=_warps(q, BLOCK_D))
     if not want_ds:
         return dq, dk, dv, q.new_empty(0)
     dbias = ds.sum(0) if bias.dim() == 3 else ds

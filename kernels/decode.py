@@ -181,10 +181,21 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
         ext_h = (h[:, None] * HASH_MUL + ci[None, :] + 1) & HASH_MASK
         ext_len = plen[:, None] + 1
         # an extension that recreates a prefix already in the beam merges into that entry
-        same = ((ext_h[:, :, None] == h[None, None, :]) & (ext_len[:, :, None] == plen[None, None, :])
-                & valid[None, None, :] & is_ext[:, :, None])
-        stay_pnb += tl.sum(tl.sum(tl.where(same, ext_val[:, :, None], 0.0), 1), 0)
-        merged = tl.sum(same.to(tl.int32), 2) > 0
+        if BEAM <= 16:  # one (BEAM, K, BEAM) comparison: fits the registers at these widths
+            same = ((ext_h[:, :, None] == h[None, None, :]) & (ext_len[:, :, None] == plen[None, None, :])
+                    & valid[None, None, :] & is_ext[:, :, None])
+            stay_pnb += tl.sum(tl.sum(tl.where(same, ext_val[:, :, None], 0.0), 1), 0)
+            merged = tl.sum(same.to(tl.int32), 2) > 0
+        else:  # one beam entry at a time: (BEAM, K) tiles only, nothing spills
+            merged = tl.zeros((BEAM, K), tl.int1)
+            for m in range(0, beam_width):
+                sel = i == m
+                hm = tl.sum(tl.where(sel, h, 0), 0)
+                lm = tl.sum(tl.where(sel, plen, 0), 0)
+                vm = tl.sum(tl.where(sel & valid, 1, 0), 0) > 0
+                s_m = (ext_h == hm) & (ext_len == lm) & is_ext & vm
+                stay_pnb += tl.where(sel, tl.sum(tl.sum(tl.where(s_m, ext_val, 0.0), 1), 0), 0.0)
+                merged = merged | s_m
         ext_val = tl.where(merged, 0.0, ext_val)
         # candidates: q < BEAM stays, q = BEAM + i * K + j extensions
         tl.store(sf + i, stay_pb + stay_pnb)
@@ -280,6 +291,10 @@ def greedy_decode(scores, lengths, blank, nan_check=False):
     return tokens, out_lens
 
 
+# The widest beam the GPU kernel is built for: up to 64 it compiles in under 30 s with no spills
+# on sm_80 and sm_90 (bench/results/gpu_resources.json); 100 and 128 spill 0.6 KB per thread.
+MAX_BEAM = 64
+
 _TOPK_BLOCK = 2048  # the scan's chunk width over V (tests lower it to cover many chunks)
 
 
@@ -299,6 +314,12 @@ def frame_topk(scores, K, input_kind):
                            scratch, INPUT=int(input_kind), K=K, BLOCK_V=block_v, CAP=cap,
                            SMALL=min(cap, 4 * K), num_warps=8)  # 8 warps: 2.82 ms vs 3.01 with 4
     return topv, topi, nanf
+
+
+def _beam_warps(BEAM):
+    """Warps of the beam program: its (BEAM, K) tiles spread over more threads as the beam
+    widens (4 warps spilled 856 B at beam 64 and 2 KB at 128 on sm_90)."""
+    return 4 if BEAM <= 32 else (8 if BEAM <= 64 else 16)
 
 
 def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
@@ -332,5 +353,5 @@ def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, n
     _beam_kernel[(B,)](topv, topi, lengths, max(T, 1), blank, beam_width, top_n, float(cutoff_prob),
                        nbest, scr_f, scr_i, bp_par, bp_tok, tokens, out_lens, out_scores, steps,
                        BEAM=BEAM, K=K, NCP=NCP, HASH_MUL=_HASH_MUL, HASH_MASK=_HASH_MASK,
-                       num_warps=4)
+                       num_warps=_beam_warps(BEAM))
     return tokens, out_lens, out_scores, steps

@@ -16,7 +16,7 @@ import torch
 
 from . import _backend
 from .lm import ArpaLanguageModel, LanguageModel, load_language_model
-from .ops.decode import (_check_int, _check_scores, _lengths, _run_checked, ctc_prefix_beam_search,
+from .ops.decode import (GPU_MAX_BEAM, _check_int, _check_scores, _lengths, _run_checked, ctc_prefix_beam_search,
                          input_kind)
 
 DEFAULT_HOTWORD_WEIGHT = 10.0  # pyctcdecode's
@@ -133,6 +133,9 @@ class CTCBeamDecoder:
 
     def decode(self, probs, seq_lens=None):
         B, T, _ = self._check_probs(probs)
+        if self._native is None and probs.device.type == "cuda" and self._beam_width > GPU_MAX_BEAM:
+            probs = probs.cpu()  # ctcdecode's widths (default 100) run on the CPU search
+            seq_lens = seq_lens.cpu() if isinstance(seq_lens, torch.Tensor) else seq_lens
         if self._native is None:
             res = ctc_prefix_beam_search(
                 probs, seq_lens, beam_width=self._beam_width, blank=self._blank,

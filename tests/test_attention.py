@@ -180,3 +180,18 @@ def test_query_decoder_layer(backend):
     torch.testing.assert_close(layer(x, mem2, lens, cross_bias=cross), y)
     with pytest.raises(ValueError, match="multiple"):
         narvl.nn.QueryDecoderLayer(30, 4)
+
+
+def test_gpu_kernel_limits(backend):
+    """The Triton route refuses what its kernels are not built for, with the limit named; the CPU
+    route takes both."""
+    big = [torch.randn(1, 1, 3, 144) for _ in range(3)]
+    dbl = [torch.randn(1, 1, 3, 16, dtype=torch.float64) for _ in range(3)]
+    if backend == "triton":
+        with pytest.raises(ValueError, match="maximum of 128"):
+            narvl.query_attention(*big)
+        with pytest.raises(TypeError, match="float64"):
+            narvl.query_attention(*dbl)
+    else:
+        assert narvl.query_attention(*big).shape == (1, 1, 3, 144)
+        assert narvl.query_attention(*dbl).dtype == torch.float64

@@ -44,6 +44,7 @@ def check_timesteps(res, lengths):
     ((2, 12, 11, 10), 4, 6, 1.0),
     ((3, 9, 9, 0), 3, 9, 0.7),
     ((2, 6, 3, 1), 1, 3, 1.0),
+    ((2, 10, 6, 0), 24, 6, 1.0),  # beams over 16: the GPU kernel merges one entry at a time
 ])
 def test_beam_matches_reference(backend, shape, beam, top_n, cutoff):
     B, T, V, blank = shape
@@ -58,10 +59,11 @@ def test_beam_matches_reference(backend, shape, beam, top_n, cutoff):
 
 
 def test_wide_beam_is_exact(backend):
-    """A beam that keeps every prefix scores each labeling with its exact probability."""
-    T, V = 5, 4
+    """A beam that keeps every prefix scores each labeling with its exact probability
+    (T = 4 frames over 2 tokens + blank: 31 labelings, within the GPU's widest beam)."""
+    T, V = 4, 3
     lp, _ = case(2, T, V, scale=1.5)
-    res = narvl.ctc_prefix_beam_search(lp, beam_width=64, cutoff_top_n=V, nbest=6)
+    res = narvl.ctc_prefix_beam_search(lp, beam_width=32, cutoff_top_n=V, nbest=6)
     for b in range(2):
         exact = sorted(labeling_logprobs_bruteforce(lp[b], 0).items(), key=lambda kv: -kv[1])[:6]
         got = [(tuple(res.tokens[b, k, : res.lengths[b, k]].tolist()), float(res.scores[b, k]))
@@ -244,3 +246,18 @@ def test_nan_in_scores_is_reported_by_the_scans(backend, monkeypatch, fn):
     if backend != "cpp":  # the C++ scans always report NaN
         monkeypatch.setenv("NARVL_CHECK", "0")
         call()
+
+
+def test_gpu_beam_limit(backend):
+    """Beam widths above the GPU kernel's maximum get a ValueError naming the limit on the Triton
+    route (they would not compile in reasonable time on a GPU); the C++ search takes any width."""
+    from narvl.kernels import decode as kd
+    from narvl.ops.decode import GPU_MAX_BEAM
+    assert GPU_MAX_BEAM == kd.MAX_BEAM
+    x = torch.randn(1, 3, 5).log_softmax(-1)
+    if backend == "triton":
+        with pytest.raises(ValueError, match=f"maximum of {GPU_MAX_BEAM}"):
+            narvl.ctc_prefix_beam_search(x, beam_width=GPU_MAX_BEAM + 1)
+    else:
+        r = narvl.ctc_prefix_beam_search(x, beam_width=100, nbest=1)
+        assert r.tokens.shape == (1, 1, 3)

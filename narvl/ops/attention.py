@@ -133,6 +133,9 @@ def _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full_lengths):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+GPU_MAX_HEAD_DIM = 128
+
+
 def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
     """Attention of a few learnable queries into long padded keys, with a trainable bias.
 
@@ -190,6 +193,12 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
         attn_bias = attn_bias.to(q.device)
     scale = D ** -0.5 if scale is None else float(scale)
     backend = _backend.resolve(q.device)
+    if backend == "triton":  # the GPU kernels' limits (compiled and checked for sm_80 / sm_90)
+        if D > GPU_MAX_HEAD_DIM:
+            raise ValueError(f"head dim {D} exceeds the GPU kernels' maximum of {GPU_MAX_HEAD_DIM}")
+        if q.dtype == torch.float64:
+            raise TypeError("float64 attention is not supported by the GPU kernels (its tiles exceed "
+                            "sm_80's shared memory); use float32, bfloat16 or float16")
     if backend == "reference":
         return query_attention_reference(q, k, v, key_lengths, attn_bias, scale).to(q.dtype)
     if q.device.type == "cpu":

@@ -60,6 +60,7 @@ if not _backend.NATIVE:
 
 
 INPUT_KINDS = {"probs": 0, "log_probs": 1, "logits": 2}
+GPU_MAX_BEAM = 64  # = narvl.kernels.decode.MAX_BEAM (tests/test_decode.py checks they agree)
 
 
 class BeamSearchResult(NamedTuple):
@@ -205,6 +206,9 @@ def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, c
     kind = input_kind(input, log_probs_input)
     args = (log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, kind)
     route = _route(log_probs)
+    if (route == "triton-cpu" or log_probs.device.type == "cuda") and beam_width > GPU_MAX_BEAM:
+        raise ValueError(f"beam_width = {beam_width} exceeds the GPU search's maximum of {GPU_MAX_BEAM}; "
+                         f"decode on the CPU (log_probs.cpu()) for wider beams")
     if route == "reference":
         fn = lambda: ref.beam_search_reference(*args)  # noqa: E731
     elif route == "triton-cpu":
