@@ -196,9 +196,9 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
     if backend == "triton":  # the GPU kernels' limits (compiled and checked for sm_80 / sm_90)
         if D > GPU_MAX_HEAD_DIM:
             raise ValueError(f"head dim {D} exceeds the GPU kernels' maximum of {GPU_MAX_HEAD_DIM}")
-        if q.dtype == torch.float64:
-            raise TypeError("float64 attention is not supported by the GPU kernels (its tiles exceed "
-                            "sm_80's shared memory); use float32, bfloat16 or float16")
+        if q.dtype == torch.float64 and q.device.type == "cuda":  # the interpreter takes it
+            raise ValueError("float64 attention is not supported by the GPU kernels (its tiles exceed "
+                             "sm_80's shared memory); use float32, bfloat16 or float16")
     if backend == "reference":
         return query_attention_reference(q, k, v, key_lengths, attn_bias, scale).to(q.dtype)
     if q.device.type == "cpu":
