@@ -4,13 +4,17 @@ Greedy: ``_argmax_kernel`` (one program per (b, t) frame, first maximum wins, as
 then ``_collapse_kernel`` (one program per sample: keep = not blank and not a repeat; positions
 from a prefix sum).
 
-Beam search: ``_topk_kernel`` (one program per frame) picks the cutoff_top_n best tokens with
-``tl.topk`` over int64 keys (order-preserving float bits << 32 | reversed index, so ties go to the
-lower token id), chunk by chunk over V. ``_beam_kernel`` (one program per sample) then runs the
-prefix beam search over the frames with no host synchronisation: each prefix is a (hash, length,
-last token) triple with probabilities pb / pnb (linear, renormalised per frame), extensions
-(prefix i, token c) that recreate a prefix already in the beam are merged into it exactly, the
-beam_width best of the stays and extensions survive (``tl.topk`` again), and per-frame
+Beam search: ``_topk_kernel`` (one program per frame) picks the cutoff_top_n best tokens exactly,
+in two reads of the row: each lane's largest int64 key (order-preserving float bits << 32 |
+reversed index, so ties go to the lower token id), then the keys at or above the K-th lane
+maximum compacted into a scratch row and ranked by one ``tl.topk``. ``_beam_kernel`` (one
+program per sample) then runs the prefix beam search over the frames with no host
+synchronisation: each prefix is a (hash, length, last token) triple with probabilities pb / pnb
+(linear, renormalised per frame), extensions (prefix i, token c) that recreate a prefix already in
+the beam are merged into it (identified by the 40-bit hash and the length: two different
+prefixes that collide would merge, which the C++ search never does), the
+beam_width best of the stays and extensions survive (``tl.topk`` again; above a beam of 16 the
+merge test runs one beam entry at a time, so only (beam, K) tiles are live), and per-frame
 backpointers (parent slot, emitted token) are traced back at the end. Memory is O(B T beam),
 never B x beam x V.
 """
