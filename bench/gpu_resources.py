@@ -29,6 +29,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from setups import cpu_model  # noqa: E402
 
 # Device properties the launchers and Triton read (values of the real cards).
 PROPS = {
@@ -222,7 +224,8 @@ def main():
     if args.out:
         import triton
         with open(args.out, "w") as f:
-            json.dump({"triton": triton.__version__, "local_budget": LOCAL_BUDGET, "rows": rows}, f, indent=1)
+            json.dump({"triton": triton.__version__, "cpu": cpu_model(), "local_budget": LOCAL_BUDGET,
+                       "rows": rows}, f, indent=1)
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows)} kernels, {len(bad)} over budget or failed")
     return 1 if bad else 0

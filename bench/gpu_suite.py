@@ -532,7 +532,8 @@ def profile_calls(dev, calls, path):
                                     "device_ms": e.self_device_time_total / 1e3 / iters})
             kernels.sort(key=lambda r: -r["device_ms"])
             total = sum(k["device_ms"] for k in kernels)
-            out.append({"call": name, "wall_ms_profiled": wall, "device_ms": total, "kernels": kernels[:12],
+            out.append({"call": name, "device": env_info(dev)["device"], "cpu": cpu_model(),
+                        "threads": torch.get_num_threads(), "wall_ms_profiled": wall, "device_ms": total, "kernels": kernels[:12],
                         "host_top": _host_profile(fn, sync, 20 if dev.type == "cuda" else 2)})
             print(f"  {name:<52} wall {wall:8.3f} ms  kernels {total:8.3f} ms", flush=True)
             for k in kernels[:5]:

@@ -24,6 +24,8 @@ except ImportError:
     narvl.__path__.append(ROOT)
 from narvl.kernels import ctc as kc  # noqa: E402
 from narvl.kernels import decode as kd  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from setups import cpu_model  # noqa: E402
 
 
 def bench(fn):
@@ -58,7 +60,7 @@ def topk_pass(x, K, block_v, warps, stages):
 
 def save(out, rows):
     with open(os.path.join(out, "gpu_tune.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        json.dump({"device": torch.cuda.get_device_name(), "cpu": cpu_model(), "torch": torch.__version__,
                    "triton": triton.__version__, "cpu_threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
 
 
