@@ -21,6 +21,12 @@ def small_cfg(**kw):
     return NARVLConfig(**base)
 
 
+def rel_tables(model):
+    """Every relative-position table (encoder text and image, decoder text) of a model."""
+    return (list(model.encoder.token_rel_pos_table_list) + list(model.encoder.image_rel_pos_table_list)
+            + list(model.decoder.token_rel_pos_table_list))
+
+
 def inputs(cfg, B=3, Lt=5, S=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
@@ -114,7 +120,7 @@ def test_prepare_for_inference_keeps_the_function(arch):
     model = arch(cfg)
     randomise_bn(model.encoder.backbone)
     with torch.no_grad():  # non-zero relative biases, so a mix-up of cached layers would show
-        for t in list(model.encoder.rel_bias) + list(getattr(model, "query_rel", [])):
+        for t in rel_tables(model):
             t.weight.normal_()
     model.eval()
     images, text, _, _ = inputs(cfg)
@@ -150,8 +156,11 @@ def test_narvl_loss_is_qctc_of_its_logits_and_backprops():
                                                  label_smoothing=0.1, weights=w.double())
     torch.testing.assert_close(loss.double(), expect, rtol=1e-5, atol=1e-5)
     loss.backward()
-    for name in ("queries", "embed_tokens.weight", "encoder.image_proj.weight",
-                 "encoder.backbone.conv1.weight", "query_rel.0.weight", "encoder.rel_bias.1.weight"):
+    for name in ("decoder.query_embed.weight", "embed_tokens.weight", "encoder.image_proj.weight",
+                 "encoder.embed_images.conv1.weight", "decoder.token_rel_pos_table_list.0.weight",
+                 "encoder.token_rel_pos_table_list.1.weight", "encoder.image_rel_pos_table_list.1.weight",
+                 "encoder.pos_q_linear.weight", "decoder.cross_pos_k_linear.weight",
+                 "encoder.layers.0.self_attn.c_attn", "decoder.layers.1.cross_attn_ln.weight"):
         grad = dict(m.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
@@ -237,15 +246,15 @@ def test_narvl_beam_search_finds_the_peaked_sequence():
     m = NARVL(cfg).eval()
     images, text, _, _ = inputs(cfg)
     with torch.no_grad():
-        m.ln_out.weight.zero_()
-        m.ln_out.bias.copy_(m.embed_tokens.weight[5] * 50)
+        m.decoder.layer_norm.weight.zero_()
+        m.decoder.layer_norm.bias.copy_(m.embed_tokens.weight[5] * 50)
     assert m.generate(images, text) == [[5]] * 3
     assert m.generate(images, text, beam_width=4) == [[5]] * 3
 
 
 def _ar_step_logits(m, images, text, tokens):
-    cross, lengths = m._start(images, text)
-    caches = [dict() for _ in m.layers]
+    cross, lengths = m._start(images, text, tokens.shape[1])
+    caches = [dict() for _ in m.decoder.layers]
     return torch.stack([m._step(tokens[:, t], t, cross, lengths, caches) for t in range(tokens.shape[1])], 1)
 
 
@@ -256,12 +265,10 @@ def test_ar_kv_cache_matches_teacher_forcing():
     images, text, targets, lengths = inputs(cfg)
     images = images.double()
     y_in = torch.cat([torch.full_like(targets[:, :1], cfg.bos_id), targets[:, :-1]], 1)
-    memory, mlen = m.encoder(images, text)
-    x = m._embed(y_in, 0)
-    for layer in m.layers:
-        ck, cv = layer.cross_kv(memory)
-        x = layer(x, ck, cv, mlen)
-    full = F.log_softmax(m._out(x), -1)
+    with torch.no_grad():
+        for t in rel_tables(m):
+            t.weight.normal_()
+    full = F.log_softmax(m.forward_logits(images, text, y_in), -1)
     step = _ar_step_logits(m, images, text, y_in)
     torch.testing.assert_close(step.double(), full, rtol=1e-5, atol=1e-5)
 
@@ -276,7 +283,7 @@ def test_ar_loss_is_label_smoothed_cross_entropy():
     nll = [-lp[b, t, targets[b, t]] for b in range(3) for t in range(int(lengths[b]))]
     torch.testing.assert_close(loss, torch.stack(nll).mean(), rtol=1e-5, atol=1e-5)
     loss.backward()
-    assert m.embed_pos.weight.grad.abs().sum() > 0
+    assert m.decoder.embed_positions.weight.grad.abs().sum() > 0
 
 
 def test_ar_greedy_and_beam():
@@ -307,7 +314,8 @@ def test_peft_trains_under_one_percent():
     n_train, n_all, frac = trainable_fraction(m)
     assert 0 < frac < 0.01
     names = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert names == {"queries", "out_adapter.weight", "out_adapter.bias", "encoder.soft_prompt"}
+    assert names == {"decoder.query_embed.weight", "out_adapter.weight", "out_adapter.bias",
+                     "encoder.soft_prompt"}
     images = torch.randn(2, 3, 64, 64)
     text = torch.randint(4, 500, (2, 6))
     m(images, text, torch.tensor([[7, 2], [9, 2]]), torch.tensor([2, 2])).backward()
@@ -382,7 +390,7 @@ def _perturbed_model(cfg, seed=3):
     model = NARVL(cfg)
     randomise_bn(model.encoder.backbone)
     with torch.no_grad():
-        for t in list(model.encoder.rel_bias) + list(model.query_rel):
+        for t in rel_tables(model):
             t.weight.normal_()
     return model.eval()
 
@@ -394,14 +402,14 @@ def test_inference_bias_cache_is_a_bounded_lru():
     g = cfg.image_size // 16
     one = cfg.enc_layers * cfg.heads * (g * g + 5) ** 2 * 4  # bytes of one text length's biases
     infer = prepare_for_inference(model, cache_bytes=int(2.5 * one))
-    cache = infer.encoder._bias_cache
+    cache = infer.encoder._bias_cache.lru
     with torch.no_grad():
         for n in (5, 4, 3, 2, 5):
             got = infer.encoder(images, text[:, :n])[0]
             torch.testing.assert_close(got, model.encoder(images, text[:, :n])[0], rtol=1e-4, atol=1e-4)
             assert cache.nbytes <= 2.5 * one and len(cache) <= 3
-    assert cache.get((5, torch.float32, images.device)) is not None  # most recent kept
-    assert cache.get((4, torch.float32, images.device)) is None      # least recent evicted
+    assert cache.get((g, g, 5, torch.float32)) is not None  # most recent kept
+    assert cache.get((g, g, 4, torch.float32)) is None      # least recent evicted
     tiny = prepare_for_inference(model, cache_bytes=one // 2)         # nothing fits: nothing kept
     with torch.no_grad():
         tiny.encoder(images, text)
@@ -423,11 +431,11 @@ def test_inference_snapshots_follow_weight_changes(change):
         elif change == "queries":
             infer.queries.add_(torch.randn_like(infer.queries))  # (a uniform shift is invisible after LN)
         elif change == "rel_table":
-            infer.encoder.rel_bias[1].weight.mul_(-2.0)
+            infer.encoder.token_rel_pos_table_list[1].weight.mul_(-2.0)
         elif change == "backbone_conv":
             infer.encoder.backbone.layer2[0].conv2.weight.mul_(1.5)
         else:
-            w = infer.layers[0].out_self.weight  # inside the cached first block
+            w = infer.decoder.layers[0].self_attn.out_proj.weight  # inside the cached first block
             w.add_(torch.randn_like(w))
         cached = infer.logits(images, text)
     with torch.enable_grad():

@@ -1,12 +1,14 @@
-"""NARVL network and its autoregressive baseline (``NARVLConfig`` presets tiny..huge)."""
+"""NARVL network and its autoregressive baseline, OFA-exact (``NARVLConfig`` presets tiny..huge;
+``from_ofa`` loads OFA and NARVL checkpoints)."""
 from .ar import ARBaseline
 from .config import PRESETS, TASK_QUERIES, NARVLConfig
 from .encoder import Encoder
 from .inference import prepare_for_inference, time_generate
 from .narvl import NARVL
+from .ofa_import import from_ofa, safe_load
 from .peft import enable_peft, trainable_fraction
 from .resnet import ResNetStages
 
 __all__ = ["NARVL", "ARBaseline", "NARVLConfig", "PRESETS", "TASK_QUERIES", "Encoder",
            "ResNetStages", "enable_peft", "trainable_fraction", "prepare_for_inference",
-           "time_generate"]
+           "time_generate", "from_ofa", "safe_load"]

@@ -1,51 +1,30 @@
-"""ARBaseline: the autoregressive (OFA-style) baseline NARVL is compared against.
+"""ARBaseline: the autoregressive OFA model NARVL is compared against (OFA's own decoder).
 
-Same ``Encoder``; a causal transformer decoder (pre-LN; learned positions; tied output):
+Same ``Encoder``; OFA's decoder (``DecoderStack``) on token inputs with a causal self-attention:
 
-    y_in = [BOS, y_0 .. y_{L-2}] --embed * sqrt(d) + pos--> causal self-attention, cross-attention
-    into memory (key lengths, ``narvl.query_attention``), FFN, x dec_layers --> LN --> E^T
+    prev = [BOS, y_0 .. y_{L-2}] --embed_tokens, layernorm_embedding--> DecoderLayer x dec_layers
+        (causal self-attention + OFA's self position bias; cross-attention into memory with OFA's
+        cross position bias and key lengths) --> layer_norm --> E^T (tied)
     loss = sum_b w_b * sum_t CE_ls(logits_bt, y_bt) / sum_b L_b   (label smoothing eps)
 
-``generate`` decodes token by token with a KV cache (cross-attention keys/values computed once):
-greedy at beam 1, beam search with length-normalised scores above.
+``forward_logits(images, text, prev_tokens)`` gives the teacher-forced logits (B, T, V).
+``generate`` decodes token by token with a KV cache (cross-attention keys/values computed once,
+position biases sliced per step): greedy at beam 1, beam search with length-normalised scores
+above.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.attention import query_attention
+from .cache import DEFAULT_CACHE_BYTES
 from .config import NARVLConfig
-from ..nn import QueryDecoderLayer, merge_heads
+from .decoder import DecoderStack
 from ..ops.linear import linear
 from .encoder import Encoder
+from .layers import ofa_embedding
 from .narvl import check_targets
-
-
-class ARDecoderLayer(QueryDecoderLayer):
-    """``QueryDecoderLayer`` (same modules and state-dict keys, same cross-attention and FFN)
-    with a causal self-attention that can run incrementally on a KV cache."""
-
-    def forward(self, x, cross_k, cross_v, mem_lengths, cache=None):
-        """x (B, T, d). Without ``cache``: causal over T (training). With ``cache`` (a dict,
-        updated in place): x holds the next T new positions, attending to the cached ones."""
-        q, k, v = (self._split(t) for t in self.qkv_self(self.ln_self(x)).chunk(3, -1))
-        if cache is None:
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], 2)
-                v = torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
-            if q.shape[2] == 1:  # one new position sees every cached one: no mask needed
-                a = query_attention(q, k, v)
-            else:
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.drop(self.out_self(merge_heads(a)))
-        return self.cross_ffn_block(x, cross_k, cross_v, mem_lengths)
 
 
 class ARBaseline(nn.Module):
@@ -57,27 +36,51 @@ class ARBaseline(nn.Module):
         if not isinstance(cfg, NARVLConfig):
             raise TypeError(f"cfg must be a NARVLConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        d = cfg.d_model
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
-        nn.init.normal_(self.embed_tokens.weight, std=d ** -0.5)
+        self.embed_tokens = ofa_embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = Encoder(cfg, self.embed_tokens)
-        self.embed_pos = nn.Embedding(cfg.max_target_len, d)
-        self.layers = nn.ModuleList(ARDecoderLayer(d, cfg.heads, cfg.ffn_dim, cfg.dropout)
-                                    for _ in range(cfg.dec_layers))
-        self.ln_out = nn.LayerNorm(d)
+        self.decoder = DecoderStack(cfg)
         self.out_adapter = None
-        self.drop = nn.Dropout(cfg.dropout)
 
-    def _embed(self, tokens, start):
-        T = tokens.shape[1]
-        x = self.embed_tokens(tokens) * math.sqrt(self.cfg.d_model)
-        return self.drop(x + self.embed_pos.weight[start:start + T])
+    @torch.no_grad()
+    def cache_first_self_attention_(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        """Inference only: keep the decoder's position biases per shape."""
+        self.decoder.cache_biases_(self.encoder, (), max_bytes)
+        return self
 
     def _out(self, x):
-        x = self.ln_out(x)
+        x = self.decoder.layer_norm(x)
         if self.out_adapter is not None:
             x = self.out_adapter(x)
         return linear(x, self.embed_tokens.weight.to(x.dtype))
+
+    def _n_text(self, memory):
+        return memory.shape[1] - self.cfg.grid ** 2
+
+    def decode_teacher_forced(self, memory, lengths, prev_tokens):
+        """memory (B, Lm, d), lengths (B,), prev_tokens (B, T) -> logits (B, T, V)."""
+        dec = self.decoder
+        T = prev_tokens.shape[1]
+        self_b, cross_b = dec.biases(T, self.encoder, self._n_text(memory), memory.dtype)
+        x = dec.embed(self.embed_tokens(prev_tokens).to(memory.dtype))
+        for layer, sb in zip(dec.layers, self_b):
+            x = layer(x, memory, lengths, sb, cross_b, causal=True)
+        return self._out(x)
+
+    def forward_logits(self, images, text, prev_tokens):
+        """Teacher-forced logits (B, T, V) of ``prev_tokens`` (B, T) (BOS first, right-padded
+        with pad_id), as OFA's decoder computes them."""
+        cfg = self.cfg
+        if not isinstance(prev_tokens, torch.Tensor) or prev_tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError("prev_tokens must be an integer tensor (B, T)")
+        if prev_tokens.dim() != 2 or prev_tokens.shape[0] != images.shape[0] or prev_tokens.shape[1] == 0:
+            raise ValueError(f"prev_tokens must be (B={images.shape[0]}, T >= 1), got {tuple(prev_tokens.shape)}")
+        if prev_tokens.shape[1] > cfg.max_positions:
+            raise ValueError(f"prev_tokens has {prev_tokens.shape[1]} positions, more than max_positions")
+        lo, hi = (int(t) for t in torch.aminmax(prev_tokens))
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"prev_tokens ids must lie in [0, {cfg.vocab_size})")
+        memory, lengths = self.encoder(images, text)
+        return self.decode_teacher_forced(memory, lengths, prev_tokens.to(memory.device).long())
 
     def forward(self, images, text, targets, target_lengths, weights=None):
         """Teacher-forced cross-entropy with label smoothing (scalar). targets (B, S) answer +
@@ -93,11 +96,7 @@ class ARBaseline(nn.Module):
         valid = torch.arange(S, device=targets.device)[None, :] < target_lengths.to(targets.device)[:, None]
         y_in = torch.cat([torch.full_like(targets[:, :1], cfg.bos_id), targets[:, :-1]], 1)
         y_in = torch.where(valid, y_in, torch.full_like(y_in, cfg.pad_id))
-        x = self._embed(y_in, 0)
-        for layer in self.layers:
-            ck, cv = layer.cross_kv(memory)
-            x = layer(x, ck, cv, lengths)
-        logits = self._out(x).float()
+        logits = self.decode_teacher_forced(memory, lengths, y_in).float()
         ce = F.cross_entropy(logits.reshape(B * S, -1), targets.reshape(-1), reduction="none",
                              label_smoothing=cfg.label_smoothing).view(B, S) * valid
         if weights is not None:
@@ -106,15 +105,27 @@ class ARBaseline(nn.Module):
             ce = ce * weights.to(ce)[:, None]
         return ce.sum() / valid.sum().clamp_min(1)
 
-    def _start(self, images, text):
+    def _start(self, images, text, max_len):
         memory, lengths = self.encoder(images, text)
-        cross = [layer.cross_kv(memory) for layer in self.layers]
-        return cross, lengths
+        dec = self.decoder
+        cross = [layer.encoder_attn.project_kv(memory) for layer in dec.layers]
+        self_b, cross_b = dec.biases(max_len, self.encoder, self._n_text(memory), memory.dtype)
+        return (cross, self_b, cross_b), lengths
 
-    def _step(self, tok, pos, cross, lengths, caches):
-        x = self._embed(tok[:, None], pos)
-        for layer, (ck, cv), cache in zip(self.layers, cross, caches):
-            x = layer(x, ck, cv, lengths, cache)
+    def _step(self, tok, pos, state, lengths, caches):
+        """One decoding step: tok (B,) at position ``pos`` -> log-probs (B, V); ``caches``
+        (one dict per layer) hold the self-attention keys and values so far."""
+        cross, self_b, cross_b = state
+        dec = self.decoder
+        x = dec.embed(self.embed_tokens(tok[:, None]).to(cross[0][0].dtype))
+        cb = cross_b[:, pos:pos + 1]
+        for layer, (ck, cv), sb, cache in zip(dec.layers, cross, self_b, caches):
+            k, v = layer.self_attn.project_kv(layer.self_attn_layer_norm(x))
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+            x = layer.self_block(x, sb[:, pos:pos + 1, :pos + 1], k, v)
+            x = layer.cross_ffn_block(x, ck, cv, lengths, cb)
         return F.log_softmax(self._out(x[:, 0]).float(), -1)
 
     @torch.no_grad()
@@ -130,9 +141,9 @@ class ARBaseline(nn.Module):
         if not 1 <= max_len <= cfg.max_target_len:
             raise ValueError(f"max_len must lie in [1, {cfg.max_target_len}], got {max_len}")
         blank = cfg.blank_id
-        cross, lengths = self._start(images, text)
+        cross, lengths = self._start(images, text, max_len)
         B = lengths.shape[0]
-        caches = [dict() for _ in self.layers]
+        caches = [dict() for _ in self.decoder.layers]
         if beam_width == 1:
             tok = torch.full((B,), cfg.bos_id, dtype=torch.long, device=lengths.device)
             out = []
@@ -156,7 +167,7 @@ class ARBaseline(nn.Module):
         B = lengths.shape[0]
         dev = lengths.device
         rep = torch.arange(B, device=dev).repeat_interleave(K)
-        cross = [(ck[rep], cv[rep]) for ck, cv in cross]
+        cross = ([(ck[rep], cv[rep]) for ck, cv in cross[0]],) + tuple(cross[1:])
         lengths = lengths[rep]
         scores = torch.full((B, K), float("-inf"), device=dev)
         scores[:, 0] = 0.0

@@ -89,3 +89,25 @@ def param_refs(module: torch.nn.Module):
     """(owning module, name) of every parameter and buffer of ``module``."""
     return [(m, n) for m in module.modules()
             for n in list(m._parameters) + list(m._buffers)]
+
+
+class ShapeCache:
+    """Per-shape constants computed from some parameters (inference only): an ``LRUCache``
+    emptied whenever a ``ParamStamp`` over those parameters goes stale.
+    ``get(key, compute)`` returns the kept value or stores ``compute()``."""
+
+    def __init__(self, refs, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.lru = LRUCache(max_bytes)
+        self.stamp = ParamStamp(refs)
+
+    def __len__(self):
+        return len(self.lru)
+
+    def get(self, key, compute):
+        if self.stamp.stale():
+            self.lru.clear()
+            self.stamp = ParamStamp(self.stamp.refs)
+        value = self.lru.get(key)
+        if value is None:
+            value = self.lru.put(key, compute())
+        return value

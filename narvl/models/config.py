@@ -36,9 +36,11 @@ TASK_MERGE_REPEATS = {"vqa": True, "grounding": False, "entailment": False, "cap
 class NARVLConfig:
     """Configuration of ``NARVL`` and ``ARBaseline``.
 
-    The vocabulary is ``[specials + text BPE][num_bins location bins][blank]``: ``vocab_size``
-    counts all of it and the blank is the last index (``blank_id = vocab_size - 1``), as in the
-    authors' code (59,458 entries, blank 59,457).
+    The vocabulary is ``[specials + text BPE (+ OFA's <mask> and image codes)][num_bins location
+    bins][blank]``: ``vocab_size`` counts all of it and the blank is the last index
+    (``blank_id = vocab_size - 1``), as in the authors' code (OFA's 59,457 entries + the blank =
+    59,458, blank 59,457; ``<bin_0>`` = 58,457). Position fields are OFA's (``max_positions``,
+    ``text_buckets``, ``image_buckets``, ``attn_scale_factor``).
     """
 
     d_model: int = 256
@@ -54,10 +56,12 @@ class NARVLConfig:
     bos_id: int = 0
     pad_id: int = 1
     eos_id: int = 2
-    max_text_len: int = 64
-    max_target_len: int = 32  # AR decoder positions
-    text_buckets: int = 256
-    image_buckets: int = 42
+    max_text_len: int = 128
+    max_target_len: int = 32  # AR output length bound
+    max_positions: int = 1024  # OFA's position tables hold max_positions + 2 rows
+    text_buckets: int = 256  # OFA's token_bucket_size
+    image_buckets: int = 42  # OFA's image_bucket_size: image grids up to 42 x 42 patches
+    attn_scale_factor: float = 2.0  # q scaled by (head_dim * factor) ** -0.5, as OFA
     dropout: float = 0.1
     label_smoothing: float = 0.1
     merge_repeats: bool = True
@@ -68,8 +72,8 @@ class NARVLConfig:
         if self.ffn_dim is None:
             self.ffn_dim = 4 * self.d_model
         for name in ("d_model", "enc_layers", "dec_layers", "heads", "ffn_dim", "image_size",
-                     "num_queries", "vocab_size", "max_text_len", "max_target_len", "text_buckets",
-                     "image_buckets"):
+                     "num_queries", "vocab_size", "max_text_len", "max_target_len", "max_positions",
+                     "text_buckets", "image_buckets"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -79,6 +83,14 @@ class NARVLConfig:
             raise ValueError(f"resnet_layers must be 3 positive block counts, got {self.resnet_layers}")
         if self.image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16 (stride 16), got {self.image_size}")
+        if self.grid > self.image_buckets:
+            raise ValueError(f"image_size {self.image_size} gives a {self.grid}x{self.grid} patch grid, "
+                             f"more than image_buckets = {self.image_buckets} per side")
+        if max(self.max_text_len + 1, self.num_queries, self.max_target_len) > self.max_positions:
+            raise ValueError(f"max_text_len, num_queries and max_target_len must fit in "
+                             f"max_positions = {self.max_positions}")
+        if not self.attn_scale_factor > 0:
+            raise ValueError(f"attn_scale_factor must be > 0, got {self.attn_scale_factor}")
         if self.num_bins < 0:
             raise ValueError(f"num_bins must be >= 0, got {self.num_bins}")
         for name in ("bos_id", "pad_id", "eos_id"):

@@ -1,104 +1,115 @@
-"""The OFA-style multimodal encoder shared by ``NARVL`` and ``ARBaseline``.
+"""OFA's multimodal encoder, shared by ``NARVL`` and ``ARBaseline`` (OFA ``unify_transformer``).
 
-    images (B, 3, S, S) --ResNet stages 1-3--> (B, 1024, g, g), g = S / 16
-        --flatten, Linear(1024, d) + row/col position + type--> image tokens (B, g*g, d)
-    text (B, Lt) (pad_id right-padded) --embed * sqrt(d) + position + type--> (B, Lt, d)
-    [image tokens ; (soft prompt) ; text tokens] --LN, pre-LN transformer x enc_layers, LN-->
-    memory (B, g*g + P + Lt, d), memory_lengths (B,) = g*g + P + text lengths
+    images (B, 3, S, S) --embed_images (ResNet stages 1-3)--> (B, 1024, h, w), h = w = S / 16
+        --flatten, image_proj + type_embedding[1], patch_layernorm_embedding--> (B, h*w, d)
+    text (B, Lt) (OFA ids, right-padded with pad_id) --embed_tokens + type_embedding[0],
+        layernorm_embedding--> (B, Lt, d)
+    x = [image ; (soft prompt) ; text], padded positions zeroed
+        --EncoderLayer x enc_layers (pre-LN + NormFormer), layer_norm--> memory (B, h*w + Lt, d)
 
-Each layer adds its own learnable relative-position attention bias (H, L, L), gathered from
-buckets as OFA: text-text by clipped distance (``text_buckets``), image-image by clipped
-(dy, dx) (``image_buckets``), one bucket each for text->image and image->text. Attention runs
-through ``narvl.query_attention`` (keys past ``memory_lengths`` masked; Triton on CUDA), the
-projections and FFNs through ``narvl.nn.Linear``/``FeedForward``.
+Positions are never added to the content. They enter only as attention biases:
+- absolute: p = [image_pos_ln(embed_image_positions[r * 42 + c + 1]) ; pos_ln(embed_positions[0..L))],
+  bias = (pos_q_linear(p) * (d / H * 2) ** -0.5) @ pos_k_linear(p)^T per head, shared by layers;
+- per layer, relative: text x text from ``token_rel_pos_table_list[i]`` (OFA's log buckets),
+  image x image from ``image_rel_pos_table_list[i]`` (dr, dc); none between text and image.
+Both depend only on (h, w, text length): at inference (``cache_biases_``) they are computed once
+per shape and kept in a bounded LRU cache that follows the parameters. ``position_embeddings``
+gives the decoders the same p for their cross-attention bias.
+Attention runs through ``narvl.query_attention`` with the keys past ``lengths`` masked.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..nn import FeedForward, Linear, merge_heads, split_heads, zero_bias_tables
-from ..ops.attention import query_attention
-from .cache import DEFAULT_CACHE_BYTES, LRUCache, ParamStamp
+from ..nn import Linear
+from .cache import DEFAULT_CACHE_BYTES, ShapeCache, param_refs
 from .config import NARVLConfig
+from .layers import (EncoderLayer, image_position_ids, image_rel_buckets, ofa_embedding, pos_bias,
+                     token_rel_buckets, zero_tables)
 from .resnet import ResNetStages
 
 
-class EncoderLayer(nn.Module):
-    """Pre-LN: x += SelfAttn(LN(x); bias, key lengths); x += FFN(LN(x))."""
-
-    def __init__(self, d, heads, ffn, dropout):
-        super().__init__()
-        self.heads = heads
-        self.ln_attn, self.ln_ffn = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv = Linear(d, 3 * d)
-        self.out = Linear(d, d)
-        self.ffn = FeedForward(d, ffn, dropout)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, lengths, bias):
-        q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.ln_attn(x)).chunk(3, -1))
-        a = query_attention(q, k, v, key_lengths=lengths, attn_bias=bias.to(q.dtype))
-        x = x + self.drop(self.out(merge_heads(a)))
-        return x + self.drop(self.ffn(self.ln_ffn(x)))
-
-
 class Encoder(nn.Module):
-    """See the module docstring. ``embed_tokens`` is shared with the decoder's tied output."""
+    """See the module docstring. ``embed_tokens`` is shared with the decoder's tied output.
+    forward(images (B, 3, S, S), text (B, Lt)) -> (memory (B, h*w + P + Lt, d), lengths (B,))."""
 
     def __init__(self, cfg: NARVLConfig, embed_tokens: nn.Embedding):
         super().__init__()
-        d, g = cfg.d_model, cfg.grid
+        d, H = cfg.d_model, cfg.heads
         self.cfg = cfg
+        self.heads = H
         self.embed_tokens = embed_tokens
-        self.backbone = ResNetStages(cfg.resnet_layers)
+        self.embed_images = ResNetStages(cfg.resnet_layers)
         self.image_proj = Linear(ResNetStages.out_channels, d)
-        self.row_pos = nn.Embedding(g, d)
-        self.col_pos = nn.Embedding(g, d)
-        self.text_pos = nn.Embedding(cfg.max_text_len + 1, d)
-        self.type_embed = nn.Embedding(2, d)  # 0 text, 1 image
-        self.ln_embed = nn.LayerNorm(d)
-        self.drop = nn.Dropout(cfg.dropout)
-        tb, ib = cfg.text_buckets, cfg.image_buckets
-        self._img_off = 2 * tb - 1
-        self._cross_off = self._img_off + (2 * ib - 1) ** 2
-        self.n_rel = self._cross_off + 2
-        self.rel_bias = zero_bias_tables(cfg.enc_layers, self.n_rel, cfg.heads)
-        self.layers = nn.ModuleList(EncoderLayer(d, cfg.heads, cfg.ffn_dim, cfg.dropout)
+        self.type_embedding = ofa_embedding(2, d)  # 0 text, 1 image
+        self.layernorm_embedding = nn.LayerNorm(d)
+        self.patch_layernorm_embedding = nn.LayerNorm(d)
+        self.embed_positions = ofa_embedding(cfg.max_positions + 2, d)
+        self.embed_image_positions = ofa_embedding(cfg.image_buckets ** 2 + 1, d)
+        self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.pos_q_linear, self.pos_k_linear = Linear(d, d), Linear(d, d)
+        self.pos_scaling = float(d / H * cfg.attn_scale_factor) ** -0.5
+        self.layers = nn.ModuleList(EncoderLayer(d, H, cfg.ffn_dim, cfg.dropout, cfg.attn_scale_factor)
                                     for _ in range(cfg.enc_layers))
-        self.ln_out = nn.LayerNorm(d)
-        self.soft_prompt = None  # (P, d) parameter in the parameter-efficient mode
-        self._rel_cache = LRUCache(64 << 20)  # (n_text, device) -> (L, L) bucket ids
-        self._bias_cache = None  # LRUCache (n_text, dtype, device) -> per-layer biases, inference only
-        self._bias_stamp = None  # the tables the cached biases were gathered from
+        tb, ib = cfg.text_buckets, cfg.image_buckets
+        self.token_rel_pos_table_list = zero_tables(cfg.enc_layers, 2 * tb - 1, H)
+        self.image_rel_pos_table_list = zero_tables(cfg.enc_layers, (2 * ib - 1) ** 2 + 3, H)
+        self.layer_norm = nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.soft_prompt = None  # (1, P, d) parameter in the parameter-efficient mode
+        self._bias_cache = None  # ShapeCache, inference only (cache_biases_)
 
-    def rel_index(self, n_text: int, device) -> torch.Tensor:
-        """(L, L) bucket ids for [g*g image tokens ; n_text text positions]."""
-        key = (n_text, str(device))
-        idx = self._rel_cache.get(key)
-        if idx is None:
-            cfg = self.cfg
-            g, tb, ib = cfg.grid, cfg.text_buckets, cfg.image_buckets
-            n_img = g * g
-            L = n_img + n_text
-            ys = torch.arange(n_img) // g
-            xs = torch.arange(n_img) % g
-            dy = (ys[None, :] - ys[:, None]).clamp(-(ib - 1), ib - 1) + ib - 1
-            dx = (xs[None, :] - xs[:, None]).clamp(-(ib - 1), ib - 1) + ib - 1
-            t = torch.arange(n_text)
-            dt = (t[None, :] - t[:, None]).clamp(-(tb - 1), tb - 1) + tb - 1
-            idx = torch.empty(L, L, dtype=torch.long)
-            idx[:n_img, :n_img] = self._img_off + dy * (2 * ib - 1) + dx
-            idx[n_img:, n_img:] = dt
-            idx[n_img:, :n_img] = self._cross_off      # text query -> image key
-            idx[:n_img, n_img:] = self._cross_off + 1  # image query -> text key
-            idx = self._rel_cache.put(key, idx.to(device))
-        return idx
+    @property
+    def backbone(self) -> ResNetStages:
+        """The ResNet stages (OFA's ``embed_images``)."""
+        return self.embed_images
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor):
+    def position_modules(self):
+        return [self.embed_positions, self.embed_image_positions, self.pos_ln, self.image_pos_ln,
+                self.pos_q_linear, self.pos_k_linear, self.token_rel_pos_table_list,
+                self.image_rel_pos_table_list]
+
+    def position_embeddings(self, h: int, w: int, n_text: int) -> torch.Tensor:
+        """(h*w + n_text, d): OFA's layer-normalised positions of [image patches ; text]."""
+        dev = self.embed_positions.weight.device
+        img = self.image_pos_ln(self.embed_image_positions(
+            image_position_ids(h, w, self.cfg.image_buckets).to(dev)))
+        txt = self.pos_ln(self.embed_positions.weight[:n_text])
+        return torch.cat([img, txt], 0)
+
+    def _compute_biases(self, h, w, n_text, dtype):
+        cfg = self.cfg
+        n_img = h * w
+        dev = self.embed_positions.weight.device
+        p = self.position_embeddings(h, w, n_text)
+        abs_bias = pos_bias(self.pos_q_linear, self.pos_k_linear, p, p, self.heads, self.pos_scaling)
+        t_idx = token_rel_buckets(n_text, cfg.text_buckets, cfg.max_positions).to(dev)
+        i_idx = image_rel_buckets(h, w, cfg.image_buckets).to(dev)
+        out = []
+        for ttab, itab in zip(self.token_rel_pos_table_list, self.image_rel_pos_table_list):
+            rel = torch.zeros_like(abs_bias)
+            rel[:, n_img:, n_img:] = ttab.weight[t_idx].permute(2, 0, 1)
+            rel[:, :n_img, :n_img] = itab.weight[i_idx].permute(2, 0, 1)
+            out.append((abs_bias + rel).to(dtype))
+        return out
+
+    def layer_biases(self, h: int, w: int, n_text: int, dtype):
+        """Each layer's attention bias (H, L, L), absolute + relative. Kept per shape after
+        ``cache_biases_()`` when gradients are off."""
+        if self._bias_cache is not None and not torch.is_grad_enabled():
+            return self._bias_cache.get((h, w, n_text, dtype),
+                                        lambda: [b.contiguous() for b in self._compute_biases(h, w, n_text, dtype)])
+        return self._compute_biases(h, w, n_text, dtype)
+
+    def cache_biases_(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        """Inference only: keep each shape's biases, at most ``max_bytes`` of them (least
+        recently used first out), recomputed when the position parameters change."""
+        refs = [r for m in self.position_modules() for r in param_refs(m)]
+        self._bias_cache = ShapeCache(refs, max_bytes)
+        return self
+
+    def check_inputs(self, images, text):
         cfg = self.cfg
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TypeError("images must be a floating-point tensor (B, 3, S, S)")
@@ -120,48 +131,26 @@ class Encoder(nn.Module):
         nonpad = text != cfg.pad_id
         if text.shape[1] > 1 and bool((nonpad[:, 1:] & ~nonpad[:, :-1]).any()):
             raise ValueError("text must be right-padded with pad_id (a token follows a pad)")
-        B, d = images.shape[0], cfg.d_model
-        feats = self.backbone(images)                              # (B, 1024, g, g)
-        g = feats.shape[-1]
-        img = self.image_proj(feats.flatten(2).transpose(1, 2))   # (B, g*g, d)
-        pos = (self.row_pos.weight[:, None, :] + self.col_pos.weight[None, :, :]).reshape(g * g, d)
-        img = img + pos + self.type_embed.weight[1]
-        tok = self.embed_tokens(text) * math.sqrt(d)
+        return nonpad
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor):
+        nonpad = self.check_inputs(images, text)
+        B = images.shape[0]
+        feats = self.embed_images(images)                          # (B, 1024, h, w)
+        h, w = feats.shape[-2:]
+        img = self.image_proj(feats.flatten(2).transpose(1, 2))    # (B, h*w, d)
+        img = self.patch_layernorm_embedding(img + self.type_embedding.weight[1])
+        tok = self.embed_tokens(text)
         if self.soft_prompt is not None:
             tok = torch.cat([self.soft_prompt.expand(B, -1, -1).to(tok.dtype), tok], 1)
         n_text = tok.shape[1]
-        tok = tok + self.text_pos.weight[:n_text] + self.type_embed.weight[0]
-        x = self.drop(self.ln_embed(torch.cat([img, tok], 1)))
+        tok = self.layernorm_embedding(tok + self.type_embedding.weight[0])
+        x = self.drop(torch.cat([img, tok], 1))
         n_prompt = n_text - text.shape[1]
-        lengths = nonpad.sum(1) + (g * g + n_prompt)
-        lengths = lengths.clamp_min(g * g)
-        for layer, bias in zip(self.layers, self.layer_biases(n_text, x.dtype, x.device)):
+        lengths = nonpad.sum(1) + (h * w + n_prompt)
+        if n_prompt < n_text and not bool(nonpad.all()):  # OFA zeroes the padded positions
+            keep = torch.cat([nonpad.new_ones(B, h * w + n_prompt), nonpad], 1)
+            x = x * keep[..., None].to(x.dtype)
+        for layer, bias in zip(self.layers, self.layer_biases(h, w, n_text, x.dtype)):
             x = layer(x, lengths, bias)
-        return self.ln_out(x), lengths
-
-    def layer_biases(self, n_text: int, dtype, device):
-        """Each layer's relative-position bias (H, L, L), gathered from its table in one go.
-        After ``cache_biases_()`` (inference copies) they are kept per text length, in an LRU
-        cache of bounded size, and recomputed when the tables change."""
-        cache = self._bias_cache if not torch.is_grad_enabled() else None
-        key = (n_text, dtype, device)
-        if cache is not None:
-            if self._bias_stamp.stale():  # the tables changed since the biases were gathered
-                cache.clear()
-                self._bias_stamp = ParamStamp(self._bias_stamp.refs)
-            hit = cache.get(key)
-            if hit is not None:
-                return hit
-        idx = self.rel_index(n_text, device)
-        table = torch.stack([rel.weight for rel in self.rel_bias])      # (layers, buckets, H)
-        biases = table[:, idx].permute(0, 3, 1, 2).to(dtype).unbind(0)  # layers x (H, L, L)
-        if cache is not None:
-            biases = cache.put(key, [b.contiguous() for b in biases])
-        return biases
-
-    def cache_biases_(self, max_bytes: int = DEFAULT_CACHE_BYTES):
-        """Inference only: keep each text length's biases, at most ``max_bytes`` of them (least
-        recently used first out; a text length whose biases exceed the cap is not kept)."""
-        self._bias_cache = LRUCache(max_bytes)
-        self._bias_stamp = ParamStamp([(rel, "weight") for rel in self.rel_bias])
-        return self
+        return self.layer_norm(x), lengths

@@ -5,7 +5,7 @@ BatchNorm of the ResNet stages folded into its conv (``fold_batchnorm_``) and, f
 weights, the folded convs pre-packed for fused oneDNN primitives (``pack_for_cpu_``). The
 transformer layers need no preparation: ``narvl.nn.Linear``/``FeedForward`` pick oneDNN's fused
 matmul (+GELU) by themselves for inference calls with 8+ rows; the encoder keeps its
-relative-position biases per text length (``Encoder.cache_biases_``). The shared encoder gets the same
+position biases (absolute + relative, OFA's) per text length (``Encoder.cache_biases_``) and the decoders theirs. The shared encoder gets the same
 treatment in ``NARVL`` and ``ARBaseline``, so latency comparisons between them stay like for like
 (``train.py``, ``bench/``). NARVL also computes its first decoder layer's self-attention block
 once (``NARVL.cache_first_self_attention_``): that block sees only the learnable queries, so its
@@ -37,9 +37,8 @@ def prepare_for_inference(model: nn.Module, image_size: int | None = None,
     backbone = infer.encoder.backbone
     fold_batchnorm_(backbone)
     pack_for_cpu_(backbone, image_size or model.cfg.image_size)
-    infer.encoder.cache_biases_(cache_bytes)  # relative-position biases: constants per text length
-    if hasattr(infer, "cache_first_self_attention_"):  # NARVL: its queries are constants here
-        infer.cache_first_self_attention_()
+    infer.encoder.cache_biases_(cache_bytes)  # position biases: constants per text length
+    infer.cache_first_self_attention_(cache_bytes)  # decoder position biases (+ NARVL's first block)
     for p in infer.parameters():
         p.requires_grad_(False)
     return infer

@@ -1,9 +1,14 @@
 """NARVL: the non-autoregressive vision-language model (Shi et al., CVPR 2024).
 
-    memory = Encoder(images, text)                                   (B, Lm, d)
-    h = queries (N, d) --QueryDecoderLayer x dec_layers (self-attention among all N queries, no
-        causal mask, + learnable relative bias; cross-attention into memory with its lengths)--> LN
-    logits = h @ embed_tokens.weight^T (tied)                          (B, N, V)
+    memory = Encoder(images, text)                  (B, Lm, d), OFA's encoder
+    h = layernorm_embedding(query_embed) (N, d) --OFA DecoderLayer x dec_layers (self-attention
+        among all N queries, no causal mask; cross-attention into memory with its lengths;
+        OFA's position biases)--> layer_norm       (B, N, d)
+    logits = h @ embed_tokens.weight^T (tied)        (B, N, V)
+
+The modules carry OFA's fairseq names (``encoder.*``, ``decoder.*``), as the authors build NARVL
+on OFA (amazon-science/NARVL ``ofa_cmlm_transformer.py``); ``narvl.models.from_ofa`` loads OFA
+checkpoints into it.
 
 Training: ``model(images, text, targets, target_lengths, weights=None)`` returns the Q-CTC loss
 ``narvl.qctc_loss(logits, targets, target_lengths, blank=V-1, label_smoothing=eps, weights=w)``,
@@ -18,13 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..nn import QueryDecoderLayer, zero_bias_tables
 from ..ops.ctc import qctc_loss
 from ..ops.linear import linear
 from ..ops.decode import ctc_greedy_decode, ctc_prefix_beam_search
-from .cache import ParamStamp, param_refs
+from .cache import DEFAULT_CACHE_BYTES, param_refs
 from .config import NARVLConfig
+from .decoder import DecoderStack
 from .encoder import Encoder
+from .layers import ofa_embedding
 
 
 def check_targets(cfg, targets, target_lengths, batch, name="targets"):
@@ -40,6 +46,16 @@ def check_targets(cfg, targets, target_lengths, batch, name="targets"):
         raise ValueError(f"target_lengths must lie in [1, {targets.shape[1]}] (targets end with EOS)")
 
 
+class QueryDecoder(DecoderStack):
+    """NARVL's decoder (the authors' ``CMLMNATransformerDecoder`` with query input): OFA's
+    decoder stack fed N learnable queries ``query_embed`` (N, d) instead of tokens, with
+    self-attention among all queries (no causal mask)."""
+
+    def __init__(self, cfg: NARVLConfig):
+        super().__init__(cfg)
+        self.query_embed = nn.Embedding(cfg.num_queries, cfg.d_model)  # N(0, 1), as DETR's
+
+
 class NARVL(nn.Module):
     """See the module docstring. ``cfg``: a ``NARVLConfig``."""
 
@@ -48,56 +64,50 @@ class NARVL(nn.Module):
         if not isinstance(cfg, NARVLConfig):
             raise TypeError(f"cfg must be a NARVLConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        d, N = cfg.d_model, cfg.num_queries
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
-        nn.init.normal_(self.embed_tokens.weight, std=d ** -0.5)
+        self.embed_tokens = ofa_embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = Encoder(cfg, self.embed_tokens)
-        self.queries = nn.Parameter(torch.randn(N, d))  # N(0, 1), as DETR's query embeddings
-        self.query_rel = zero_bias_tables(cfg.dec_layers, 2 * N - 1, cfg.heads)
-        self.layers = nn.ModuleList(QueryDecoderLayer(d, cfg.heads, cfg.ffn_dim, cfg.dropout)
-                                    for _ in range(cfg.dec_layers))
-        self.ln_out = nn.LayerNorm(d)
+        self.decoder = QueryDecoder(cfg)
         self.out_adapter = None  # (d, d) linear in the parameter-efficient mode
-        self._first_self = None  # (1, N, d): layer 0's self-attention block, cached for inference
-        self._self_biases = None  # per-layer (H, N, N) self-attention biases, cached for inference
-        self._first_stamp = None  # the parameters both caches were computed from
-        r = torch.arange(N)
-        self.register_buffer("_qrel_idx", (r[None, :] - r[:, None]) + N - 1, persistent=False)
 
-    def _self_bias(self, i, dtype):
-        return self.query_rel[i](self._qrel_idx).permute(2, 0, 1).to(dtype)
+    @property
+    def queries(self) -> nn.Parameter:
+        """The N learnable query embeddings (N, d)."""
+        return self.decoder.query_embed.weight
 
     @torch.no_grad()
-    def cache_first_self_attention_(self):
-        """Inference only: layer 0's self-attention block sees only the learnable queries, so
-        its output x1 = q + SelfAttn(LN(q)) is the same for every input, as are the layers'
-        relative self-attention biases. Compute them once and let ``decode_logits`` start from
-        x1 (``prepare_for_inference`` calls this on its copy; the cache is ignored whenever
-        gradients are on, and recomputed when the parameters it depends on change)."""
-        q = self.queries[None]
-        self._first_stamp = ParamStamp([(self, "queries")] + param_refs(self.query_rel)
-                                       + param_refs(self.layers[0]))
-        self._self_biases = [self._self_bias(i, q.dtype).contiguous() for i in range(len(self.layers))]
-        self._first_self = self.layers[0].self_block(q, self._self_biases[0]).detach()
+    def cache_first_self_attention_(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        """Inference only: keep the decoder's position biases per shape and, since layer 0's
+        self-attention block sees only the learnable queries, its output x1 (a constant): the
+        decoder then starts from x1. Ignored whenever gradients are on; recomputed when the
+        parameters it depends on change (``prepare_for_inference`` calls this on its copy)."""
+        dec = self.decoder
+        extra = param_refs(dec.query_embed) + param_refs(dec.layernorm_embedding) + param_refs(dec.layers[0])
+        dec.cache_biases_(self.encoder, extra, max_bytes)
         return self
+
+    def _first_block(self, self_bias0, dtype):
+        dec = self.decoder
+        x = dec.embed(dec.query_embed.weight.to(dtype)[None])
+        return dec.layers[0].self_block(x, self_bias0)
 
     def decode_logits(self, memory, memory_lengths):
         """memory (B, Lm, d), memory_lengths (B,) -> logits (B, N, V)."""
-        B = memory.shape[0]
-        first = self._first_self
-        if first is not None and first.dtype == memory.dtype and first.device == memory.device \
-                and not torch.is_grad_enabled():
-            if self._first_stamp.stale():  # the queries or layer 0 changed: recompute
-                first = self.cache_first_self_attention_()._first_self
-            x = first.expand(B, -1, -1)
-            x = self.layers[0].cross_ffn_block(x, *self.layers[0].cross_kv(memory), memory_lengths)
-            start, biases = 1, self._self_biases
+        dec, cfg = self.decoder, self.cfg
+        B, dtype = memory.shape[0], memory.dtype
+        N = cfg.num_queries
+        n_text = memory.shape[1] - cfg.grid ** 2
+        self_b, cross_b = dec.biases(N, self.encoder, n_text, dtype)
+        if dec._cache is not None and not torch.is_grad_enabled():
+            x = dec._cache.get(("first", dtype), lambda: self._first_block(self_b[0], dtype))
+            x = dec.layers[0].cross_ffn_block(x.expand(B, -1, -1),
+                                              *dec.layers[0].encoder_attn.project_kv(memory),
+                                              memory_lengths, cross_b)
+            start = 1
         else:
-            x, start, biases = self.queries.to(memory.dtype).expand(B, -1, -1), 0, None
-        for i in range(start, len(self.layers)):
-            bias = biases[i] if biases is not None else self._self_bias(i, x.dtype)
-            x = self.layers[i](x, memory, memory_lengths, self_bias=bias)
-        x = self.ln_out(x)
+            x, start = dec.embed(dec.query_embed.weight.to(dtype)[None].expand(B, -1, -1)), 0
+        for i in range(start, len(dec.layers)):
+            x = dec.layers[i](x, memory, memory_lengths, self_b[i], cross_b)
+        x = dec.layer_norm(x)
         if self.out_adapter is not None:
             x = self.out_adapter(x)
         return linear(x, self.embed_tokens.weight.to(x.dtype))

@@ -1,0 +1,87 @@
+"""OFA's decoder stack without its input, shared by NARVL's query decoder and the AR baseline.
+
+Positions enter only as attention biases (OFA's released scripts set ``--disable-entangle``):
+    p = pos_ln(embed_positions[0..T))                                         (T, d)
+    self bias of layer i = (self_pos_q_linear(p) * s) self_pos_k_linear(p)^T
+                           + token_rel_pos_table_list[i][bucket(q - k)]       (H, T, T)
+    cross bias           = (cross_pos_q_linear(p) * s) cross_pos_k_linear(p_enc)^T   (H, T, Lm)
+with s = (d / H * attn_scale_factor) ** -0.5 and p_enc the encoder's ``position_embeddings``.
+The input x (B, T, d) goes through ``layernorm_embedding``, the ``DecoderLayer``s and the final
+``layer_norm``. Module names are OFA's fairseq names (``decoder.*``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .cache import DEFAULT_CACHE_BYTES, ShapeCache, param_refs
+from .config import NARVLConfig
+from .layers import DecoderLayer, ofa_embedding, pos_bias, token_rel_buckets, zero_tables
+from ..nn import Linear
+
+
+class DecoderStack(nn.Module):
+    """See the module docstring."""
+
+    def __init__(self, cfg: NARVLConfig):
+        super().__init__()
+        d, H = cfg.d_model, cfg.heads
+        self.cfg, self.heads = cfg, H
+        self.embed_positions = ofa_embedding(cfg.max_positions + 2, d)
+        self.pos_ln = nn.LayerNorm(d)
+        self.self_pos_q_linear, self.self_pos_k_linear = Linear(d, d), Linear(d, d)
+        self.cross_pos_q_linear, self.cross_pos_k_linear = Linear(d, d), Linear(d, d)
+        self.pos_scaling = float(d / H * cfg.attn_scale_factor) ** -0.5
+        self.token_rel_pos_table_list = zero_tables(cfg.dec_layers, 2 * cfg.text_buckets - 1, H)
+        self.layernorm_embedding = nn.LayerNorm(d)
+        self.layers = nn.ModuleList(DecoderLayer(d, H, cfg.ffn_dim, cfg.dropout, cfg.attn_scale_factor)
+                                    for _ in range(cfg.dec_layers))
+        self.layer_norm = nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self._cache = None  # ShapeCache of the position biases, inference only
+
+    def position_modules(self):
+        return [self.embed_positions, self.pos_ln, self.self_pos_q_linear, self.self_pos_k_linear,
+                self.cross_pos_q_linear, self.cross_pos_k_linear, self.token_rel_pos_table_list]
+
+    def _positions(self, T):
+        return self.pos_ln(self.embed_positions.weight[:T])
+
+    def self_biases(self, T: int, dtype) -> list:
+        """Per layer (H, T, T): absolute + relative self-attention bias of positions 0..T-1."""
+        p = self._positions(T)
+        absb = pos_bias(self.self_pos_q_linear, self.self_pos_k_linear, p, p, self.heads, self.pos_scaling)
+        idx = token_rel_buckets(T, self.cfg.text_buckets, self.cfg.max_positions).to(p.device)
+        return [(absb + t.weight[idx].permute(2, 0, 1)).to(dtype) for t in self.token_rel_pos_table_list]
+
+    def cross_bias(self, T: int, src_pos: torch.Tensor, dtype) -> torch.Tensor:
+        """(H, T, Lm) cross-attention bias against the encoder positions src_pos (Lm, d)."""
+        p = self._positions(T)
+        return pos_bias(self.cross_pos_q_linear, self.cross_pos_k_linear, p, src_pos, self.heads,
+                        self.pos_scaling).to(dtype)
+
+    def biases(self, T: int, encoder, n_text: int, dtype):
+        """(self biases per layer, cross bias) for T positions and an encoder output holding
+        ``n_text`` text positions after the image grid; kept per shape after ``cache_biases_``."""
+        def compute():
+            g = self.cfg.grid
+            src = encoder.position_embeddings(g, g, n_text)
+            return [b.contiguous() for b in self.self_biases(T, dtype)] + \
+                [self.cross_bias(T, src, dtype).contiguous()]
+        if self._cache is not None and not torch.is_grad_enabled():
+            out = self._cache.get(("bias", T, n_text, dtype), compute)
+        else:
+            out = compute()
+        return out[:-1], out[-1]
+
+    def cache_biases_(self, encoder, extra_refs=(), max_bytes: int = DEFAULT_CACHE_BYTES):
+        """Inference only: keep the position biases per shape (and whatever the owner stores
+        under its own keys), recomputed when these parameters, the encoder's positions or
+        ``extra_refs`` change."""
+        mods = self.position_modules() + encoder.position_modules()
+        refs = [r for m in mods for r in param_refs(m)] + list(extra_refs)
+        self._cache = ShapeCache(refs, max_bytes)
+        return self
+
+    def embed(self, x):
+        return self.drop(self.layernorm_embedding(x))
