@@ -34,7 +34,10 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tokenizers", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton", "numpy"],
+        # the OFA oracle (tests/ofa_oracle.py): the OFA team's PyTorch port inside modelscope
+        "test": ["pytest", "pytest-benchmark", "triton", "numpy", "transformers>=4.40,<4.58",
+                 "modelscope==1.40.2"],
+        "oracle": ["transformers>=4.40,<4.58", "modelscope==1.40.2"],
         "triton": ["triton"],
         "kenlm": ["kenlm"],
         "bench": ["pytest-benchmark", "flashlight-text", "pyctcdecode"],

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import os
 import pickle
 import re
@@ -292,7 +291,8 @@ def from_ofa(path, arch: str = "narvl", task: str | None = None, **overrides):
 
 
 def _main(argv=None):
-    """``python -m narvl.models.ofa_import CKPT OUT.safetensors [--arch narvl|ar] [--task T]``:
+    """``python -m narvl.models.ofa_import CKPT OUT.safetensors [--arch narvl|ar] [--task T]
+    [--num-bins 1000]``:
     convert an OFA checkpoint into a narvl safetensors checkpoint."""
     from ..checkpoint import save_checkpoint
     p = argparse.ArgumentParser(description=_main.__doc__)
@@ -300,8 +300,9 @@ def _main(argv=None):
     p.add_argument("out")
     p.add_argument("--arch", default="narvl", choices=["narvl", "ar"])
     p.add_argument("--task", default=None, choices=sorted(TASK_QUERIES))
+    p.add_argument("--num-bins", type=int, default=1000, help="location bins (OFA: 1000)")
     a = p.parse_args(argv)
-    model = from_ofa(a.checkpoint, arch=a.arch, task=a.task)
+    model = from_ofa(a.checkpoint, arch=a.arch, task=a.task, num_bins=a.num_bins)
     save_checkpoint(a.out, model, meta={"config": model.cfg.to_json(), "arch": a.arch})
     print(f"wrote {a.out}: {model.cfg.preset} ({sum(t.numel() for t in model.parameters())} parameters)")
 
