@@ -8,6 +8,8 @@ embedded shapes data (generated offline from --seed), for one of the paper's fou
     python train.py --eval-only runs/caption_narvl/last.safetensors --out runs/eval
     python train.py --task vqa --data vqa_spec.json --image-size 480 --epochs 5 --out runs/vqa   # your files
     python train.py --task caption --distill-from runs/caption_ar/last.safetensors --out runs/kd  # seq-level KD
+    python train.py --task vqa --init-ofa ofa_base.pt --ofa-bpe-dir OFA/utils/BPE --data vqa.json \
+        --image-size 480 --out runs/vqa_ofa     # fine-tune NARVL from an OFA checkpoint
 
 Writes DIR/last.safetensors (atomic, no pickle; config + tokenizer inside) and DIR/metrics.json
 (task, arch, metric_name, metric, latency_ms = mean batch-1 decode time per sample with the
@@ -35,7 +37,8 @@ import torch
 import narvl
 from narvl.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_checkpoint
 from narvl.data import TaskData, Tokenizer, load_spec, metrics, sample_texts, shapes, shapes_task
-from narvl.models import (ARBaseline, NARVL, NARVLConfig, enable_peft, prepare_for_inference,
+from narvl.data.ofa import OFATokenizer
+from narvl.models import (ARBaseline, NARVL, NARVLConfig, enable_peft, from_ofa, prepare_for_inference,
                           time_generate, trainable_fraction)
 from narvl.models.config import TASK_QUERIES
 
@@ -91,6 +94,11 @@ def parse_args(argv=None):
                    help="eP-ALM style: train only the queries, an output projection and a soft prompt")
     p.add_argument("--no-soft-prompt", action="store_true", help="with --freeze-backbone")
     p.add_argument("--init", default=None, help="start from a checkpoint's weights (e.g. with --freeze-backbone)")
+    p.add_argument("--init-ofa", default=None, metavar="PATH",
+                   help="start from an OFA (or NARVL) checkpoint: fairseq .pt, Hugging Face file or directory")
+    p.add_argument("--ofa-bpe-dir", default=None, metavar="DIR",
+                   help="with --init-ofa: OFA's BPE files (encoder.json + vocab.bpe + dict.txt, or "
+                        "vocab.json + merges.txt)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     p.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint")
     p.add_argument("--ckpt-every", type=int, default=200)
@@ -115,6 +123,10 @@ def parse_args(argv=None):
         p.error("--max-target-len must be >= 1")
     if a.bf16 and a.fp16:
         p.error("--bf16 and --fp16 exclude each other")
+    if a.init_ofa and not a.ofa_bpe_dir:
+        p.error("--init-ofa needs --ofa-bpe-dir DIR (OFA's tokenizer files)")
+    if a.init_ofa and (a.init or a.resume or a.eval_only):
+        p.error("--init-ofa starts a new run: it excludes --init, --resume and --eval-only")
     if a.distill_from and a.arch != "narvl":
         p.error("--distill-from trains NARVL (--arch narvl)")
     a.out = a.out or f"runs/{a.task}_{a.arch}"
@@ -267,8 +279,21 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "last.safetensors")
 
-    meta_in, train_data = None, None
-    if args.eval_only or args.resume or args.init:
+    meta_in, train_data, model = None, None, None
+    if args.init_ofa:
+        train_data = load_data(args, "train", args.image_size) if args.data else None
+        try:
+            tok = OFATokenizer.from_files(args.ofa_bpe_dir)
+            model = from_ofa(args.init_ofa, arch=args.arch, task=args.task, image_size=args.image_size,
+                             num_bins=tok.num_bins, dropout=args.dropout, max_text_len=64,
+                             max_target_len=args.max_target_len or TASK_QUERIES[args.task])
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --init-ofa: {e}")
+        cfg = model.cfg
+        if tok.vocab_size != cfg.vocab_size:
+            sys.exit(f"error: --ofa-bpe-dir gives {tok.vocab_size - 1} OFA entries, the checkpoint "
+                     f"{cfg.vocab_size - 1}: not the same vocabulary")
+    elif args.eval_only or args.resume or args.init:
         src = args.eval_only or args.init or ckpt_path
         tensors, meta_in = read_checkpoint(src)
         tok = Tokenizer.from_json(meta_in["tokenizer"])
@@ -285,7 +310,7 @@ def run(args):
                                       vocab_size=tok.vocab_size, num_bins=tok.num_bins,
                                       dropout=args.dropout, max_text_len=48,
                                       max_target_len=args.max_target_len or TASK_QUERIES[args.task])
-    model = build_model(args.arch, cfg)
+    model = model if model is not None else build_model(args.arch, cfg)
     peft = bool(args.freeze_backbone or (meta_in and json.loads(meta_in.get("peft", "false"))
                                          and not args.init))
     if meta_in is not None and not args.init and peft:

@@ -1,12 +1,10 @@
 """OFATokenizer from both file layouts (tiny files in the real formats), against
 transformers' BartTokenizer (the Hugging Face OFA tokenizer's base) where installed; OFA's
 prompts, image preprocessing and box quantisation; malformed files."""
-import json
-import random
-
 import pytest
 import torch
 
+from ofa_files import write_bpe_files
 from narvl.data.ofa import (BOS, EOS, UNK, OFATokenizer, dequantize_box, ofa_prompt, preprocess_image,
                             quantize_box)
 
@@ -18,29 +16,8 @@ TEXTS = ["what color is the dog?", "a man riding a horse on the beach", "two cat
 def bpe_files(tmp_path_factory):
     """GPT-2-format encoder.json / vocab.bpe + an OFA dict.txt in a shuffled (frequency) order,
     and the equivalent Hugging Face vocab.json / merges.txt holding OFA's ids."""
-    import tokenizers as tk
-    bpe = tk.Tokenizer(tk.models.BPE())
-    bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = tk.trainers.BpeTrainer(vocab_size=400, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
-                                     show_progress=False)
-    bpe.train_from_iterator([" " + t for t in TEXTS] * 3, trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab, merges = model["vocab"], model["merges"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    gpt = tmp_path_factory.mktemp("gpt2")
-    (gpt / "encoder.json").write_text(json.dumps(vocab))
-    (gpt / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    order = sorted(vocab.values())
-    random.Random(0).shuffle(order)
-    (gpt / "dict.txt").write_text("".join(f"{i} {1000 - n}\n" for n, i in enumerate(order)))
-    inv = {i: t for t, i in vocab.items()}
-    hf_vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for n, i in enumerate(order):
-        hf_vocab[inv[i]] = 4 + n
-    hf_vocab["<mask>"] = 4 + len(order)
-    hf = tmp_path_factory.mktemp("hf")
-    (hf / "vocab.json").write_text(json.dumps(hf_vocab))
-    (hf / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    gpt, hf = tmp_path_factory.mktemp("gpt2"), tmp_path_factory.mktemp("hf")
+    vocab, order = write_bpe_files(gpt, hf, TEXTS)
     return gpt, hf, vocab, order
 
 

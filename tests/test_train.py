@@ -1,6 +1,7 @@
 """train.py: a short training smoke run per architecture, checkpoint (safetensors, atomic),
 --resume, --eval-only, --freeze-backbone, DDP with 2 gloo processes, argument errors."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -247,3 +248,49 @@ def test_bad_data_spec_is_a_clear_error(tmp_path):
                     "--data", str(tmp_path / "only_train.json")])
     with pytest.raises(SystemExit, match="--data"):
         train.main([*SMALL, "--out", str(tmp_path / "o"), "--task", "caption", "--data", str(tmp_path / "none.json")])
+
+
+def test_init_ofa_fine_tunes_from_an_ofa_checkpoint(tmp_path, capsys):
+    """train.py --init-ofa --ofa-bpe-dir on a synthetic tiny OFA checkpoint and tiny BPE files:
+    NARVL starts from OFA's weights, trains, decodes with OFA's tokenizer, and its checkpoint
+    reloads with that tokenizer."""
+    from narvl.data import shapes
+    from narvl.data.ofa import OFATokenizer
+    from narvl.models import NARVLConfig
+    from narvl.checkpoint import read_checkpoint
+    from ofa_files import write_bpe_files, write_ofa_checkpoint
+    bpe = tmp_path / "bpe"
+    bpe.mkdir()
+    write_bpe_files(bpe, None, shapes.corpus(image_size=64, seed=0, n=200), vocab_size=300)
+    tok = OFATokenizer.from_files(bpe)
+    cfg = NARVLConfig(d_model=32, enc_layers=1, dec_layers=1, heads=2, resnet_layers=(1, 1, 1), image_size=32,
+                      vocab_size=tok.vocab_size, num_bins=1000)
+    ckpt = tmp_path / "ofa_tiny.pt"
+    write_ofa_checkpoint(ckpt, cfg)
+    out = tmp_path / "run"
+    m = run(out, "--task", "caption", "--arch", "narvl", "--steps", "1", "--lr", "1e-30", "--init-ofa", str(ckpt),
+            "--ofa-bpe-dir", str(bpe))
+    assert m["arch"] == "narvl" and m["latency_ms"] > 0
+    m2 = run(tmp_path / "run2", "--task", "caption", "--arch", "ar", "--steps", "2", "--init-ofa", str(ckpt),
+             "--ofa-bpe-dir", str(bpe))
+    assert m2["arch"] == "ar" and all(map(math.isfinite, m2["losses"]))
+    tensors, meta = read_checkpoint(str(out / "last.safetensors"))
+    assert json.loads(meta["tokenizer"])["kind"] == "ofa"
+    assert train.Tokenizer.from_json(meta["tokenizer"]).encode(" a red circle") == tok.encode(" a red circle")
+    assert NARVLConfig.from_json(meta["config"]).vocab_size == tok.vocab_size
+    # one step at lr 1e-30 leaves OFA's weights bit for bit (plus the new queries and blank row)
+    src = torch.load(ckpt, weights_only=False)["model"]
+    for k in ("encoder.layers.0.fc1.weight", "encoder.embed_images.layer1.0.conv2.weight",
+              "decoder.layers.0.encoder_attn.k_proj.weight", "decoder.cross_pos_q_linear.bias"):
+        assert torch.equal(tensors["model." + k], src[k]), k
+    emb = tensors.get("model.embed_tokens.weight", tensors.get("model.encoder.embed_tokens.weight"))
+    assert torch.equal(emb[:-1], src["encoder.embed_tokens.weight"])
+    assert tensors["model.decoder.query_embed.weight"].shape == (20, 32)
+    with pytest.raises(SystemExit):
+        train.main([*SMALL, "--out", str(tmp_path / "x"), "--init-ofa", str(ckpt)])  # no --ofa-bpe-dir
+    with pytest.raises(SystemExit, match="vocabulary"):
+        other = tmp_path / "bpe2"
+        other.mkdir()
+        write_bpe_files(other, None, ["tiny corpus"], vocab_size=270)
+        train.main([*SMALL, "--out", str(tmp_path / "y"), "--task", "caption", "--steps", "1",
+                    "--init-ofa", str(ckpt), "--ofa-bpe-dir", str(other)])

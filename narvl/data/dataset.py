@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokenizer import BOS, EOS, PAD, Tokenizer
+from .tokenizer import EOS, PAD, Tokenizer
 
 
 def load_image(path: str, size: int):
@@ -71,7 +71,7 @@ class TaskData:
         With ``stats`` (a dict), ``stats["cut"]`` counts the targets cut."""
         ss = [self.samples[i] for i in idx]
         images = torch.stack([self.image(s) for s in ss]).float().div_(127.5).sub_(1.0)
-        texts = [[BOS] + tok.encode(s["text"]) + [EOS] for s in ss]
+        texts = [tok.source(s["text"]) for s in ss]
         if max_text_len is not None:
             texts = [t[:max_text_len] for t in texts]
         tgts = [self.target_ids(s, tok) for s in ss]

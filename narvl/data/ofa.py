@@ -70,6 +70,7 @@ class OFATokenizer:
     def __init__(self, vocab: dict, merges: list, bpe_to_ofa: dict, n_text: int,
                  num_codes: int = NUM_CODES, num_bins: int = NUM_BINS):
         tk = _tokenizers()
+        self._files = (dict(vocab), [tuple(m) for m in merges], int(n_text))
         self.bpe = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges))
         self.bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         self.bpe.decoder = tk.decoders.ByteLevel()
@@ -164,8 +165,32 @@ class OFATokenizer:
         return self.bin_offset + k
 
     def source(self, prompt: str) -> list[int]:
-        """OFA's encoder input: [<s>] + encode(prompt) + [</s>]."""
-        return [BOS] + self.encode(prompt) + [EOS]
+        """OFA's encoder input: [<s>] + encode(prompt) + [</s>]; a prompt without OFA's leading
+        space gets one."""
+        return [BOS] + self.encode(prompt if prompt.startswith(" ") else " " + prompt) + [EOS]
+
+    def box_to_ids(self, box, image_size: int) -> list[int]:
+        """4 bin ids of a box given in the image_size x image_size (resized) frame."""
+        return [self.bin_id(k) for k in quantize_box(box, image_size, image_size, image_size, self.num_bins)]
+
+    def ids_to_box(self, ids, image_size: int):
+        """First 4 ids as a box in the image_size x image_size frame, or None when they are not 4 bins."""
+        ids = [int(i) for i in ids[:4]]
+        if len(ids) < 4 or not all(self.bin_offset <= i < self.bin_offset + self.num_bins for i in ids):
+            return None
+        return dequantize_box([i - self.bin_offset for i in ids], image_size, image_size, self.num_bins)
+
+    def to_json(self) -> str:
+        vocab, merges, n_text = self._files
+        return json.dumps({"kind": "ofa", "vocab": vocab, "merges": [" ".join(m) for m in merges],
+                           "bpe_to_ofa": {str(k): v for k, v in self.bpe_to_ofa.items()}, "n_text": n_text,
+                           "num_codes": self.num_codes, "num_bins": self.num_bins})
+
+    @classmethod
+    def from_json(cls, s) -> "OFATokenizer":
+        d = json.loads(s) if isinstance(s, str) else s
+        return cls(d["vocab"], [tuple(m.split(" ")) for m in d["merges"]],
+                   {int(k): v for k, v in d["bpe_to_ofa"].items()}, d["n_text"], d["num_codes"], d["num_bins"])
 
     def target(self, answer: str) -> list[int]:
         """Q-CTC / AR target: encode(' ' + answer) + [</s>] (boxes: ``quantize_box`` ids + EOS)."""

@@ -92,8 +92,16 @@ class Tokenizer:
     def to_json(self) -> str:
         return json.dumps({"bpe": self.bpe.to_str(), "num_bins": self.num_bins})
 
+    def source(self, prompt: str) -> list[int]:
+        """The encoder input: [BOS] + encode(prompt) + [EOS]."""
+        return [BOS] + self.encode(prompt) + [EOS]
+
     @classmethod
-    def from_json(cls, s: str) -> "Tokenizer":
+    def from_json(cls, s: str):
+        """A tokenizer from ``to_json``: this class, or ``OFATokenizer`` (kind "ofa")."""
         tk = _tokenizers()
         d = json.loads(s)
+        if d.get("kind") == "ofa":
+            from .ofa import OFATokenizer
+            return OFATokenizer.from_json(d)
         return cls(tk.Tokenizer.from_str(d["bpe"]), d["num_bins"])
