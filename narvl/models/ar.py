@@ -120,11 +120,7 @@ class ARBaseline(nn.Module):
         x = dec.embed(self.embed_tokens(tok[:, None]).to(cross[0][0].dtype))
         cb = cross_b[:, pos:pos + 1]
         for layer, (ck, cv), sb, cache in zip(dec.layers, cross, self_b, caches):
-            k, v = layer.self_attn.project_kv(layer.self_attn_layer_norm(x))
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
-            x = layer.self_block(x, sb[:, pos:pos + 1, :pos + 1], k, v)
+            x = layer.self_block(x, sb[:, pos:pos + 1, :pos + 1], cache)
             x = layer.cross_ffn_block(x, ck, cv, lengths, cb)
         return F.log_softmax(self._out(x[:, 0]).float(), -1)
 

@@ -88,10 +88,10 @@ class Encoder(nn.Module):
         i_idx = image_rel_buckets(h, w, cfg.image_buckets).to(dev)
         out = []
         for ttab, itab in zip(self.token_rel_pos_table_list, self.image_rel_pos_table_list):
-            rel = torch.zeros_like(abs_bias)
-            rel[:, n_img:, n_img:] = ttab.weight[t_idx].permute(2, 0, 1)
-            rel[:, :n_img, :n_img] = itab.weight[i_idx].permute(2, 0, 1)
-            out.append((abs_bias + rel).to(dtype))
+            b = abs_bias.clone()  # one copy per layer; the relative tables add into their blocks
+            b[:, n_img:, n_img:] += ttab.weight[t_idx].permute(2, 0, 1)
+            b[:, :n_img, :n_img] += itab.weight[i_idx].permute(2, 0, 1)
+            out.append(b.to(dtype))
         return out
 
     def layer_biases(self, h: int, w: int, n_text: int, dtype):

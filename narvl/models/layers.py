@@ -153,13 +153,16 @@ class DecoderLayer(_FFN):
         self._ffn_init(d, ffn)
         self.drop = nn.Dropout(dropout)
 
-    def self_block(self, x, bias, k=None, v=None, causal=False):
-        """x + self-attention. With k, v given (a KV cache), x holds only the new positions."""
+    def self_block(self, x, bias, cache=None, causal=False):
+        """x + self-attention. With ``cache`` (a dict, updated in place with the keys and
+        values so far), x holds only the new positions."""
         h = self.self_attn_layer_norm(x)
-        if k is None:
-            h = self.self_attn(h, bias=bias, causal=causal)
-        else:
-            h = self.self_attn.attend(h, k, v, bias=bias, causal=causal)
+        k, v = self.self_attn.project_kv(h)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        h = self.self_attn.attend(h, k, v, bias=bias, causal=causal)
         return x + self.drop(self.self_attn_ln(h))
 
     def cross_ffn_block(self, x, cross_k, cross_v, mem_lengths, cross_bias):

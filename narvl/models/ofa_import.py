@@ -52,9 +52,6 @@ class Opaque:
 
     _name = "?"
 
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs, self.state = args, kwargs, None
-
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
         obj.args, obj.kwargs, obj.state = args, kwargs, None
@@ -211,8 +208,7 @@ def infer_config(state, arch="narvl", task=None, image_size=None, **overrides) -
         if all(kw[k] == (tuple(v) if k == "resnet_layers" else v) for k, v in p.items()) \
                 and kw["ffn_dim"] == 4 * kw["d_model"]:
             preset = name
-    base = NARVLConfig.from_preset(preset, task=task).to_dict() if preset != "custom" else \
-        (NARVLConfig.from_preset("tiny", task=task).to_dict())
+    base = NARVLConfig.from_preset(preset if preset != "custom" else "tiny", task=task).to_dict()
     base.update(kw, preset=preset)
     if narvl_ckpt and task is None:
         base["num_queries"] = int(state["decoder.query_embed.weight"].shape[0])
