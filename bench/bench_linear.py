@@ -1,7 +1,9 @@
 """narvl.ops.linear (oneDNN fused matmul + bias + GELU on CPU) against ATen's F.linear (+ F.gelu)
 on the same inputs, at the tiny model's layer shapes: inference at the row counts it sees
 (setups.LINEAR_ROWS; rows below narvl's oneDNN threshold (8) run F.linear in both columns, ~1.0x)
-and training (forward + backward) at a batch's 832 rows.
+and training (forward + backward) at a batch's 832 rows. ``narvl`` is the default route
+(``NARVL_LINEAR_ROUTE=auto``: per shape, the faster of oneDNN and ATen as measured on its first
+call), ``narvl-onednn`` pins oneDNN, so the table shows what the measurement buys on this CPU.
 
 Run: python -m pytest bench/bench_linear.py --benchmark-json bench/results/linear_cpu.json
 """
@@ -18,12 +20,20 @@ def aten(x, w, b, act):
     return F.gelu(y) if act == "gelu" else y
 
 
-@pytest.mark.parametrize("impl", ["narvl", "aten"])
+IMPLS = ["narvl", "narvl-onednn", "aten"]
+
+
+@pytest.fixture
+def route(monkeypatch, impl):
+    monkeypatch.setenv("NARVL_LINEAR_ROUTE", "onednn" if impl == "narvl-onednn" else "auto")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(LINEAR_SHAPES))
 @pytest.mark.parametrize("rows", LINEAR_ROWS)
-def test_linear(benchmark, threads, impl, name, rows):
+def test_linear(benchmark, threads, route, impl, name, rows):
     x, w, b, act = linear_inputs(rows, name)
-    fn = linear if impl == "narvl" else aten
+    fn = aten if impl == "aten" else linear
     benchmark.group = f"linear-{name}-rows{rows}-{threads}thr"
     benchmark.extra_info.update(impl=impl, rows=rows, shape=name, threads=threads)
     with torch.inference_mode():
@@ -31,14 +41,14 @@ def test_linear(benchmark, threads, impl, name, rows):
                            warmup_rounds=5, iterations=1)
 
 
-@pytest.mark.parametrize("impl", ["narvl", "aten"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(LINEAR_SHAPES))
-def test_linear_train(benchmark, threads, impl, name):
+def test_linear_train(benchmark, threads, route, impl, name):
     """Forward + backward (grads for x, weight, bias) at a training batch's 832 rows."""
     x, w, b, act = linear_inputs(832, name)
     x, w, b = (t.requires_grad_(True) for t in (x, w, b))
     gy = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(1))
-    fn = linear if impl == "narvl" else aten
+    fn = aten if impl == "aten" else linear
     benchmark.group = f"linear-train-{name}-rows832-{threads}thr"
     benchmark.extra_info.update(impl=impl, rows=832, shape=name, threads=threads, mode="fwdbwd")
     benchmark.pedantic(lambda: torch.autograd.grad(fn(x, w, b, act), (x, w, b), gy), rounds=20,

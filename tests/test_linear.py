@@ -10,6 +10,13 @@ needs_onednn = pytest.mark.skipif(not lin.onednn_linear_available(),
                                   reason="this torch build lacks torch.ops.mkldnn._linear_pointwise")
 
 
+@pytest.fixture(autouse=True)
+def pinned_onednn(monkeypatch):
+    """The route tests below exercise the oneDNN route itself: pin it (``auto`` measures, and on
+    some CPUs would pick ATen). The ``auto`` tests unset it."""
+    monkeypatch.setenv("NARVL_LINEAR_ROUTE", "onednn")
+
+
 def graph_has(fn, name, depth=4):
     """Whether the autograd graph below ``fn`` (``depth`` nodes deep) holds a node called ``name``."""
     if fn is None or depth < 0:
@@ -199,3 +206,69 @@ def test_fastpath_env_switch_forces_aten(monkeypatch):
     monkeypatch.setenv("NARVL_CPU_FASTPATH", "0")
     with torch.no_grad():
         assert lin._onednn_route(torch.randn(8, 8), torch.randn(4, 8), None) is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("onednn_wins", [True, False])
+def test_auto_route_measures_once_per_key_and_takes_the_faster(monkeypatch, onednn_wins):
+    """``auto``: the first call of a key times both routes (here with a fake clock that makes
+    one of them win), every later call of that key reuses the choice without timing."""
+    monkeypatch.setenv("NARVL_LINEAR_ROUTE", "auto")
+    monkeypatch.setattr(lin, "_choices", {})
+    clock = {"t": 0.0, "reads": 0}
+    real_lp = torch.ops.mkldnn._linear_pointwise
+    real_fl = F.linear
+    calls = []
+
+    def lp(*a):
+        calls.append("onednn")
+        clock["t"] += 1.0 if onednn_wins else 5.0
+        return real_lp(*a)
+
+    def fl(*a, **k):
+        calls.append("aten")
+        clock["t"] += 5.0 if onednn_wins else 1.0
+        return real_fl(*a, **k)
+
+    def now():
+        clock["reads"] += 1
+        return clock["t"]
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lp)
+    monkeypatch.setattr(lin.F, "linear", fl)
+    monkeypatch.setattr(lin.time, "perf_counter", now)
+    x, w, b, _ = make((11, 6), 5, True)
+    with torch.no_grad():
+        y = lin.linear(x, w, b, "gelu")
+        reads = clock["reads"]
+        assert reads > 0
+        calls.clear()
+        y2 = lin.linear(x, w, b, "gelu")
+        assert clock["reads"] == reads  # no second measurement for the same key
+    assert calls == (["onednn"] if onednn_wins else ["aten"])
+    (key, choice), = lin.route_choices().items()
+    assert key[:5] == (11, 6, 5, "gelu", True) and choice == ("onednn" if onednn_wins else "aten")
+    monkeypatch.setattr(lin.F, "linear", real_fl)
+    for out in (y, y2):
+        torch.testing.assert_close(out.double(), ref(x, w, b, "gelu"), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # another key (other rows) is measured again
+        lin.linear(torch.randn(9, 6), w, b, "gelu")
+    assert len(lin.route_choices()) == 2
+
+
+def test_route_env_is_checked_and_pins(monkeypatch):
+    monkeypatch.setenv("NARVL_LINEAR_ROUTE", "fastest")
+    x, w, b, _ = make((9, 5), 6, True)
+    if lin.onednn_linear_available():
+        with pytest.raises(ValueError, match="NARVL_LINEAR_ROUTE"):
+            with torch.no_grad():
+                lin.linear(x, w, b)
+    monkeypatch.setenv("NARVL_LINEAR_ROUTE", "aten")
+    monkeypatch.setattr(lin, "_choices", {})
+    with torch.no_grad():
+        y = lin.linear(x, w, b, "gelu")
+    assert lin.route_choices() == {}
+    torch.testing.assert_close(y, F.gelu(F.linear(x, w, b)))
+
+
+def test_rows_key_is_bounded():
+    assert [lin._rows_key(r) for r in (8, 26, 64, 65, 100, 832)] == [8, 26, 64, 128, 128, 1024]

@@ -122,6 +122,7 @@ def test_prepare_for_inference_keeps_the_function(arch):
     with torch.no_grad():  # non-zero relative biases, so a mix-up of cached layers would show
         for t in rel_tables(model):
             t.weight.normal_()
+        perturb_c_attn(model)  # the copy folds c_attn into out_proj: non-trivial values
     model.eval()
     images, text, _, _ = inputs(cfg)
     infer = prepare_for_inference(model)
@@ -136,6 +137,9 @@ def test_prepare_for_inference_keeps_the_function(arch):
             torch.testing.assert_close(infer.logits(images, text), model.logits(images, text),
                                        rtol=1e-4, atol=1e-4)
     assert infer.generate(images, text) == model.generate(images, text)
+    attns = [m for m in infer.modules() if hasattr(m, "c_attn")]
+    assert attns and all(len(m._fused) == 1 for m in attns)  # every attention ran on its fused weights
+    assert all(m._fused is None for m in model.modules() if hasattr(m, "c_attn"))
     with torch.no_grad():  # the cached biases are per text length: a second length, then the first
         for t in (text[:, :3], text):
             torch.testing.assert_close(infer.encoder(images, t)[0], model.encoder(images, t)[0],
@@ -385,6 +389,13 @@ def test_time_generate_takes_turns_and_keeps_each_samples_best():
         assert len(t[name].round_ms) == 3 and t[name].best_ms <= min(t[name].round_ms) + 1e-9
 
 
+def perturb_c_attn(model):
+    """NormFormer's per-head scales away from their initial ones."""
+    for m in model.modules():
+        if isinstance(getattr(m, "c_attn", None), torch.nn.Parameter):
+            m.c_attn.uniform_(0.3, 1.7)
+
+
 def _perturbed_model(cfg, seed=3):
     torch.manual_seed(seed)
     model = NARVL(cfg)
@@ -392,6 +403,7 @@ def _perturbed_model(cfg, seed=3):
     with torch.no_grad():
         for t in rel_tables(model):
             t.weight.normal_()
+        perturb_c_attn(model)
     return model.eval()
 
 
@@ -416,7 +428,8 @@ def test_inference_bias_cache_is_a_bounded_lru():
     assert len(tiny.encoder._bias_cache) == 0
 
 
-@pytest.mark.parametrize("change", ["load_state_dict", "queries", "rel_table", "backbone_conv", "layer0"])
+@pytest.mark.parametrize("change", ["load_state_dict", "queries", "rel_table", "backbone_conv", "layer0",
+                                    "c_attn", "cross_v_proj"])
 def test_inference_snapshots_follow_weight_changes(change):
     """After prepare_for_inference, changing the copy's weights in place changes its outputs as
     it changes the uncached computation (grad mode skips every cache and the packed convs)."""
@@ -434,6 +447,11 @@ def test_inference_snapshots_follow_weight_changes(change):
             infer.encoder.token_rel_pos_table_list[1].weight.mul_(-2.0)
         elif change == "backbone_conv":
             infer.encoder.backbone.layer2[0].conv2.weight.mul_(1.5)
+        elif change == "c_attn":  # folded into out_proj's fused weight
+            infer.encoder.layers[1].self_attn.c_attn.mul_(-1.5)
+        elif change == "cross_v_proj":  # inside the fused k/v weight
+            w = infer.decoder.layers[1].encoder_attn.v_proj.weight
+            w.add_(torch.randn_like(w))
         else:
             w = infer.decoder.layers[0].self_attn.out_proj.weight  # inside the cached first block
             w.add_(torch.randn_like(w))

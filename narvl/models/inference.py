@@ -2,10 +2,12 @@
 
 ``prepare_for_inference(model)`` returns a deep copy in eval mode with gradients off, every
 BatchNorm of the ResNet stages folded into its conv (``fold_batchnorm_``) and, for float32 CPU
-weights, the folded convs pre-packed for fused oneDNN primitives (``pack_for_cpu_``). The
-transformer layers need no preparation: ``narvl.nn.Linear``/``FeedForward`` pick oneDNN's fused
-matmul (+GELU) by themselves for inference calls with 8+ rows; the encoder keeps its
-position biases (absolute + relative, OFA's) per text length (``Encoder.cache_biases_``) and the decoders theirs. The shared encoder gets the same
+weights, the folded convs pre-packed for fused oneDNN primitives (``pack_for_cpu_``). Every
+attention keeps fused weights (``OFAAttention.fuse_for_inference_``: q/k/v in one matmul, k/v of
+the cross-attention memory in one, NormFormer's ``c_attn`` folded into ``out_proj``); the linear
+layers pick oneDNN's fused matmul (+GELU) or ATen per shape, whichever this CPU runs faster
+(``narvl.ops.linear``). The encoder keeps its position biases (absolute + relative, OFA's) per
+text length (``Encoder.cache_biases_``) and the decoders theirs. The shared encoder gets the same
 treatment in ``NARVL`` and ``ARBaseline``, so latency comparisons between them stay like for like
 (``train.py``, ``bench/``). NARVL also computes its first decoder layer's self-attention block
 once (``NARVL.cache_first_self_attention_``): that block sees only the learnable queries, so its
@@ -21,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .cache import DEFAULT_CACHE_BYTES
+from .layers import OFAAttention
 from .resnet import fold_batchnorm_, pack_for_cpu_
 
 
@@ -37,6 +40,9 @@ def prepare_for_inference(model: nn.Module, image_size: int | None = None,
     backbone = infer.encoder.backbone
     fold_batchnorm_(backbone)
     pack_for_cpu_(backbone, image_size or model.cfg.image_size)
+    for m in infer.modules():
+        if isinstance(m, OFAAttention):
+            m.fuse_for_inference_()  # q/k/v in one matmul, c_attn folded into out_proj
     infer.encoder.cache_biases_(cache_bytes)  # position biases: constants per text length
     infer.cache_first_self_attention_(cache_bytes)  # decoder position biases (+ NARVL's first block)
     for p in infer.parameters():

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import ShapeCache, param_refs
 from ..nn import Linear, merge_heads, split_heads
 from ..ops.attention import query_attention
 from ..ops.linear import linear
@@ -68,7 +69,12 @@ def pos_bias(q_lin: nn.Module, k_lin: nn.Module, pq: torch.Tensor, pk: torch.Ten
 
 class OFAAttention(nn.Module):
     """See the module docstring. forward(x (B, Lq, d), kv (B, Lk, d) = x, key_lengths (B,) =
-    None, bias (H, Lq, Lk) = None, causal=False) -> (B, Lq, d)."""
+    None, bias (H, Lq, Lk) = None, causal=False) -> (B, Lq, d).
+
+    ``fuse_for_inference_()`` (called by ``prepare_for_inference`` on its copy) keeps fused
+    weights for calls without gradients: one (3d, d) matmul for q, k, v (self-attention), one
+    (2d, d) for k, v (cross-attention memory), and ``c_attn`` folded into ``out_proj``'s columns
+    (out_proj(a * c) = (W diag(c)) a), recomputed whenever a parameter changes (``ShapeCache``)."""
 
     def __init__(self, d: int, heads: int, scale_factor: float = 2.0):
         super().__init__()
@@ -77,13 +83,56 @@ class OFAAttention(nn.Module):
         self.q_proj, self.k_proj = Linear(d, d), Linear(d, d)
         self.v_proj, self.out_proj = Linear(d, d), Linear(d, d)
         self.c_attn = nn.Parameter(torch.ones(heads))
+        self._fused = None
+
+    def fuse_for_inference_(self):
+        self._fused = ShapeCache(param_refs(self), max_bytes=1 << 62)
+        return self
+
+    def _fuse(self):
+        d = self.out_proj.weight.shape[0]
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        w = torch.cat([p.weight for p in projs])
+        b = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(d) for p in projs])
+        c = self.c_attn.to(w.dtype).repeat_interleave(d // self.heads)
+        return [w, b, (self.out_proj.weight * c[None, :]).contiguous()]
+
+    def _weights(self):
+        """[w_qkv (3d, d), b_qkv (3d,), w_out (d, d)] for a call without gradients, else None."""
+        if self._fused is None or torch.is_grad_enabled():
+            return None
+        return self._fused.get("w", self._fuse)
+
+    def _split(self, y, parts):
+        """(B, L, parts * d) -> ``parts`` tensors (B, H, L, Dh) (views)."""
+        B, L, _ = y.shape
+        return y.view(B, L, parts, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def project_q(self, x):
+        """(B, H, Lq, Dh) queries of x (B, Lq, d)."""
+        fw = self._weights()
+        if fw is None:
+            return split_heads(self.q_proj(x), self.heads)
+        d = x.shape[-1]
+        return split_heads(linear(x, fw[0][:d], fw[1][:d]), self.heads)
 
     def project_kv(self, kv):
         """(B, H, Lk, Dh) keys and values of kv (B, Lk, d)."""
-        return split_heads(self.k_proj(kv), self.heads), split_heads(self.v_proj(kv), self.heads)
+        fw = self._weights()
+        if fw is None:
+            return split_heads(self.k_proj(kv), self.heads), split_heads(self.v_proj(kv), self.heads)
+        d = kv.shape[-1]
+        return tuple(self._split(linear(kv, fw[0][d:], fw[1][d:]), 2))
 
-    def attend(self, x, k, v, key_lengths=None, bias=None, causal=False):
-        q = split_heads(self.q_proj(x), self.heads)
+    def project_qkv(self, x):
+        """Queries, keys and values (B, H, L, Dh) of x (B, L, d) (self-attention)."""
+        fw = self._weights()
+        if fw is None:
+            return (self.project_q(x),) + self.project_kv(x)
+        return tuple(self._split(linear(x, fw[0], fw[1]), 3))
+
+    def attend(self, q, k, v, key_lengths=None, bias=None, causal=False):
+        """Projected q (B, H, Lq, Dh), k / v (B, H, Lk, Dh) -> output (B, Lq, d)."""
         if causal:  # training-time AR self-attention: the mask joins the bias
             Lq, Lk = q.shape[2], k.shape[2]
             mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
@@ -94,12 +143,18 @@ class OFAAttention(nn.Module):
         else:
             a = query_attention(q, k, v, key_lengths=key_lengths,
                                 attn_bias=None if bias is None else bias.to(q.dtype), scale=self.scaling)
+        fw = self._weights()
+        if fw is not None:
+            return linear(merge_heads(a), fw[2].to(a.dtype), self.out_proj.bias)
         a = a * self.c_attn.to(a.dtype)[None, :, None, None]
         return self.out_proj(merge_heads(a))
 
     def forward(self, x, kv=None, key_lengths=None, bias=None, causal=False):
-        k, v = self.project_kv(x if kv is None else kv)
-        return self.attend(x, k, v, key_lengths, bias, causal)
+        if kv is None:
+            q, k, v = self.project_qkv(x)
+        else:
+            q, (k, v) = self.project_q(x), self.project_kv(kv)
+        return self.attend(q, k, v, key_lengths, bias, causal)
 
 
 class _FFN(nn.Module):
@@ -156,18 +211,17 @@ class DecoderLayer(_FFN):
     def self_block(self, x, bias, cache=None, causal=False):
         """x + self-attention. With ``cache`` (a dict, updated in place with the keys and
         values so far), x holds only the new positions."""
-        h = self.self_attn_layer_norm(x)
-        k, v = self.self_attn.project_kv(h)
+        q, k, v = self.self_attn.project_qkv(self.self_attn_layer_norm(x))
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        h = self.self_attn.attend(h, k, v, bias=bias, causal=causal)
+        h = self.self_attn.attend(q, k, v, bias=bias, causal=causal)
         return x + self.drop(self.self_attn_ln(h))
 
     def cross_ffn_block(self, x, cross_k, cross_v, mem_lengths, cross_bias):
-        h = self.encoder_attn.attend(self.encoder_attn_layer_norm(x), cross_k, cross_v,
-                                     key_lengths=mem_lengths, bias=cross_bias)
+        q = self.encoder_attn.project_q(self.encoder_attn_layer_norm(x))
+        h = self.encoder_attn.attend(q, cross_k, cross_v, key_lengths=mem_lengths, bias=cross_bias)
         x = x + self.drop(self.cross_attn_ln(h))
         return self.ffn(x)
 

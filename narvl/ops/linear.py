@@ -11,15 +11,23 @@ Routes, for float32 CPU calls with at least ``ONEDNN_MIN_ROWS`` rows, no autocas
   post-ops (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend emits);
 - a gradient needed (training): ``_OneDNNLinear``, oneDNN for the forward and for dx = dy W,
   ATen for dW and db; GELU stays a separate autograd op.
-On this project's AMD EPYC oneDNN's matmul is 1.2-1.8x faster than ATen's ``addmm`` at the
-model's 20-26 rows and 2.1-3.6x at training-sized batches (bench/bench_linear.py). With 1-7 rows
-(an autoregressive decoding step or beam) ``addmm`` is as fast or faster, so those calls keep
-it, as does every other device, dtype, or torch build without the op. All routes compute the
-same function; tests compare them, values and gradients (second order too). If the private op
-is missing or raises, the call and all later ones take ATen (``narvl._backend.cpu_fastpath_failed``
-logs it once).
+Which of oneDNN and ATen's ``addmm`` is faster depends on the CPU: on an AVX-512 AMD EPYC
+(Zen 5) oneDNN was 1.2-1.8x faster at the model's 20-26 rows and 2.1-3.6x at training-sized
+batches, on a Zen 3 EPYC (AVX2) it is 0.6-1.0x ``addmm`` nearly everywhere, on an Intel Xeon
+about even (bench/bench_linear.py). So an eligible call is *measured*: the first call of each
+(rows, K, N, activation, bias, threads) key times both routes on its own operands (alternating,
+best of ``_TRIALS``) and the faster one serves that key from then on (``route_choices()`` shows
+them). ``NARVL_LINEAR_ROUTE=onednn`` or ``aten`` pins the choice (``auto``, the default,
+measures). With 1-7 rows (an autoregressive decoding step or beam) ``addmm`` is as fast or
+faster everywhere, so those calls keep it, as does every other device, dtype, or torch build
+without the op. All routes compute the same function; tests compare them, values and gradients
+(second order too). If the private op is missing or raises, the call and all later ones take
+ATen (``narvl._backend.cpu_fastpath_failed`` logs it once).
 """
 from __future__ import annotations
+
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +37,60 @@ from .. import _backend
 ONEDNN_MIN_ROWS = 8
 _ACTIVATIONS = (None, "gelu")
 _FASTPATH = "onednn_linear"
+_ROUTE_ENV = "NARVL_LINEAR_ROUTE"
+_ROUTE_MODES = ("auto", "onednn", "aten")
+_TRIALS = 3
+_MAX_CHOICES = 4096
+_choices: dict = {}  # key -> True (oneDNN) / False (ATen), filled by measurement
+
+
+def route_choices() -> dict:
+    """The measured choices so far: (rows, K, N, activation, bias, threads, op) -> "onednn" / "aten"."""
+    return {k: ("onednn" if v else "aten") for k, v in _choices.items()}
+
+
+def _route_mode() -> str:
+    mode = os.environ.get(_ROUTE_ENV, "auto").strip().lower() or "auto"
+    if mode not in _ROUTE_MODES:
+        raise ValueError(f"{_ROUTE_ENV}={mode!r} is not one of {_ROUTE_MODES}")
+    return mode
+
+
+def _rows_key(rows: int) -> int:
+    """Rows exactly up to 64, then the next power of two (a bounded number of keys)."""
+    return rows if rows <= 64 else 1 << (rows - 1).bit_length()
+
+
+def _faster(fast, slow) -> bool:
+    """Whether ``fast()`` beats ``slow()``: one warm-up each, then ``_TRIALS`` alternating timed
+    runs, best time of each."""
+    fast(), slow()
+    best_f = best_s = float("inf")
+    for _ in range(_TRIALS):
+        t0 = time.perf_counter()
+        fast()
+        t1 = time.perf_counter()
+        slow()
+        t2 = time.perf_counter()
+        best_f, best_s = min(best_f, t1 - t0), min(best_s, t2 - t1)
+    return best_f < best_s
+
+
+def _prefer_onednn(op: str, rows: int, k: int, n: int, activation, has_bias: bool, onednn, aten) -> bool:
+    """The route for this key: pinned by ``NARVL_LINEAR_ROUTE``, else measured once
+    (``onednn`` / ``aten``: zero-argument callables computing the same result)."""
+    mode = _route_mode()
+    if mode != "auto":
+        return mode == "onednn"
+    key = (_rows_key(rows), k, n, activation, has_bias, torch.get_num_threads(), op)
+    choice = _choices.get(key)
+    if choice is None:
+        with torch.no_grad():
+            choice = _faster(onednn, aten)
+        if len(_choices) >= _MAX_CHOICES:
+            _choices.clear()
+        _choices[key] = choice
+    return choice
 
 
 def onednn_linear_available() -> bool:
@@ -83,13 +145,22 @@ class _OneDNNLinear(torch.autograd.Function):
             dx = None
             if need_x:
                 try:
-                    dx = _mm(gy, weight.t().contiguous())
+                    w_t = weight.t().contiguous()
+                    if _prefer_onednn("dx", gy.shape[0], gy.shape[1], w_t.shape[0], None, False,
+                                      lambda: _mm(gy, w_t), lambda: gy.mm(weight)):
+                        dx = _mm(gy, w_t)
                 except RuntimeError as e:
                     _backend.cpu_fastpath_failed(_FASTPATH, e)
+                if dx is None:
                     dx = gy.mm(weight)
         dw = gy.t().mm(x) if need_w else None
         db = gy.sum(0) if ctx.has_bias and need_b else None
         return dx, dw, db
+
+
+def _aten(x, weight, bias, activation):
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if activation == "gelu" else y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -103,8 +174,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                          f"({weight.shape[-1]})")
     y = None
     try:
-        if route == "infer":
+        if route is not None:
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+            w2 = weight.detach().contiguous()
+            b2 = None if bias is None else bias.detach()
             attr, algo = ("gelu", "none") if activation == "gelu" else ("none", "")
+            act = activation if route == "infer" else None  # training: GELU stays separate
+            if not _prefer_onednn("fwd", x2.shape[0], x2.shape[1], w2.shape[0], act, bias is not None,
+                                  lambda: torch.ops.mkldnn._linear_pointwise(x2, w2, b2, attr if act else "none",
+                                                                             [], algo if act else ""),
+                                  lambda: _aten(x2, w2, b2, act)):
+                route = None
+        if route == "infer":
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, attr, [], algo)
         if route == "train":
             y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
