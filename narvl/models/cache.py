@@ -70,16 +70,22 @@ class ParamStamp:
 
     def __init__(self, refs):
         self.refs = [(m, name) for m, name in refs if getattr(m, name, None) is not None]
+        # read through the module's own dicts: nn.Module.__getattr__ costs more than the check
+        self._slots = [(m._parameters if name in m._parameters else
+                        m._buffers if name in m._buffers else m.__dict__, name) for m, name in self.refs]
         self.value = self._read()
 
     def _read(self):
         out = []
-        for m, name in self.refs:
-            t = getattr(m, name)
+        for d, name in self._slots:
+            t = d.get(name)
+            if t is None:  # deleted or moved out of its dict: stale
+                out.append(None)
+                continue
             # inference tensors keep no version counter (they change in place only inside
             # inference_mode); their identity and storage still count
             out.append((id(t), t.data_ptr(), 0 if t.is_inference() else t._version))
-        return tuple(out)
+        return out
 
     def stale(self) -> bool:
         return self._read() != self.value

@@ -84,6 +84,7 @@ class OFAAttention(nn.Module):
         self.v_proj, self.out_proj = Linear(d, d), Linear(d, d)
         self.c_attn = nn.Parameter(torch.ones(heads))
         self._fused = None
+        self._fw_call = None  # the fused weights a projection read, reused by the attend after it
 
     def fuse_for_inference_(self):
         self._fused = ShapeCache(param_refs(self), max_bytes=1 << 62)
@@ -110,7 +111,7 @@ class OFAAttention(nn.Module):
 
     def project_q(self, x):
         """(B, H, Lq, Dh) queries of x (B, Lq, d)."""
-        fw = self._weights()
+        fw = self._fw_call = self._weights()
         if fw is None:
             return split_heads(self.q_proj(x), self.heads)
         d = x.shape[-1]
@@ -126,7 +127,7 @@ class OFAAttention(nn.Module):
 
     def project_qkv(self, x):
         """Queries, keys and values (B, H, L, Dh) of x (B, L, d) (self-attention)."""
-        fw = self._weights()
+        fw = self._fw_call = self._weights()
         if fw is None:
             return (self.project_q(x),) + self.project_kv(x)
         return tuple(self._split(linear(x, fw[0], fw[1]), 3))
@@ -143,8 +144,9 @@ class OFAAttention(nn.Module):
         else:
             a = query_attention(q, k, v, key_lengths=key_lengths,
                                 attn_bias=None if bias is None else bias.to(q.dtype), scale=self.scaling)
-        fw = self._weights()
-        if fw is not None:
+        # the weights the query projection just read (one staleness check per attention call)
+        fw, self._fw_call = self._fw_call, None
+        if fw is not None and not torch.is_grad_enabled():
             return linear(merge_heads(a), fw[2].to(a.dtype), self.out_proj.bias)
         a = a * self.c_attn.to(a.dtype)[None, :, None, None]
         return self.out_proj(merge_heads(a))

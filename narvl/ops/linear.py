@@ -175,15 +175,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = None
     try:
         if route is not None:
-            x2 = x.reshape(-1, x.shape[-1]).contiguous()
-            w2 = weight.detach().contiguous()
-            b2 = None if bias is None else bias.detach()
-            attr, algo = ("gelu", "none") if activation == "gelu" else ("none", "")
             act = activation if route == "infer" else None  # training: GELU stays separate
-            if not _prefer_onednn("fwd", x2.shape[0], x2.shape[1], w2.shape[0], act, bias is not None,
-                                  lambda: torch.ops.mkldnn._linear_pointwise(x2, w2, b2, attr if act else "none",
-                                                                             [], algo if act else ""),
-                                  lambda: _aten(x2, w2, b2, act)):
+            attr, algo = ("gelu", "none") if act == "gelu" else ("none", "")
+            K = x.shape[-1]
+            if not _prefer_onednn(
+                    "fwd", x.numel() // K, K, weight.shape[0], act, bias is not None,
+                    lambda: torch.ops.mkldnn._linear_pointwise(x.reshape(-1, K).contiguous(), weight.detach().contiguous(),
+                                                               None if bias is None else bias.detach(),
+                                                               attr, [], algo),
+                    lambda: _aten(x.detach(), weight.detach(), None if bias is None else bias.detach(), act)):
                 route = None
         if route == "infer":
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, attr, [], algo)
