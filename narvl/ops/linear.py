@@ -17,8 +17,8 @@ batches, on a Zen 3 EPYC (AVX2) it is 0.6-1.0x ``addmm`` nearly everywhere, on a
 about even (bench/bench_linear.py). So an eligible call is *measured*: the first call of each
 (rows, K, N, activation, bias, threads) key times both routes on its own operands (alternating,
 best of ``_TRIALS``) and the faster one serves that key from then on (``route_choices()`` shows
-them; oneDNN must win by 5%, ATen being the plain route). ``NARVL_LINEAR_ROUTE=onednn`` or ``aten`` pins the choice (``auto``, the default,
-measures). With 1-7 rows (an autoregressive decoding step or beam) ``addmm`` is as fast or
+them; oneDNN must win by 5%, ATen being the plain route). ``NARVL_LINEAR_ROUTE=onednn`` or
+``aten`` pins the choice (``auto``, the default, measures). With 1-7 rows (an autoregressive decoding step or beam) ``addmm`` is as fast or
 faster everywhere, so those calls keep it, as does every other device, dtype, or torch build
 without the op. All routes compute the same function; tests compare them, values and gradients
 (second order too). If the private op is missing or raises, the call and all later ones take
@@ -145,11 +145,10 @@ class _OneDNNLinear(torch.autograd.Function):
             gy = gy.contiguous()
             dx = None
             if need_x:
-                try:
-                    w_t = weight.t().contiguous()
-                    if _prefer_onednn("dx", gy.shape[0], gy.shape[1], w_t.shape[0], None, False,
-                                      lambda: _mm(gy, w_t), lambda: gy.mm(weight)):
-                        dx = _mm(gy, w_t)
+                try:  # the transposed weight is copied only when oneDNN serves dx
+                    if _prefer_onednn("dx", gy.shape[0], gy.shape[1], weight.shape[1], None, False,
+                                      lambda: _mm(gy, weight.t().contiguous()), lambda: gy.mm(weight)):
+                        dx = _mm(gy, weight.t().contiguous())
                 except RuntimeError as e:
                     _backend.cpu_fastpath_failed(_FASTPATH, e)
                 if dx is None:
@@ -195,5 +194,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         _backend.cpu_fastpath_failed(_FASTPATH, e)
         y = None
     if y is None:
-        y = F.linear(x, weight, bias)
+        return _aten(x, weight, bias, activation)
     return F.gelu(y) if activation == "gelu" else y
