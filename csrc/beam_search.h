@@ -55,48 +55,30 @@ struct Cand {
 };
 
 // The k largest entries of a row as log-probabilities, sorted descending (ties: lower token id),
-// and the log-probability of `blank` (any rank). Selection runs on the raw values (same order
-// for probabilities, log-probabilities and logits) from per-block maxima (blocks of 64), never a
-// sort of V. For logits the row's log-sum-exp comes from the same read as the block maxima.
+// and the log-probability of `blank` (any rank): one read of the row (row_topk_f32, vec_math.h),
+// which for logits also gives the row's log-sum-exp; never a sort of V.
 template <typename scalar_t>
 void top_candidates(const scalar_t* xr, int64_t V, int64_t k, int64_t input, int64_t blank,
                     std::vector<Cand>& heap, float* blank_lp) {
-  constexpr int64_t kBlock = 64;
-  static thread_local std::vector<float> bmax;
-  static thread_local std::vector<float> sel;  // block maxima, partially sorted
+  static thread_local std::vector<float> vals;
+  static thread_local std::vector<int32_t> idx;
   const float* x = float_row(xr, V);
-  const int64_t nblk = (V + kBlock - 1) / kBlock;
-  if (static_cast<int64_t>(bmax.size()) < nblk) bmax.resize(nblk);
+  const int64_t need = topk_buffer_size(k);
+  if (static_cast<int64_t>(vals.size()) < need) {
+    vals.resize(need);
+    idx.resize(need);
+  }
   float lse = 0.f;
-  const bool nan = input == kLogits ? block_max_lse_f32(x, V, kBlock, bmax.data(), &lse)
-                                    : block_max_f32(x, V, kBlock, bmax.data());
+  bool nan = false;
+  const int64_t n = row_topk_f32(x, V, k, vals.data(), idx.data(), &nan, input == kLogits ? &lse : nullptr);
   TORCH_CHECK(!nan, "narvl: NaN in scores");
-  heap.clear();
-  auto cmp = [](const Cand& a, const Cand& b) { return a.lp > b.lp || (a.lp == b.lp && a.tok < b.tok); };
-  // The k-th largest block maximum bounds the k-th largest value from below (those k blocks
-  // each hold a value at least that large): only values reaching it, in blocks reaching it,
-  // are gathered (about k to 2k of them), then the k best of those are selected.
-  float floor = -std::numeric_limits<float>::infinity();
-  if (nblk > k) {
-    sel.assign(bmax.begin(), bmax.begin() + nblk);
-    std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<float>());
-    floor = sel[k - 1];
-  }
-  for (int64_t blk = 0; blk < nblk; ++blk) {
-    if (!(bmax[blk] >= floor)) continue;
-    const int64_t e = std::min(V, (blk + 1) * kBlock);
-    for (int64_t v = blk * kBlock; v < e; ++v)
-      if (x[v] >= floor) heap.push_back({x[v], static_cast<int32_t>(v)});
-  }
-  if (static_cast<int64_t>(heap.size()) > k) {
-    std::nth_element(heap.begin(), heap.begin() + (k - 1), heap.end(), cmp);
-    heap.resize(k);
-  }
   auto to_log = [&](float f) {
     return input == kProbs ? std::log(f) : input == kLogits ? f - lse : f;
   };
-  for (Cand& c : heap) c.lp = to_log(c.lp);
+  heap.resize(n);
+  for (int64_t j = 0; j < n; ++j) heap[j] = Cand{to_log(vals[j]), idx[j]};
   *blank_lp = to_log(x[blank]);
+  auto cmp = [](const Cand& a, const Cand& b) { return a.lp > b.lp || (a.lp == b.lp && a.tok < b.tok); };
   std::sort(heap.begin(), heap.end(), cmp);
 }
 

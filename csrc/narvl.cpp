@@ -46,11 +46,40 @@ TORCH_LIBRARY(narvl, m) {
       "(Tensor, Tensor, Tensor, Tensor)");
 }
 
+#include "vec_math.h"
+
 namespace narvl {
 void register_beam_decoder(pybind11::module_& m);  // beam_decoder.cpp
+
+// The beam search's per-frame top-k (vec_math.h) on one float32 row, for the tests: (values
+// (min(k, V),) best first, ties to the lower index, indices int64, NaN flag, log-sum-exp or None).
+static pybind11::tuple row_topk(const torch::Tensor& row, int64_t k, bool logits) {
+  TORCH_CHECK(row.dim() == 1 && row.scalar_type() == torch::kFloat32, "row: a 1-d float32 tensor");
+  TORCH_CHECK(k >= 1, "k >= 1");
+  const torch::Tensor x = row.contiguous();
+  const int64_t V = x.numel();
+  std::vector<float> vals(topk_buffer_size(k));
+  std::vector<int32_t> idx(vals.size());
+  bool nan = false;
+  float lse = 0.f;
+  const int64_t n = row_topk_f32(x.data_ptr<float>(), V, k, vals.data(), idx.data(), &nan,
+                                 logits ? &lse : nullptr);
+  std::vector<int64_t> order(n);
+  for (int64_t j = 0; j < n; ++j) order[j] = j;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return vals[a] > vals[b] || (vals[a] == vals[b] && idx[a] < idx[b]);
+  });
+  torch::Tensor ov = torch::empty({n}, torch::kFloat32), oi = torch::empty({n}, torch::kInt64);
+  for (int64_t j = 0; j < n; ++j) {
+    ov[j] = vals[order[j]];
+    oi[j] = static_cast<int64_t>(idx[order[j]]);
+  }
+  return pybind11::make_tuple(ov, oi, nan, logits ? pybind11::cast(lse) : pybind11::none());
 }
+}  // namespace narvl
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "narvl native CPU kernels (operators are registered under torch.ops.narvl)";
   narvl::register_beam_decoder(m);
+  m.def("_row_topk", &narvl::row_topk, "test hook: the CPU beam search's frame top-k on one row");
 }

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -287,57 +288,229 @@ __attribute__((always_inline)) static inline int64_t row_argmax_impl(const float
   return a;
 }
 
-// Per-block maxima of the row and, when lse != nullptr, the row's log-sum-exp in the same read:
-// each lane keeps a running maximum and a sum of exp(x - max) rescaled when the maximum grows
-// (online softmax). Returns whether the row holds a NaN.
+#ifdef NARVL_X86_DISPATCH
+NARVL_V4 static int64_t row_argmax_v4(const float* x, int64_t V, bool* nan) { return row_argmax_impl<16>(x, V, nan); }
+NARVL_V3 static int64_t row_argmax_v3(const float* x, int64_t V, bool* nan) { return row_argmax_impl<8>(x, V, nan); }
+#endif
+
+// ------------------------------------------------------------------------------------ top-k
+
+// Lane bit masks (lane j -> bit j) at each ISA's width: gt(v, t) = lanes above t, nan(v) =
+// NaN lanes. (Generic vector compares OR-ed together were scalarised by GCC here.)
+template <int W>
+struct LaneMask;
+#ifdef NARVL_X86_DISPATCH
+template <>
+struct LaneMask<16> {
+  NARVL_V4 static inline uint64_t gt(Vec<16>::F v, float t) {
+    return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(t), _CMP_GT_OQ);
+  }
+  NARVL_V4 static inline uint64_t nan(Vec<16>::F v) {
+    return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), reinterpret_cast<__m512>(v), _CMP_UNORD_Q);
+  }
+};
+template <>
+struct LaneMask<8> {
+  NARVL_V3 static inline uint64_t gt(Vec<8>::F v, float t) {
+    return static_cast<uint32_t>(
+        _mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(v), _mm256_set1_ps(t), _CMP_GT_OQ)));
+  }
+  NARVL_V3 static inline uint64_t nan(Vec<8>::F v) {
+    const __m256 a = reinterpret_cast<__m256>(v);
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
+  }
+};
+#endif
+template <>
+struct LaneMask<4> {
+  static inline uint64_t gt(Vec<4>::F v, float t) {
+    uint64_t m = 0;
+    for (int j = 0; j < 4; ++j) m |= static_cast<uint64_t>(v[j] > t) << j;
+    return m;
+  }
+  static inline uint64_t nan(Vec<4>::F v) {
+    uint64_t m = 0;
+    for (int j = 0; j < 4; ++j) m |= static_cast<uint64_t>(v[j] != v[j]) << j;
+    return m;
+  }
+};
+
+// The buffer is cut back to k when it holds more than topk_cut_at(k) values: 3k balances the
+// values gathered against the work of the cuts (random rows, k = 16..64: about half of 8k's).
+static inline int64_t topk_cut_at(int64_t k) { return std::max<int64_t>(3 * k, k + 64); }
+int64_t topk_buffer_size(int64_t k) { return topk_cut_at(k) + 128; }
+
+static inline uint32_t ordered_bits(float f) {  // monotone map of non-NaN floats to uint32
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u ^ ((u >> 31) ? 0xffffffffu : 0x80000000u);
+}
+
+// Keeps the k best of vals/idx[0, n) (n > k; the entries are in increasing index order, and stay
+// so; inlined into each ISA's scan, so the sweeps run at its width): the k-th largest value T comes from a bitwise binary search over the ordered bits (32
+// counting sweeps that GCC vectorises, no data-dependent branch), then one branch-free compaction
+// keeps the values above T and the lowest-index ties at T. Returns k and sets *thr = T.
+__attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32_t* idx, int64_t n, int64_t k,
+                                                              float* thr) {
+  static thread_local std::vector<uint32_t> keys;
+  if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
+  uint32_t* K = keys.data();
+  for (int64_t j = 0; j < n; ++j) K[j] = ordered_bits(vals[j]);
+  uint32_t X = 0;  // the largest X with count(key >= X) >= k is the k-th largest key
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = X | (1u << bit);
+    int32_t c = 0;
+    for (int64_t j = 0; j < n; ++j) c += K[j] >= trial;
+    X = c >= k ? trial : X;
+  }
+  int64_t above = 0;
+  for (int64_t j = 0; j < n; ++j) above += K[j] > X;
+  const int64_t ties = k - above;  // ties at X kept, lowest index first
+  int64_t w = 0, e = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const bool eq = K[j] == X;
+    const bool keep = K[j] > X || (eq && e < ties);
+    e += eq;
+    vals[w] = vals[j];
+    idx[w] = idx[j];
+    w += keep;
+  }
+  const uint32_t u = X ^ ((X >> 31) ? 0x80000000u : 0xffffffffu);  // ordered_bits inverted
+  std::memcpy(thr, &u, sizeof(u));
+  return k;
+}
+
+// Appends the lanes of `m` of a chunk of 4 vectors at x + i to vals/idx.
+template <int W>
+struct Gather {
+  static inline int64_t put(const float* x, int64_t i, uint64_t m, float* vals, int32_t* idx, int64_t n) {
+    while (m) {
+      const int j = __builtin_ctzll(m);
+      vals[n] = x[i + j];
+      idx[n++] = static_cast<int32_t>(i + j);
+      m &= m - 1;
+    }
+    return n;
+  }
+};
+#ifdef NARVL_X86_DISPATCH
+// AVX-512: register compress + plain store, no branch per value (the memory form of vcompressps
+// is slow on Zen 4); the buffer has 16 entries of slack past n.
+template <>
+struct Gather<16> {
+  NARVL_V4 static inline int64_t put(const float* x, int64_t i, uint64_t m, float* vals, int32_t* idx, int64_t n) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int q = 0; q < 4; ++q) {
+      const __mmask16 mq = static_cast<__mmask16>(m >> (16 * q));
+      if (!mq) continue;
+      const __m512 v = _mm512_loadu_ps(x + i + 16 * q);
+      const __m512i ix = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(i + 16 * q)));
+      _mm512_storeu_ps(vals + n, _mm512_maskz_compress_ps(mq, v));
+      _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(mq, ix));
+      n += __builtin_popcount(mq);
+    }
+    return n;
+  }
+};
+#endif
+
+// Pass 2: gathers the values above thr into vals/idx in index order, cutting back to the k best
+// whenever more than topk_cut_at(k) are held (which raises thr); then the final cut, and -inf
+// indices when fewer than k values exceed -inf. Returns the count.
+template <int W>
+__attribute__((always_inline)) static inline int64_t topk_gather(const float* x, int64_t V, int64_t k, float thr,
+                                                                 float* vals, int32_t* idx) {
+  typedef typename Vec<W>::F F;
+  constexpr int64_t kStep = 4 * W;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t cap = topk_cut_at(k);  // (the buffer has room for one more chunk's values above it)
+  int64_t n = 0;
+  int64_t i = 0;
+  for (; i + kStep <= V; i += kStep) {
+    const F v0 = vload<F>(x + i), v1 = vload<F>(x + i + W);
+    const F v2 = vload<F>(x + i + 2 * W), v3 = vload<F>(x + i + 3 * W);
+    const F a = v0 > v1 ? v0 : v1, b = v2 > v3 ? v2 : v3;
+    if (__builtin_expect(LaneMask<W>::gt(a > b ? a : b, thr) != 0, 0)) {
+      const uint64_t m = LaneMask<W>::gt(v0, thr) | (LaneMask<W>::gt(v1, thr) << W) |
+                         (LaneMask<W>::gt(v2, thr) << (2 * W)) | (LaneMask<W>::gt(v3, thr) << (3 * W));
+      n = Gather<W>::put(x, i, m, vals, idx, n);
+      if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
+    }
+  }
+  for (; i < V; ++i) {
+    if (x[i] > thr) {
+      vals[n] = x[i];
+      idx[n++] = static_cast<int32_t>(i);
+      if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
+    }
+  }
+  if (n > k) n = topk_cut(vals, idx, n, k, &thr);
+  if (n < k && n < V) {  // fewer than k values above -inf: the lowest -inf indices complete it
+    for (int64_t v = 0; v < V && n < k; ++v)
+      if (x[v] == ninf) {
+        vals[n] = ninf;
+        idx[n++] = static_cast<int32_t>(v);
+      }
+  }
+  return n;
+}
+
+// Two reads of the row, the second from cache (a 59458-float row is 238 KB): pass 1 keeps the
+// maximum of each of 8W interleaved lanes (plus the NaN canary and, for logits, the online
+// log-sum-exp); the k-th largest lane maximum L is a lower bound of the k-th largest value (k
+// disjoint lanes each hold a value >= L), so pass 2 gathers the values >= L, about k to 1.2k of
+// them on random rows (k = 40) where one running threshold gathered 550 and cut 5 times.
 template <int W, bool LSE>
-__attribute__((always_inline)) static inline bool block_max_impl(const float* x, int64_t V, int64_t block,
-                                                                 float* out, float* lse) {
+__attribute__((always_inline)) static inline int64_t row_topk_impl(const float* x, int64_t V, int64_t k,
+                                                                   float* vals, int32_t* idx, bool* nan,
+                                                                   float* lse) {
   typedef typename Vec<W>::F F;
   typedef typename Vec<W>::I I;
+  constexpr int NA = 8;
+  constexpr int64_t kStep = NA * W;
   const float ninf = -std::numeric_limits<float>::infinity();
   const F vninf = vsplat<F>(ninf);
-  I bad = I{};
-  bool tail_bad = false;
+  F canary = vsplat<F>(0.f);  // sum of the row: NaN when the row holds a NaN (or both infinities)
   F rmx = vninf, rse = vsplat<F>(0.f);
+  F acc[NA];
+  for (int a = 0; a < NA; ++a) acc[a] = vninf;
+  int64_t i = 0;
+  for (; i + kStep <= V; i += kStep) {
+    F v[NA];
+    for (int a = 0; a < NA; ++a) v[a] = vload<F>(x + i + a * W);
+    canary += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    for (int a = 0; a < NA; ++a) acc[a] = v[a] > acc[a] ? v[a] : acc[a];
+    if (LSE) {
+      F cm = v[0];
+      for (int a = 1; a < NA; ++a) cm = v[a] > cm ? v[a] : cm;
+      const F mn = cm > rmx ? cm : rmx;
+      const F sh = mn == vninf ? vsplat<F>(0.f) : mn;
+      F e = rse * vexp<F, I>(rmx - sh);
+      for (int a = 0; a < NA; ++a) e += vexp<F, I>(v[a] - sh);
+      rse = e;
+      rmx = mn;
+    }
+  }
+  bool bad = false;
   float tmx = ninf;  // the scalar tail's maximum and sum
   double tse = 0.0;
-  int64_t b = 0;
-  for (int64_t s = 0; s < V; s += block, ++b) {
-    const int64_t e = s + block <= V ? s + block : V;
-    F mx = vninf;
-    int64_t i = s;
-    for (; i + W <= e; i += W) {
-      const F v = vload<F>(x + i);
-      mx = v > mx ? v : mx;
-      bad |= v != v;
-    }
-    if (LSE && i > s) {
-      const F mn = mx > rmx ? mx : rmx;
-      const F sh = mn == vninf ? vsplat<F>(0.f) : mn;
-      rse *= vexp<F, I>(rmx - sh);
-      rmx = mn;
-      for (int64_t k = s; k + W <= e; k += W) rse += vexp<F, I>(vload<F>(x + k) - sh);
-    }
-    float m = ninf;
-    for (int j = 0; j < W; ++j) m = mx[j] > m ? mx[j] : m;
-    for (; i < e; ++i) {
-      m = x[i] > m ? x[i] : m;
-      tail_bad |= x[i] != x[i];
-      if (LSE) {
-        const float xi = x[i];
-        if (xi > tmx) {
-          tse = tse * (tmx == ninf ? 0.0 : std::exp(static_cast<double>(tmx) - xi)) + 1.0;
-          tmx = xi;
-        } else if (xi != ninf) {
-          tse += std::exp(static_cast<double>(xi) - tmx);
-        }
+  for (int64_t t = i; t < V; ++t) {
+    const float xi = x[t];
+    bad |= xi != xi;
+    if (LSE) {
+      if (xi > tmx) {
+        tse = tse * (tmx == ninf ? 0.0 : std::exp(static_cast<double>(tmx) - xi)) + 1.0;
+        tmx = xi;
+      } else if (xi != ninf) {
+        tse += std::exp(static_cast<double>(xi) - tmx);
       }
     }
-    out[b] = m;
   }
-  bool any = tail_bad;
-  for (int j = 0; j < W; ++j) any |= bad[j] != 0;
+  bool canary_nan = false;
+  for (int j = 0; j < W; ++j) canary_nan |= canary[j] != canary[j];
+  if (canary_nan)  // a NaN, or +inf and -inf: the exact check
+    for (int64_t v = 0; v < V && !bad; ++v) bad |= x[v] != x[v];
+  *nan = bad;
   if (LSE) {
     float M = tmx;
     for (int j = 0; j < W; ++j) M = rmx[j] > M ? rmx[j] : M;
@@ -350,17 +523,49 @@ __attribute__((always_inline)) static inline bool block_max_impl(const float* x,
       *lse = static_cast<float>(M + std::log(sum));
     }
   }
-  return any;
+  if (bad) return 0;  // reported by the caller; the values are not used
+  float thr = ninf;
+  if (k <= NA * W && i > 0) {  // L = the k-th largest lane maximum (by the cut's binary search)
+    alignas(64) float lm[NA * W];
+    for (int a = 0; a < NA; ++a) std::memcpy(lm + a * W, &acc[a], sizeof(F));
+    uint32_t K[NA * W];
+    for (int j = 0; j < NA * W; ++j) K[j] = ordered_bits(lm[j]);
+    uint32_t X = 0;
+    for (int bit = 31; bit >= 0; --bit) {
+      const uint32_t trial = X | (1u << bit);
+      int32_t c = 0;
+      for (int j = 0; j < NA * W; ++j) c += K[j] >= trial;
+      X = c >= k ? trial : X;
+    }
+    const uint32_t u = X ^ ((X >> 31) ? 0x80000000u : 0xffffffffu);
+    float L;
+    std::memcpy(&L, &u, sizeof(L));
+    thr = std::nextafter(L, ninf);  // x > thr  <=>  x >= L
+  }
+  return topk_gather<W>(x, V, k, thr, vals, idx);
 }
 
 #ifdef NARVL_X86_DISPATCH
-NARVL_V4 static int64_t row_argmax_v4(const float* x, int64_t V, bool* nan) { return row_argmax_impl<16>(x, V, nan); }
-NARVL_V3 static int64_t row_argmax_v3(const float* x, int64_t V, bool* nan) { return row_argmax_impl<8>(x, V, nan); }
-NARVL_V4 static bool block_max_v4(const float* x, int64_t V, int64_t bl, float* o) { return block_max_impl<16, false>(x, V, bl, o, nullptr); }
-NARVL_V3 static bool block_max_v3(const float* x, int64_t V, int64_t bl, float* o) { return block_max_impl<8, false>(x, V, bl, o, nullptr); }
-NARVL_V4 static bool block_max_lse_v4(const float* x, int64_t V, int64_t bl, float* o, float* l) { return block_max_impl<16, true>(x, V, bl, o, l); }
-NARVL_V3 static bool block_max_lse_v3(const float* x, int64_t V, int64_t bl, float* o, float* l) { return block_max_impl<8, true>(x, V, bl, o, l); }
+NARVL_V4 static int64_t row_topk_v4(const float* x, int64_t V, int64_t k, float* a, int32_t* b, bool* nan) { return row_topk_impl<16, false>(x, V, k, a, b, nan, nullptr); }
+NARVL_V3 static int64_t row_topk_v3(const float* x, int64_t V, int64_t k, float* a, int32_t* b, bool* nan) { return row_topk_impl<8, false>(x, V, k, a, b, nan, nullptr); }
+NARVL_V4 static int64_t row_topk_lse_v4(const float* x, int64_t V, int64_t k, float* a, int32_t* b, bool* nan, float* l) { return row_topk_impl<16, true>(x, V, k, a, b, nan, l); }
+NARVL_V3 static int64_t row_topk_lse_v3(const float* x, int64_t V, int64_t k, float* a, int32_t* b, bool* nan, float* l) { return row_topk_impl<8, true>(x, V, k, a, b, nan, l); }
 #endif
+
+int64_t row_topk_f32(const float* x, int64_t V, int64_t k, float* vals, int32_t* idx, bool* nan, float* lse) {
+  if (k <= 0 || V <= 0) {
+    *nan = false;
+    if (lse) *lse = -std::numeric_limits<float>::infinity();
+    return 0;
+  }
+#ifdef NARVL_X86_DISPATCH
+  const int level = x86_level();
+  if (level == 4) return lse ? row_topk_lse_v4(x, V, k, vals, idx, nan, lse) : row_topk_v4(x, V, k, vals, idx, nan);
+  if (level == 3) return lse ? row_topk_lse_v3(x, V, k, vals, idx, nan, lse) : row_topk_v3(x, V, k, vals, idx, nan);
+#endif
+  return lse ? row_topk_impl<4, true>(x, V, k, vals, idx, nan, lse)
+             : row_topk_impl<4, false>(x, V, k, vals, idx, nan, nullptr);
+}
 
 int64_t row_argmax_f32(const float* x, int64_t V, bool* nan) {
 #ifdef NARVL_X86_DISPATCH
@@ -368,22 +573,6 @@ int64_t row_argmax_f32(const float* x, int64_t V, bool* nan) {
   if (x86_level() == 3) return row_argmax_v3(x, V, nan);
 #endif
   return row_argmax_impl<4>(x, V, nan);
-}
-
-bool block_max_f32(const float* x, int64_t V, int64_t block, float* out) {
-#ifdef NARVL_X86_DISPATCH
-  if (x86_level() == 4) return block_max_v4(x, V, block, out);
-  if (x86_level() == 3) return block_max_v3(x, V, block, out);
-#endif
-  return block_max_impl<4, false>(x, V, block, out, nullptr);
-}
-
-bool block_max_lse_f32(const float* x, int64_t V, int64_t block, float* out, float* lse) {
-#ifdef NARVL_X86_DISPATCH
-  if (x86_level() == 4) return block_max_lse_v4(x, V, block, out, lse);
-  if (x86_level() == 3) return block_max_lse_v3(x, V, block, out, lse);
-#endif
-  return block_max_impl<4, true>(x, V, block, out, lse);
 }
 
 static inline float lse3_plus_f32(float a0, float a1, float a2, float e) {

@@ -175,6 +175,58 @@ def _topk_oracle(x, K):
     return vals.reshape(B, T, K), idx.reshape(B, T, K)
 
 
+# ------------------------------------- the C++ frame top-k (lane-maximum bound, then one gather)
+
+def _cpu_topk(row, k, logits=False):
+    C = pytest.importorskip("narvl._C", reason="the native build is needed for the C++ top-k")
+    return C._row_topk(row, k, logits)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "few-values", "one-lane", "increasing", "decreasing",
+                                  "peaked", "neg-inf"])
+@pytest.mark.parametrize("V", [1, 5, 127, 128, 129, 1000, 3001])
+@pytest.mark.parametrize("k", [1, 16, 40, 128, 129, 300])
+def test_cpu_frame_topk_is_exact(kind, V, k):
+    """Exactly the top min(k, V), ties to the lower index, for rows shorter and longer than one
+    chunk, k above and below the lane count (the bound's fallback) and layouts that defeat the
+    bound (ties, one lane, monotone rows) or overflow the buffer (few values: cut after cut)."""
+    g = torch.Generator().manual_seed(V * 1000 + k)
+    if kind == "decreasing":
+        x = torch.arange(V, 0, -1, dtype=torch.float32).reshape(1, 1, V)
+    elif kind == "peaked":  # a trained model's row: a few high scores over a flat floor
+        x = torch.randn(1, 1, V, generator=g) * 0.01
+        x[0, 0, torch.randint(0, V, (3,), generator=g)] = 10.0
+    elif kind == "neg-inf":  # fewer finite values than k: the lowest -inf indices complete it
+        x = torch.full((1, 1, V), float("-inf"))
+        x[0, 0, torch.randint(0, V, (min(V, 7),), generator=g)] = torch.randn(min(V, 7), generator=g)
+    else:
+        x = _frames(kind, 1, 1, V, g)
+    vals, idx, nan, lse = _cpu_topk(x.reshape(-1), k)
+    rv, ri = _topk_oracle(x, min(k, V))
+    assert not nan and lse is None
+    assert torch.equal(idx, ri.reshape(-1))
+    assert torch.equal(vals.double(), rv.reshape(-1))
+
+
+@pytest.mark.parametrize("V", [7, 200, 59458])
+def test_cpu_frame_topk_logits_lse_and_nan(V):
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(V, generator=g) * 5
+    vals, idx, nan, lse = _cpu_topk(x, 40, logits=True)
+    assert not nan
+    assert abs(lse - torch.logsumexp(x.double(), 0).item()) <= 1e-5 * max(1.0, abs(lse))
+    assert torch.equal(idx, torch.sort(-x.double(), stable=True).indices[:40])
+    y = x.clone()
+    y[V // 2] = float("nan")
+    assert _cpu_topk(y, 40)[2] and _cpu_topk(y, 40, logits=True)[2]
+    # +inf and -inf without a NaN: the row's sum is NaN, but no NaN is reported
+    y = x.clone()
+    y[0], y[V - 1] = float("inf"), float("-inf")
+    vals, idx, nan, lse = _cpu_topk(y, 3, logits=True)
+    assert not nan and idx[0].item() == 0 and lse == float("inf")
+    assert _cpu_topk(torch.full((V,), float("-inf")), 3, logits=True)[3] == float("-inf")
+
+
 def _frames(kind, B, T, V, g):
     if kind == "random":
         return torch.randn(B, T, V, generator=g) * 3
