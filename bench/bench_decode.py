@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import narvl
-from setups import BEAMS, CUTOFF_TOP_N, DECODE_SHAPES, decode_inputs
+import time
+
+from setups import BEAMS, CUTOFF_TOP_N, DECODE_SHAPES, cpu_model, decode_inputs
 
 
 def narvl_beam(lp, blank, beam):
@@ -40,7 +42,8 @@ def test_beam(benchmark, threads, impl, shape, beam):
     lp, blank = decode_inputs(shape)
     B, T, V = lp.shape
     benchmark.group = f"beam-{shape}-b{beam}-{threads}thr"
-    benchmark.extra_info.update(shape=(B, T, V), threads=threads, impl=impl, beam=beam, per=B)
+    benchmark.extra_info.update(shape=(B, T, V), threads=threads, impl=impl, beam=beam, per=B,
+                                cpu_model=cpu_model())
     if impl == "narvl":
         run = lambda: narvl_beam(lp, blank, beam)  # noqa: E731
     else:
@@ -60,7 +63,8 @@ def test_beam_pyctcdecode(benchmark, shape):
     dec = pyctc.build_ctcdecoder(labels)
     arr = lp[:2].numpy()
     benchmark.group = f"beam-{shape}-b10-1thr"
-    benchmark.extra_info.update(shape=(B, T, V), threads=1, impl="pyctcdecode", beam=10, per=2)
+    benchmark.extra_info.update(shape=(B, T, V), threads=1, impl="pyctcdecode", beam=10, per=2,
+                                cpu_model=cpu_model())
     benchmark.pedantic(lambda: [dec.decode_beams(arr[b], beam_width=10) for b in range(2)],
                        rounds=1, warmup_rounds=0, iterations=1)
 
@@ -70,6 +74,40 @@ def test_greedy(benchmark, threads, shape):
     lp, blank = decode_inputs(shape)
     B, T, V = lp.shape
     benchmark.group = f"greedy-{shape}-{threads}thr"
-    benchmark.extra_info.update(shape=(B, T, V), threads=threads, impl="narvl-greedy", beam=1, per=B)
+    benchmark.extra_info.update(shape=(B, T, V), threads=threads, impl="narvl-greedy", beam=1, per=B,
+                                cpu_model=cpu_model())
     benchmark.pedantic(lambda: narvl.ctc_greedy_decode(lp, blank=blank), rounds=5, warmup_rounds=1,
                        iterations=1)
+
+
+def _best_ms(fn, reps=15):
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+@pytest.mark.parametrize("shape", ["vqa", "caption"])
+def test_beam_per_frame_vs_read(benchmark, shape):
+    """The search's time per frame next to the time to read one frame's log-probs (one thread,
+    the same tensor, best of 15 each, alternating in this run): how far the search sits above
+    its memory floor. The benchmark itself times the search; extra_info holds both per frame."""
+    lp, blank = decode_inputs(shape)
+    B, T, V = lp.shape
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        search = lambda: narvl_beam(lp, blank, 10)  # noqa: E731
+        read = lambda: lp.sum()  # noqa: E731
+        ms_search, ms_read = min(_best_ms(search) for _ in range(2)), min(_best_ms(read) for _ in range(2))
+        benchmark.group = f"frame-{shape}-b10-1thr"
+        benchmark.extra_info.update(shape=(B, T, V), threads=1, impl="narvl", beam=10, per=B, cpu_model=cpu_model(),
+                                    search_us_per_frame=ms_search * 1e3 / (B * T),
+                                    read_us_per_frame=ms_read * 1e3 / (B * T),
+                                    read_gbps=lp.numel() * 4 / (ms_read * 1e-3) / 1e9)
+        benchmark.pedantic(search, rounds=5, warmup_rounds=1, iterations=1)
+    finally:
+        torch.set_num_threads(old)

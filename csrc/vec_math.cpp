@@ -419,13 +419,30 @@ struct Gather<16> {
 // indices when fewer than k values exceed -inf. Returns the count.
 template <int W>
 __attribute__((always_inline)) static inline int64_t topk_gather(const float* x, int64_t V, int64_t k, float thr,
-                                                                 float* vals, int32_t* idx) {
+                                                                 float* vals, int32_t* idx, const float* cmax,
+                                                                 int64_t nchunk) {
   typedef typename Vec<W>::F F;
   constexpr int64_t kStep = 4 * W;
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t cap = topk_cut_at(k);  // (the buffer has room for one more chunk's values above it)
   int64_t n = 0;
   int64_t i = 0;
+  // chunks of 2 steps whose lane maxima (pass 1's, cmax) all sit at or below thr are skipped
+  for (int64_t c = 0; c < nchunk; ++c) {
+    if (__builtin_expect(LaneMask<W>::gt(vload<F>(cmax + c * W), thr) == 0, 1)) continue;
+    for (int64_t s = 0; s < 2; ++s) {
+      const int64_t j = (2 * c + s) * kStep;
+      const F v0 = vload<F>(x + j), v1 = vload<F>(x + j + W);
+      const F v2 = vload<F>(x + j + 2 * W), v3 = vload<F>(x + j + 3 * W);
+      const uint64_t m = LaneMask<W>::gt(v0, thr) | (LaneMask<W>::gt(v1, thr) << W) |
+                         (LaneMask<W>::gt(v2, thr) << (2 * W)) | (LaneMask<W>::gt(v3, thr) << (3 * W));
+      if (m) {
+        n = Gather<W>::put(x, j, m, vals, idx, n);
+        if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
+      }
+    }
+  }
+  i = nchunk * 2 * kStep;
   for (; i + kStep <= V; i += kStep) {
     const F v0 = vload<F>(x + i), v1 = vload<F>(x + i + W);
     const F v2 = vload<F>(x + i + 2 * W), v3 = vload<F>(x + i + 3 * W);
@@ -474,15 +491,20 @@ __attribute__((always_inline)) static inline int64_t row_topk_impl(const float* 
   F rmx = vninf, rse = vsplat<F>(0.f);
   F acc[NA];
   for (int a = 0; a < NA; ++a) acc[a] = vninf;
+  static thread_local std::vector<float> cmax_buf;  // each chunk's lane maxima, for pass 2
+  const int64_t nchunk = V / kStep;
+  if (static_cast<int64_t>(cmax_buf.size()) < (nchunk + 1) * W) cmax_buf.resize((nchunk + 1) * W);
+  float* cmax = cmax_buf.data();
   int64_t i = 0;
   for (; i + kStep <= V; i += kStep) {
     F v[NA];
     for (int a = 0; a < NA; ++a) v[a] = vload<F>(x + i + a * W);
     canary += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
     for (int a = 0; a < NA; ++a) acc[a] = v[a] > acc[a] ? v[a] : acc[a];
+    F cm = v[0];
+    for (int a = 1; a < NA; ++a) cm = v[a] > cm ? v[a] : cm;
+    std::memcpy(cmax + (i / kStep) * W, &cm, sizeof(F));
     if (LSE) {
-      F cm = v[0];
-      for (int a = 1; a < NA; ++a) cm = v[a] > cm ? v[a] : cm;
       const F mn = cm > rmx ? cm : rmx;
       const F sh = mn == vninf ? vsplat<F>(0.f) : mn;
       F e = rse * vexp<F, I>(rmx - sh);
@@ -542,7 +564,7 @@ __attribute__((always_inline)) static inline int64_t row_topk_impl(const float* 
     std::memcpy(&L, &u, sizeof(L));
     thr = std::nextafter(L, ninf);  // x > thr  <=>  x >= L
   }
-  return topk_gather<W>(x, V, k, thr, vals, idx);
+  return topk_gather<W>(x, V, k, thr, vals, idx, cmax, nchunk);
 }
 
 #ifdef NARVL_X86_DISPATCH
