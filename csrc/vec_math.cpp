@@ -295,8 +295,8 @@ NARVL_V3 static int64_t row_argmax_v3(const float* x, int64_t V, bool* nan) { re
 
 // ------------------------------------------------------------------------------------ top-k
 
-// Lane bit masks (lane j -> bit j) at each ISA's width: gt(v, t) = lanes above t, nan(v) =
-// NaN lanes. (Generic vector compares OR-ed together were scalarised by GCC here.)
+// The bit mask of the lanes of v above t (lane j -> bit j) at each ISA's width. (Generic vector
+// compares OR-ed together were scalarised by GCC here.)
 template <int W>
 struct LaneMask;
 #ifdef NARVL_X86_DISPATCH
@@ -305,19 +305,12 @@ struct LaneMask<16> {
   NARVL_V4 static inline uint64_t gt(Vec<16>::F v, float t) {
     return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(t), _CMP_GT_OQ);
   }
-  NARVL_V4 static inline uint64_t nan(Vec<16>::F v) {
-    return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), reinterpret_cast<__m512>(v), _CMP_UNORD_Q);
-  }
 };
 template <>
 struct LaneMask<8> {
   NARVL_V3 static inline uint64_t gt(Vec<8>::F v, float t) {
     return static_cast<uint32_t>(
         _mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(v), _mm256_set1_ps(t), _CMP_GT_OQ)));
-  }
-  NARVL_V3 static inline uint64_t nan(Vec<8>::F v) {
-    const __m256 a = reinterpret_cast<__m256>(v);
-    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
   }
 };
 #endif
@@ -326,11 +319,6 @@ struct LaneMask<4> {
   static inline uint64_t gt(Vec<4>::F v, float t) {
     uint64_t m = 0;
     for (int j = 0; j < 4; ++j) m |= static_cast<uint64_t>(v[j] > t) << j;
-    return m;
-  }
-  static inline uint64_t nan(Vec<4>::F v) {
-    uint64_t m = 0;
-    for (int j = 0; j < 4; ++j) m |= static_cast<uint64_t>(v[j] != v[j]) << j;
     return m;
   }
 };
@@ -346,23 +334,37 @@ static inline uint32_t ordered_bits(float f) {  // monotone map of non-NaN float
   return u ^ ((u >> 31) ? 0xffffffffu : 0x80000000u);
 }
 
-// Keeps the k best of vals/idx[0, n) (n > k; the entries are in increasing index order, and stay
-// so; inlined into each ISA's scan, so the sweeps run at its width): the k-th largest value T comes from a bitwise binary search over the ordered bits (32
-// counting sweeps that GCC vectorises, no data-dependent branch), then one branch-free compaction
-// keeps the values above T and the lowest-index ties at T. Returns k and sets *thr = T.
-__attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32_t* idx, int64_t n, int64_t k,
-                                                              float* thr) {
-  static thread_local std::vector<uint32_t> keys;
-  if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
-  uint32_t* K = keys.data();
-  for (int64_t j = 0; j < n; ++j) K[j] = ordered_bits(vals[j]);
-  uint32_t X = 0;  // the largest X with count(key >= X) >= k is the k-th largest key
+static inline float from_ordered_bits(uint32_t x) {
+  const uint32_t u = x ^ ((x >> 31) ? 0x80000000u : 0xffffffffu);
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// The k-th largest of K[0, n) (1 <= k <= n): the largest X with count(K >= X) >= k, found bit by
+// bit from the top (32 counting sweeps that GCC vectorises, no data-dependent branch).
+__attribute__((always_inline)) static inline uint32_t kth_largest_key(const uint32_t* K, int64_t n, int64_t k) {
+  uint32_t X = 0;
   for (int bit = 31; bit >= 0; --bit) {
     const uint32_t trial = X | (1u << bit);
     int32_t c = 0;
     for (int64_t j = 0; j < n; ++j) c += K[j] >= trial;
     X = c >= k ? trial : X;
   }
+  return X;
+}
+
+// Keeps the k best of vals/idx[0, n) (n > k; the entries are in increasing index order, and stay
+// so; inlined into each ISA's scan, so the sweeps run at its width): the k-th largest value T
+// (kth_largest_key over the ordered bits), then one branch-free compaction keeps the values
+// above T and the lowest-index ties at T. Returns k and sets *thr = T.
+__attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32_t* idx, int64_t n, int64_t k,
+                                                              float* thr) {
+  static thread_local std::vector<uint32_t> keys;
+  if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
+  uint32_t* K = keys.data();
+  for (int64_t j = 0; j < n; ++j) K[j] = ordered_bits(vals[j]);
+  const uint32_t X = kth_largest_key(K, n, k);
   int64_t above = 0;
   for (int64_t j = 0; j < n; ++j) above += K[j] > X;
   const int64_t ties = k - above;  // ties at X kept, lowest index first
@@ -375,8 +377,7 @@ __attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32
     idx[w] = idx[j];
     w += keep;
   }
-  const uint32_t u = X ^ ((X >> 31) ? 0x80000000u : 0xffffffffu);  // ordered_bits inverted
-  std::memcpy(thr, &u, sizeof(u));
+  *thr = from_ordered_bits(X);
   return k;
 }
 
@@ -426,7 +427,6 @@ __attribute__((always_inline)) static inline int64_t topk_gather(const float* x,
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t cap = topk_cut_at(k);  // (the buffer has room for one more chunk's values above it)
   int64_t n = 0;
-  int64_t i = 0;
   // chunks of 2 steps whose lane maxima (pass 1's, cmax) all sit at or below thr are skipped
   for (int64_t c = 0; c < nchunk; ++c) {
     if (__builtin_expect(LaneMask<W>::gt(vload<F>(cmax + c * W), thr) == 0, 1)) continue;
@@ -442,7 +442,7 @@ __attribute__((always_inline)) static inline int64_t topk_gather(const float* x,
       }
     }
   }
-  i = nchunk * 2 * kStep;
+  int64_t i = nchunk * 2 * kStep;
   for (; i + kStep <= V; i += kStep) {
     const F v0 = vload<F>(x + i), v1 = vload<F>(x + i + W);
     const F v2 = vload<F>(x + i + 2 * W), v3 = vload<F>(x + i + 3 * W);
@@ -547,21 +547,12 @@ __attribute__((always_inline)) static inline int64_t row_topk_impl(const float* 
   }
   if (bad) return 0;  // reported by the caller; the values are not used
   float thr = ninf;
-  if (k <= NA * W && i > 0) {  // L = the k-th largest lane maximum (by the cut's binary search)
+  if (k <= NA * W && i > 0) {  // L = the k-th largest lane maximum
     alignas(64) float lm[NA * W];
     for (int a = 0; a < NA; ++a) std::memcpy(lm + a * W, &acc[a], sizeof(F));
     uint32_t K[NA * W];
     for (int j = 0; j < NA * W; ++j) K[j] = ordered_bits(lm[j]);
-    uint32_t X = 0;
-    for (int bit = 31; bit >= 0; --bit) {
-      const uint32_t trial = X | (1u << bit);
-      int32_t c = 0;
-      for (int j = 0; j < NA * W; ++j) c += K[j] >= trial;
-      X = c >= k ? trial : X;
-    }
-    const uint32_t u = X ^ ((X >> 31) ? 0x80000000u : 0xffffffffu);
-    float L;
-    std::memcpy(&L, &u, sizeof(L));
+    const float L = from_ordered_bits(kth_largest_key(K, NA * W, k));
     thr = std::nextafter(L, ninf);  // x > thr  <=>  x >= L
   }
   return topk_gather<W>(x, V, k, thr, vals, idx, cmax, nchunk);
