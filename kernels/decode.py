@@ -9,23 +9,27 @@ in two reads of the row: each lane's largest int64 key (order-preserving float b
 reversed index, so ties go to the lower token id), then the keys at or above the K-th lane
 maximum compacted into a scratch row and ranked by one ``tl.topk``. ``_beam_kernel`` (one
 program per sample) then runs the prefix beam search over the frames with no host
-synchronisation: each prefix is a (hash, length, last token) triple with probabilities pb / pnb
-(linear, renormalised per frame), extensions (prefix i, token c) that recreate a prefix already in
-the beam are merged into it (identified by the 40-bit hash and the length: two different
-prefixes that collide would merge, which the C++ search never does), the
-beam_width best of the stays and extensions survive (``tl.topk`` again; above a beam of 16 the
-merge test runs one beam entry at a time, so only (beam, K) tiles are live), and per-frame
-backpointers (parent slot, emitted token) are traced back at the end. Memory is O(B T beam),
-never B x beam x V.
+synchronisation, with the C++ search's semantics:
+- each beam slot holds its prefix as a token row (two row buffers, this frame's and the next's)
+  with probabilities pb / pnb (linear, renormalised per frame);
+- prefixes are identified exactly: slot i is a proper prefix of slot m when their token rows
+  agree over i's length (a (slots, slots) comparison built in blocks of IB parent rows), so an
+  extension (i, c) that recreates slot m merges into it, and no two different prefixes ever do;
+- timesteps follow ctcdecode's path trie: each row position carries the record (best log-prob,
+  frame) of the prefix ending there; at each frame every alive prefix whose parent is in the
+  beam and whose token is a kept candidate takes the frame when its log-prob beats the record,
+  in the row of every beam slot that descends from it (alive = in the beam or an ancestor of
+  one, exactly the prefixes that rows hold); an appended prefix that is still alive keeps its
+  record, one that had died starts afresh;
+- the beam_width best of the stays and extensions survive (``tl.topk`` again over the stored
+  candidate scores; what a chosen candidate carries is rebuilt from its index).
+Memory is O(B beam T) plus O(B beam (beam + top-k)) scratch, never B x beam x V.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-_HASH_MASK = (1 << 40) - 1
-_HASH_MUL = 4194301
 
 
 @triton.jit
@@ -148,24 +152,31 @@ def _topk_kernel(X, stride_b, stride_t, T, V, TOPV, TOPI, NANF, SCR, INPUT: tl.c
 
 @triton.jit
 def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbest,
-                 SCR_F, SCR_I, BP_PAR, BP_TOK, OUT_TOK, OUT_LEN, OUT_SCORE, OUT_TS,
-                 BEAM: tl.constexpr, K: tl.constexpr, NCP: tl.constexpr,
-                 HASH_MUL: tl.constexpr, HASH_MASK: tl.constexpr):
+                 SCR_F, SCR_I, SLOT_F, SLOT_I, ANC_TOK, ROW_TOK, ROW_LP, ROW_TS, OUT_TOK, OUT_LEN,
+                 OUT_SCORE, OUT_TS, BEAM: tl.constexpr, K: tl.constexpr, NCP: tl.constexpr,
+                 TB: tl.constexpr, IB: tl.constexpr):
+    """One program per sample. Each beam slot holds its prefix as a token row and, per position,
+    the timestep record (best log-prob, frame) of the prefix ending there (ctcdecode's node
+    fields), in two row buffers (this frame's, the next's)."""
     b = tl.program_id(0).to(tl.int64)
     tb = tl.load(LEN + b)
     i = tl.arange(0, BEAM)
     j = tl.arange(0, K)
     NC = BEAM * (K + 1)
-    h = tl.zeros((BEAM,), tl.int64)
     plen = tl.zeros((BEAM,), tl.int64)
     last = tl.full((BEAM,), -1, tl.int64)
     pb = tl.where(i == 0, 1.0, 0.0)
     pnb = tl.zeros((BEAM,), tl.float32)
     valid = i == 0
     log_scale = tl.zeros((), tl.float32)
-    sf = SCR_F + b * NCP * 3  # score, pb, pnb of each candidate
-    si = SCR_I + b * NCP * 5  # hash, length, last, parent, token of each candidate
+    sf = SCR_F + b * NCP * 3  # each candidate's score; then pb, pnb of the stays
+    si = SCR_I + b * BEAM * 2  # each slot's prefix length and last token
+    anc_tok = ANC_TOK + b * BEAM * BEAM
+    slot_f = SLOT_F + b * BEAM * 3  # each slot's pb, pb + pnb, probability of its last token
+    slot_i = SLOT_I + b * BEAM * 5  # length, last token, validity, its candidate index, kept
     qs = tl.arange(0, NCP)
+    pp = tl.arange(0, TB)
+    cur = 0
     for t in range(0, tb):
         frame = (b * T + t) * K
         cv = tl.load(TOPV + frame + j)
@@ -176,66 +187,139 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
         p = tl.where(keep, p, 0.0)
         tot = pb + pnb
         p_blank = tl.sum(tl.where(ci == blank, p, 0.0), 0)
-        is_last = ci[None, :] == last[:, None]
-        p_last = tl.sum(tl.where(is_last, p[None, :], 0.0), 1)
+        tl.store(slot_i + i, plen)
+        tl.store(slot_i + BEAM + i, last)
+        tl.store(slot_i + 2 * BEAM + i, valid.to(tl.int64))
+        tl.store(slot_f + i, pb)
+        tl.store(slot_f + BEAM + i, tot)
+        tl.debug_barrier()
+        # extensions (i, c) in blocks of IB slots: scores stored as candidates q = BEAM + i * K + j;
+        # each slot's probability of its own last token (and its candidate index) kept aside
+        for ib in range(0, BEAM, IB):
+            ii = ib + tl.arange(0, IB)
+            last_i = tl.load(slot_i + BEAM + ii)
+            valid_i = tl.load(slot_i + 2 * BEAM + ii) > 0
+            is_last = ci[None, :] == last_i[:, None]
+            kl = is_last & keep[None, :]
+            tl.store(slot_f + 2 * BEAM + ii, tl.sum(tl.where(is_last, p[None, :], 0.0), 1))
+            tl.store(slot_i + 3 * BEAM + ii, tl.sum(tl.where(kl, j[None, :], 0), 1))
+            tl.store(slot_i + 4 * BEAM + ii, tl.max(kl.to(tl.int64), 1))
+            is_ext = keep[None, :] & (ci[None, :] != blank) & valid_i[:, None]
+            base = tl.where(is_last, tl.load(slot_f + ii)[:, None], tl.load(slot_f + BEAM + ii)[:, None])
+            tl.store(sf + BEAM + ii[:, None] * K + j[None, :], tl.where(is_ext, base * p[None, :], 0.0))
+        tl.debug_barrier()
+        p_last = tl.load(slot_f + 2 * BEAM + i)
+        j_last = tl.load(slot_i + 3 * BEAM + i)
+        last_kept = tl.load(slot_i + 4 * BEAM + i) > 0
         stay_pb = tl.where(valid, tot * p_blank, 0.0)
         stay_pnb = tl.where(valid, pnb * p_last, 0.0)
-        is_ext = keep[None, :] & (ci[None, :] != blank) & valid[:, None]
-        ext_val = tl.where(is_ext, tl.where(is_last, pb[:, None], tot[:, None]) * p[None, :], 0.0)
-        ext_h = (h[:, None] * HASH_MUL + ci[None, :] + 1) & HASH_MASK
-        ext_len = plen[:, None] + 1
-        # an extension that recreates a prefix already in the beam merges into that entry
-        if BEAM <= 16:  # one (BEAM, K, BEAM) comparison: fits the registers at these widths
-            same = ((ext_h[:, :, None] == h[None, None, :]) & (ext_len[:, :, None] == plen[None, None, :])
-                    & valid[None, None, :] & is_ext[:, :, None])
-            stay_pnb += tl.sum(tl.sum(tl.where(same, ext_val[:, :, None], 0.0), 1), 0)
-            merged = tl.sum(same.to(tl.int32), 2) > 0
-        else:  # one beam entry at a time: (BEAM, K) tiles only, nothing spills
-            merged = tl.zeros((BEAM, K), tl.int1)
-            for m in range(0, beam_width):
-                sel = i == m
-                hm = tl.sum(tl.where(sel, h, 0), 0)
-                lm = tl.sum(tl.where(sel, plen, 0), 0)
-                vm = tl.sum(tl.where(sel & valid, 1, 0), 0) > 0
-                s_m = (ext_h == hm) & (ext_len == lm) & is_ext & vm
-                stay_pnb += tl.where(sel, tl.sum(tl.sum(tl.where(s_m, ext_val, 0.0), 1), 0), 0.0)
-                merged = merged | s_m
-        ext_val = tl.where(merged, 0.0, ext_val)
-        # candidates: q < BEAM stays, q = BEAM + i * K + j extensions
+        # anc[i, m]: slot i's prefix is a proper prefix of slot m's (token rows compared exactly);
+        # tok_at / lp_at [i, m]: slot m's token and record log-prob at position plen[i]. Built in
+        # blocks of IB parent rows i (the slot fields come back from the slot scratch), so only
+        # (IB, BEAM) tiles are live.
+        rows = (b * 2 + cur) * BEAM * T
+        maxlen = tl.max(tl.where(valid, plen, 0), 0)
+        has_par = tl.zeros((BEAM,), tl.int1)
+        i_par = tl.zeros((BEAM,), tl.int64)
+        pb_par = tl.zeros((BEAM,), tl.float32)
+        tot_par = tl.zeros((BEAM,), tl.float32)
+        last_par = tl.zeros((BEAM,), tl.int64)
+        for ib in range(0, BEAM, IB):
+            ii = ib + tl.arange(0, IB)
+            plen_i = tl.load(slot_i + ii)
+            valid_i = tl.load(slot_i + 2 * BEAM + ii) > 0
+            eq = (ii[:, None] >= 0) & (i[None, :] >= 0)
+            tok_at = tl.full((IB, BEAM), -2, tl.int32)
+            lp_at = tl.zeros((IB, BEAM), tl.float32)
+            for q in range(0, maxlen):
+                inrow = valid & (q < plen)
+                tk = tl.load(ROW_TOK + rows + i * T + q, mask=inrow, other=-1)
+                tk_i = tl.load(ROW_TOK + rows + ii * T + q, mask=valid_i & (q < plen_i), other=-1)
+                lq = tl.load(ROW_LP + rows + i * T + q, mask=inrow, other=0.0)
+                eq = eq & ((q >= plen_i[:, None]) | (tk_i[:, None] == tk[None, :]))
+                at = q == plen_i[:, None]
+                tok_at = tl.where(at, tk[None, :], tok_at)
+                lp_at = tl.where(at, lq[None, :], lp_at)
+            anc = eq & (plen_i[:, None] < plen[None, :]) & valid_i[:, None] & valid[None, :]
+            tok_at = tl.where(anc, tok_at, -2)
+            # timestep visits (ctcdecode's get_path_trie): every alive prefix whose parent is in
+            # the beam, extended by a kept candidate, takes the frame if its log-prob beats the
+            # record; the copies of a prefix's record in its descendants' rows change alike
+            new_lp = lp_at
+            hit_any = tl.zeros((IB, BEAM), tl.int1)
+            for jj in range(0, top_n):
+                cj = tl.load(TOPI + frame + jj)
+                vj = tl.load(TOPV + frame + jj)
+                kj = tl.sum(tl.where(j == jj, keep.to(tl.int32), 0), 0) > 0
+                hit = (tok_at == cj) & kj & (cj != blank) & (vj > new_lp)
+                new_lp = tl.where(hit, vj, new_lp)
+                hit_any = hit_any | hit
+            dst = rows + i[None, :] * T + plen_i[:, None]
+            tl.store(ROW_LP + dst, new_lp, mask=hit_any)
+            tl.store(ROW_TS + dst, (t + i[None, :] * 0 + ii[:, None] * 0).to(tl.int32), mask=hit_any)
+            tl.store(anc_tok + ii[:, None] * BEAM + i[None, :], tok_at)  # for the appended records
+            # merges: slot m = slot i + last[m], both in the beam, gets the extension's mass
+            par = anc & (plen[None, :] == plen_i[:, None] + 1)
+            has_par = has_par | (tl.max(par.to(tl.int32), 0) > 0)
+            i_par += tl.sum(tl.where(par, ii[:, None], 0), 0)
+            pb_par += tl.sum(tl.where(par, tl.load(slot_f + ii)[:, None], 0.0), 0)
+            tot_par += tl.sum(tl.where(par, tl.load(slot_f + BEAM + ii)[:, None], 0.0), 0)
+            last_par += tl.sum(tl.where(par, tl.load(slot_i + BEAM + ii)[:, None], 0), 0)
+        merge = has_par & last_kept & valid
+        stay_pnb += tl.where(merge, tl.where(last == last_par, pb_par, tot_par) * p_last, 0.0)
+        # candidates: q < BEAM stays, q = BEAM + i * K + j extensions (only their scores are
+        # stored; what a chosen one carries is rebuilt from q below)
         tl.store(sf + i, stay_pb + stay_pnb)
         tl.store(sf + NCP + i, stay_pb)
         tl.store(sf + 2 * NCP + i, stay_pnb)
-        tl.store(si + i, h)
-        tl.store(si + NCP + i, plen)
-        tl.store(si + 2 * NCP + i, last)
-        tl.store(si + 3 * NCP + i, i.to(tl.int64))
-        tl.store(si + 4 * NCP + i, tl.full((BEAM,), -1, tl.int64))
-        q2 = BEAM + i[:, None] * K + j[None, :]
-        tl.store(sf + q2, ext_val)
-        tl.store(sf + NCP + q2, tl.zeros((BEAM, K), tl.float32))
-        tl.store(sf + 2 * NCP + q2, ext_val)
-        tl.store(si + q2, ext_h)
-        tl.store(si + NCP + q2, ext_len)
-        tl.store(si + 2 * NCP + q2, ci[None, :] + i[:, None] * 0)
-        tl.store(si + 3 * NCP + q2, i[:, None].to(tl.int64) + j[None, :] * 0)
-        tl.store(si + 4 * NCP + q2, ci[None, :] + i[:, None] * 0)
+        tl.store(si + i, plen)
+        tl.store(si + BEAM + i, last)
+        tl.debug_barrier()
+        # an extension that recreates a prefix in the beam was merged above: it is no candidate
+        tl.store(sf + BEAM + i_par * K + j_last, tl.zeros((BEAM,), tl.float32), mask=merge)
         tl.debug_barrier()
         sc = tl.load(sf + qs, mask=qs < NC, other=0.0)
         top = tl.topk(_ordered_key(sc, qs, NCP), BEAM)
         q = (NCP - 1) - (top & 0xFFFFFFFF)
         score = tl.load(sf + q)
         valid = (score > 0.0) & (i < beam_width)
-        pb = tl.where(valid, tl.load(sf + NCP + q), 0.0)
-        pnb = tl.where(valid, tl.load(sf + 2 * NCP + q), 0.0)
-        h = tl.load(si + q)
-        plen = tl.load(si + NCP + q)
-        last = tl.load(si + 2 * NCP + q)
-        par = tl.load(si + 3 * NCP + q)
-        tok = tl.load(si + 4 * NCP + q)
-        bp = (b * T + t) * BEAM + i
-        tl.store(BP_PAR + bp, tl.where(valid, par, -1))
-        tl.store(BP_TOK + bp, tl.where(valid, tok, -1))
+        stay = q < BEAM
+        qe = tl.where(stay, 0, q - BEAM)
+        src = tl.where(stay, q, qe // K)
+        jsel = qe % K
+        tok = tl.where(stay, -1, tl.load(TOPI + frame + jsel).to(tl.int64))
+        lp_c = tl.load(TOPV + frame + jsel)
+        pb = tl.where(valid & stay, tl.load(sf + NCP + src), 0.0)
+        pnb = tl.where(valid, tl.where(stay, tl.load(sf + 2 * NCP + src), score), 0.0)
+        plen = tl.where(valid, tl.load(si + src) + (~stay).to(tl.int64), 0)
+        last = tl.where(valid, tl.where(stay, tl.load(si + BEAM + src), tok), -1)
+        # the next rows: the source slot's row, plus the appended token and its record
+        nxt = 1 - cur
+        nrows = (b * 2 + nxt) * BEAM * T
+        ext = valid & (tok >= 0)
+        src_len = plen - ext.to(tl.int64)
+        newmax = tl.max(tl.where(valid, plen, 0), 0)
+        for p0 in range(0, newmax, TB):
+            pos = p0 + pp
+            cm = valid[:, None] & (pos[None, :] < src_len[:, None])
+            a_src = rows + src[:, None] * T + pos[None, :]
+            a_dst = nrows + i[:, None] * T + pos[None, :]
+            tl.store(ROW_TOK + a_dst, tl.load(ROW_TOK + a_src, mask=cm, other=0), mask=cm)
+            tl.store(ROW_LP + a_dst, tl.load(ROW_LP + a_src, mask=cm, other=0.0), mask=cm)
+            tl.store(ROW_TS + a_dst, tl.load(ROW_TS + a_src, mask=cm, other=0), mask=cm)
+        # an appended prefix still alive in the trie (a descendant in the beam) keeps its record
+        gt = tl.load(anc_tok + src[:, None] * BEAM + i[None, :], mask=ext[:, None], other=-2)
+        ghost = (gt == tok[:, None].to(tl.int32)) & ext[:, None]
+        g_at = rows + i[None, :] * T + src_len[:, None]
+        g_lp = tl.max(tl.where(ghost, tl.load(ROW_LP + g_at, mask=ghost, other=0.0), float("-inf")), 1)
+        g_ts = tl.max(tl.where(ghost, tl.load(ROW_TS + g_at, mask=ghost, other=0), -1), 1)
+        has_g = tl.max(ghost.to(tl.int32), 1) > 0
+        a_new = nrows + i * T + src_len
+        tl.store(ROW_TOK + a_new, tok.to(tl.int32), mask=ext)
+        tl.store(ROW_LP + a_new, tl.where(has_g, g_lp, lp_c), mask=ext)
+        tl.store(ROW_TS + a_new, tl.where(has_g, g_ts, t).to(tl.int32), mask=ext)
         tl.debug_barrier()
+        cur = nxt
         mx = tl.max(tl.where(valid, pb + pnb, 0.0), 0)
         alive = mx > 0.0
         inv = tl.where(alive, 1.0 / mx, 0.0)
@@ -243,24 +327,20 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
         pnb = pnb * inv
         log_scale += tl.where(alive, tl.log(tl.where(alive, mx, 1.0)), 0.0)
     # outputs, best first (topk kept the beam sorted)
-    out = i < nbest
-    tl.store(OUT_LEN + b * nbest + i, tl.where(valid, plen, 0), mask=out)
+    out = (i < nbest) & valid
+    tl.store(OUT_LEN + b * nbest + i, tl.where(valid, plen, 0), mask=i < nbest)
     tl.store(OUT_SCORE + b * nbest + i,
              tl.where(valid, tl.log(tl.where(valid, pb + pnb, 1.0)) + log_scale, float("-inf")),
-             mask=out)
-    cur = i.to(tl.int64)
-    pos = plen - 1
-    for s in range(0, tb):
-        t = tb - 1 - s
-        bp = (b * T + t) * BEAM + cur
-        par = tl.load(BP_PAR + bp, mask=valid, other=-1)
-        tok = tl.load(BP_TOK + bp, mask=valid, other=-1)
-        emit = valid & (tok >= 0) & out
-        dst = (b * nbest + i) * T + pos
-        tl.store(OUT_TOK + dst, tok, mask=emit)
-        tl.store(OUT_TS + dst, t + pos * 0, mask=emit)
-        pos = tl.where(emit, pos - 1, pos)
-        cur = tl.where(valid, par, cur)
+             mask=i < nbest)
+    rows = (b * 2 + cur) * BEAM * T
+    maxlen = tl.max(tl.where(out, plen, 0), 0)
+    for p0 in range(0, maxlen, TB):
+        pos = p0 + pp
+        cm = out[:, None] & (pos[None, :] < plen[:, None])
+        a_src = rows + i[:, None] * T + pos[None, :]
+        dst = (b * nbest + i[:, None]) * T + pos[None, :]
+        tl.store(OUT_TOK + dst, tl.load(ROW_TOK + a_src, mask=cm, other=0).to(tl.int64), mask=cm)
+        tl.store(OUT_TS + dst, tl.load(ROW_TS + a_src, mask=cm, other=0).to(tl.int64), mask=cm)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -295,8 +375,8 @@ def greedy_decode(scores, lengths, blank, nan_check=False):
     return tokens, out_lens
 
 
-# The widest beam the GPU kernel is built for: up to 64 it compiles in under 30 s with no spills
-# on sm_80 and sm_90 (bench/results/gpu_resources.json); 100 and 128 spill 0.6 KB per thread.
+# The widest beam the GPU kernel is built for: up to 64 it compiles in under 30 s within the
+# 256 B local-memory budget on sm_80 and sm_90 (bench/results/gpu_resources.json).
 MAX_BEAM = 64
 
 _TOPK_BLOCK = 2048  # the scan's chunk width over V (tests lower it to cover many chunks)
@@ -321,9 +401,9 @@ def frame_topk(scores, K, input_kind):
 
 
 def _beam_warps(BEAM):
-    """Warps of the beam program: its (BEAM, K) tiles spread over more threads as the beam
-    widens (4 warps spilled 856 B at beam 64 and 2 KB at 128 on sm_90)."""
-    return 4 if BEAM <= 32 else (8 if BEAM <= 64 else 16)
+    """Warps of the beam program: its tiles spread over more threads as the beam widens (at beam
+    64, 16 warps cap the registers at 128 and spilled 568 B on sm_90, 8 warps 240 B)."""
+    return 4 if BEAM <= 16 else (8 if BEAM <= 64 else 16)
 
 
 def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
@@ -350,12 +430,18 @@ def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, n
     else:
         topv = torch.empty(B, 1, K, dtype=torch.float32, device=dev)
         topi = torch.empty(B, 1, K, dtype=torch.int32, device=dev)
+    Tp = max(T, 1)
     scr_f = torch.empty(B, 3 * NCP, dtype=torch.float32, device=dev)
-    scr_i = torch.empty(B, 5 * NCP, dtype=torch.int64, device=dev)
-    bp_par = torch.empty(B, max(T, 1), BEAM, dtype=torch.int64, device=dev)
-    bp_tok = torch.empty_like(bp_par)
-    _beam_kernel[(B,)](topv, topi, lengths, max(T, 1), blank, beam_width, top_n, float(cutoff_prob),
-                       nbest, scr_f, scr_i, bp_par, bp_tok, tokens, out_lens, out_scores, steps,
-                       BEAM=BEAM, K=K, NCP=NCP, HASH_MUL=_HASH_MUL, HASH_MASK=_HASH_MASK,
+    scr_i = torch.empty(B, 2 * BEAM, dtype=torch.int64, device=dev)
+    anc_tok = torch.empty(B, BEAM, BEAM, dtype=torch.int32, device=dev)
+    slot_f = torch.empty(B, 3 * BEAM, dtype=torch.float32, device=dev)
+    slot_i = torch.empty(B, 5 * BEAM, dtype=torch.int64, device=dev)
+    row_tok = torch.empty(B, 2, BEAM, Tp, dtype=torch.int32, device=dev)
+    row_lp = torch.empty(B, 2, BEAM, Tp, dtype=torch.float32, device=dev)
+    row_ts = torch.empty(B, 2, BEAM, Tp, dtype=torch.int32, device=dev)
+    _beam_kernel[(B,)](topv, topi, lengths, Tp, blank, beam_width, top_n, float(cutoff_prob),
+                       nbest, scr_f, scr_i, slot_f, slot_i, anc_tok, row_tok, row_lp, row_ts, tokens,
+                       out_lens, out_scores, steps, BEAM=BEAM, K=K, NCP=NCP,
+                       TB=max(16, min(64, triton.next_power_of_2(Tp))), IB=min(BEAM, 16),
                        num_warps=_beam_warps(BEAM))
     return tokens, out_lens, out_scores, steps

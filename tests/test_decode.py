@@ -44,7 +44,8 @@ def check_timesteps(res, lengths):
     ((2, 12, 11, 10), 4, 6, 1.0),
     ((3, 9, 9, 0), 3, 9, 0.7),
     ((2, 6, 3, 1), 1, 3, 1.0),
-    ((2, 10, 6, 0), 24, 6, 1.0),  # beams over 16: the GPU kernel merges one entry at a time
+    ((2, 10, 6, 0), 24, 6, 1.0),  # beams over 16
+    ((2, 10, 3, 0), 40, 3, 1.0),  # two tokens, a wide beam: many prefixes one token apart
 ])
 def test_beam_matches_reference(backend, shape, beam, top_n, cutoff):
     B, T, V, blank = shape
@@ -56,6 +57,25 @@ def test_beam_matches_reference(backend, shape, beam, top_n, cutoff):
     assert torch.equal(res.tokens, rt) and torch.equal(res.lengths, rl)
     torch.testing.assert_close(res.scores, rs, rtol=1e-5, atol=1e-5)
     check_timesteps(res, L)
+    assert torch.equal(res.timesteps, rts)  # ctcdecode's frames, on every backend
+
+
+def test_gpu_merge_is_exact_on_near_identical_prefixes(backend):
+    """Prefixes are compared token by token, never by a hash: over two tokens, a full beam of 64
+    holds prefixes that differ in one position only, and every backend matches the reference's
+    n-best, scores and frames."""
+    g = torch.Generator().manual_seed(3)
+    lp = (torch.randn(2, 11, 3, generator=g) * 0.3).log_softmax(-1)
+    L = torch.tensor([11, 9])
+    res = narvl.ctc_prefix_beam_search(lp, L, beam_width=64, cutoff_top_n=3, nbest=64)
+    rt, rl, rs, rts = beam_search_reference(lp, L, 64, 0, 3, 1.0, 64)
+    assert torch.equal(res.tokens, rt) and torch.equal(res.lengths, rl)
+    torch.testing.assert_close(res.scores, rs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(res.timesteps, rts)
+    for b in range(2):  # no labeling twice in the n-best
+        labs = [tuple(res.tokens[b, k, : res.lengths[b, k]].tolist()) for k in range(64)
+                if res.scores[b, k] > float("-inf")]
+        assert len(labs) == len(set(labs))
 
 
 def test_wide_beam_is_exact(backend):
