@@ -153,8 +153,8 @@ def _topk_kernel(X, stride_b, stride_t, T, V, TOPV, TOPI, NANF, SCR, INPUT: tl.c
 @triton.jit
 def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbest,
                  SCR_F, SCR_I, SLOT_F, SLOT_I, ANC_TOK, ROW_TOK, ROW_LP, ROW_TS, OUT_TOK, OUT_LEN,
-                 OUT_SCORE, OUT_TS, BEAM: tl.constexpr, K: tl.constexpr, NCP: tl.constexpr,
-                 TB: tl.constexpr, IB: tl.constexpr):
+                 OUT_SCORE, OUT_TS, KS, BEAM: tl.constexpr, K: tl.constexpr, NCP: tl.constexpr,
+                 TB: tl.constexpr, IB: tl.constexpr, NBLK: tl.constexpr, FIN: tl.constexpr):
     """One program per sample. Each beam slot holds its prefix as a token row and, per position,
     the timestep record (best log-prob, frame) of the prefix ending there (ctcdecode's node
     fields), in two row buffers (this frame's, the next's)."""
@@ -162,7 +162,6 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
     tb = tl.load(LEN + b)
     i = tl.arange(0, BEAM)
     j = tl.arange(0, K)
-    NC = BEAM * (K + 1)
     plen = tl.zeros((BEAM,), tl.int64)
     last = tl.full((BEAM,), -1, tl.int64)
     pb = tl.where(i == 0, 1.0, 0.0)
@@ -172,9 +171,9 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
     sf = SCR_F + b * NCP * 3  # each candidate's score; then pb, pnb of the stays
     si = SCR_I + b * BEAM * 2  # each slot's prefix length and last token
     anc_tok = ANC_TOK + b * BEAM * BEAM
+    ks = KS + b * NBLK * BEAM  # each block's best extension keys
     slot_f = SLOT_F + b * BEAM * 3  # each slot's pb, pb + pnb, probability of its last token
     slot_i = SLOT_I + b * BEAM * 5  # length, last token, validity, its candidate index, kept
-    qs = tl.arange(0, NCP)
     pp = tl.arange(0, TB)
     cur = 0
     for t in range(0, tb):
@@ -278,8 +277,18 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
         # an extension that recreates a prefix in the beam was merged above: it is no candidate
         tl.store(sf + BEAM + i_par * K + j_last, tl.zeros((BEAM,), tl.float32), mask=merge)
         tl.debug_barrier()
-        sc = tl.load(sf + qs, mask=qs < NC, other=0.0)
-        top = tl.topk(_ordered_key(sc, qs, NCP), BEAM)
+        # the beam_width best candidates in two rounds: the BEAM best extensions of each block
+        # of IB slots (IB * K keys), then the best of the stays and those (FIN keys), so no
+        # tile of all BEAM * (K + 1) candidates is ever live
+        for ib in range(0, BEAM, IB):
+            qb = BEAM + ib * K + tl.arange(0, IB * K)
+            kb = tl.topk(_ordered_key(tl.load(sf + qb), qb, NCP), BEAM)
+            tl.store(ks + (ib // IB) * BEAM + i, kb)
+        tl.debug_barrier()
+        f = tl.arange(0, FIN)
+        fk = tl.load(ks + f - BEAM, mask=(f >= BEAM) & (f < BEAM + NBLK * BEAM), other=-9223372036854775807 - 1)
+        fk = tl.where(f < BEAM, _ordered_key(tl.load(sf + f, mask=f < BEAM, other=0.0), f, NCP), fk)
+        top = tl.topk(fk, BEAM)
         q = (NCP - 1) - (top & 0xFFFFFFFF)
         score = tl.load(sf + q)
         valid = (score > 0.0) & (i < beam_width)
@@ -434,6 +443,8 @@ def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, n
     scr_f = torch.empty(B, 3 * NCP, dtype=torch.float32, device=dev)
     scr_i = torch.empty(B, 2 * BEAM, dtype=torch.int64, device=dev)
     anc_tok = torch.empty(B, BEAM, BEAM, dtype=torch.int32, device=dev)
+    IB = min(BEAM, 16)
+    keys = torch.empty(B, (BEAM // IB) * BEAM, dtype=torch.int64, device=dev)
     slot_f = torch.empty(B, 3 * BEAM, dtype=torch.float32, device=dev)
     slot_i = torch.empty(B, 5 * BEAM, dtype=torch.int64, device=dev)
     row_tok = torch.empty(B, 2, BEAM, Tp, dtype=torch.int32, device=dev)
@@ -441,7 +452,7 @@ def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, n
     row_ts = torch.empty(B, 2, BEAM, Tp, dtype=torch.int32, device=dev)
     _beam_kernel[(B,)](topv, topi, lengths, Tp, blank, beam_width, top_n, float(cutoff_prob),
                        nbest, scr_f, scr_i, slot_f, slot_i, anc_tok, row_tok, row_lp, row_ts, tokens,
-                       out_lens, out_scores, steps, BEAM=BEAM, K=K, NCP=NCP,
-                       TB=max(16, min(64, triton.next_power_of_2(Tp))), IB=min(BEAM, 16),
-                       num_warps=_beam_warps(BEAM))
+                       out_lens, out_scores, steps, keys, BEAM=BEAM, K=K, NCP=NCP,
+                       TB=max(16, min(64, triton.next_power_of_2(Tp))), IB=IB, NBLK=BEAM // IB,
+                       FIN=triton.next_power_of_2(BEAM + BEAM * (BEAM // IB)), num_warps=_beam_warps(BEAM))
     return tokens, out_lens, out_scores, steps
