@@ -326,7 +326,7 @@ struct LaneMask<4> {
 // The buffer is cut back to k when it holds more than topk_cut_at(k) values: 3k balances the
 // values gathered against the work of the cuts (random rows, k = 16..64: about half of 8k's).
 static inline int64_t topk_cut_at(int64_t k) { return std::max<int64_t>(3 * k, k + 64); }
-int64_t topk_buffer_size(int64_t k) { return topk_cut_at(k) + 8 * 16 + 16; }  // a chunk's values, slack
+int64_t topk_buffer_size(int64_t k) { return topk_cut_at(k) + 128; }
 
 static inline uint32_t ordered_bits(float f) {  // monotone map of non-NaN floats to uint32
   uint32_t u;
@@ -354,36 +354,25 @@ __attribute__((always_inline)) static inline uint32_t kth_largest_key(const uint
   return X;
 }
 
-// Keeps the k best of vals/idx[0, n) (n > k; inlined into each ISA's scan, so the sweeps run at
-// its width): the k-th largest value T (kth_largest_key over the ordered bits), then one
-// branch-free compaction keeps the values above T and, of the ties at T, the lowest indices
-// (found by a selection over the tie indices in the rare case that more tie than fit).
-// Returns k and sets *thr = T.
+// Keeps the k best of vals/idx[0, n) (n > k; the entries are in increasing index order, and stay
+// so; inlined into each ISA's scan, so the sweeps run at its width): the k-th largest value T
+// (kth_largest_key over the ordered bits), then one branch-free compaction keeps the values
+// above T and the lowest-index ties at T. Returns k and sets *thr = T.
 __attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32_t* idx, int64_t n, int64_t k,
                                                               float* thr) {
   static thread_local std::vector<uint32_t> keys;
-  static thread_local std::vector<int32_t> tie_idx;
   if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
   uint32_t* K = keys.data();
   for (int64_t j = 0; j < n; ++j) K[j] = ordered_bits(vals[j]);
   const uint32_t X = kth_largest_key(K, n, k);
-  int64_t above = 0, equal = 0;
+  int64_t above = 0;
+  for (int64_t j = 0; j < n; ++j) above += K[j] > X;
+  const int64_t ties = k - above;  // ties at X kept, lowest index first
+  int64_t w = 0, e = 0;
   for (int64_t j = 0; j < n; ++j) {
-    above += K[j] > X;
-    equal += K[j] == X;
-  }
-  const int64_t ties = k - above;  // ties at X kept: the lowest indices
-  int32_t max_tie = std::numeric_limits<int32_t>::max();
-  if (equal > ties) {
-    tie_idx.clear();
-    for (int64_t j = 0; j < n; ++j)
-      if (K[j] == X) tie_idx.push_back(idx[j]);
-    std::nth_element(tie_idx.begin(), tie_idx.begin() + (ties - 1), tie_idx.end());
-    max_tie = tie_idx[ties - 1];
-  }
-  int64_t w = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const bool keep = K[j] > X || (K[j] == X && idx[j] <= max_tie);
+    const bool eq = K[j] == X;
+    const bool keep = K[j] > X || (eq && e < ties);
+    e += eq;
     vals[w] = vals[j];
     idx[w] = idx[j];
     w += keep;
@@ -438,27 +427,20 @@ __attribute__((always_inline)) static inline int64_t topk_gather(const float* x,
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t cap = topk_cut_at(k);  // (the buffer has room for one more chunk's values above it)
   int64_t n = 0;
-  // pass 1's chunks of 8W values: lane l of cmax is the maximum of the chunk's 8 values in lane
-  // l, so only the lanes of cmax above thr are looked into (8 values each). A chunk's values
-  // are gathered lane by lane, out of index order: the cut breaks ties by index explicitly, and
-  // thr only changes between chunks (a value equal to it has a higher index than every value
-  // that set it).
+  // chunks of 2 steps whose lane maxima (pass 1's, cmax) all sit at or below thr are skipped
   for (int64_t c = 0; c < nchunk; ++c) {
-    uint64_t lm = LaneMask<W>::gt(vload<F>(cmax + c * W), thr);
-    if (__builtin_expect(lm == 0, 1)) continue;
-    const int64_t base = c * 2 * kStep;
-    do {
-      const int l = __builtin_ctzll(lm);
-      for (int a = 0; a < 8; ++a) {
-        const int64_t v = base + a * W + l;
-        if (x[v] > thr) {
-          vals[n] = x[v];
-          idx[n++] = static_cast<int32_t>(v);
-        }
+    if (__builtin_expect(LaneMask<W>::gt(vload<F>(cmax + c * W), thr) == 0, 1)) continue;
+    for (int64_t s = 0; s < 2; ++s) {
+      const int64_t j = (2 * c + s) * kStep;
+      const F v0 = vload<F>(x + j), v1 = vload<F>(x + j + W);
+      const F v2 = vload<F>(x + j + 2 * W), v3 = vload<F>(x + j + 3 * W);
+      const uint64_t m = LaneMask<W>::gt(v0, thr) | (LaneMask<W>::gt(v1, thr) << W) |
+                         (LaneMask<W>::gt(v2, thr) << (2 * W)) | (LaneMask<W>::gt(v3, thr) << (3 * W));
+      if (m) {
+        n = Gather<W>::put(x, j, m, vals, idx, n);
+        if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
       }
-      lm &= lm - 1;
-    } while (lm);
-    if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
+    }
   }
   int64_t i = nchunk * 2 * kStep;
   for (; i + kStep <= V; i += kStep) {
