@@ -12,7 +12,8 @@ Checks (kernel on the device vs a float64 reference on the CPU, fresh random inp
   * ``query_attention`` fwd + grads (q, k, v, bias) for D in 16/64/80/128, with and without bias,
     key lengths; low-precision error at most twice PyTorch's own error in that dtype (SDPA's math
     on the same rounded inputs) plus a small absolute floor (the flash-attention rule);
-  * ``ctc_greedy_decode`` and ``ctc_prefix_beam_search`` (exact tokens and scores to 1e-4).
+  * ``ctc_greedy_decode`` and ``ctc_prefix_beam_search`` (exact tokens and ctcdecode timesteps,
+    scores to 1e-4).
 Benchmarks (GPU time is the median of ``triton.testing.do_bench``, CUDA events):
   * Q-CTC fwd and fwd+bwd vs torch (log_softmax + F.ctc_loss), with the achieved fraction of the
     device-to-device copy bandwidth measured in the same run (floor: read logits once forward,
@@ -274,11 +275,12 @@ def check_decode(ch, dev, shapes, beams, g):
                     lens = torch.randint(1, T + 1, (B,), generator=g)
                     r = narvl.ctc_prefix_beam_search(x.to(dev), lens.to(dev), beam_width=beam, blank=V - 1,
                                                      cutoff_top_n=40, input=kind)
-                    rt, rn, rs, _ = beam_search_reference(x, lens, beam, V - 1, 40, 1.0, beam,
-                                                          1 if kind == "log_probs" else 2)
+                    rt, rn, rs, rts = beam_search_reference(x, lens, beam, V - 1, 40, 1.0, beam,
+                                                            1 if kind == "log_probs" else 2)
                     cfg = f"B{B} T{T} V{V} beam{beam} {kind}"
                     same = torch.equal(r.tokens.cpu(), rt) and torch.equal(r.lengths.cpu(), rn)
                     ch.add("beam_search.tokens", cfg, 0.0 if same else 1.0, 0.0)
+                    ch.add("beam_search.timesteps", cfg, 0.0 if torch.equal(r.timesteps.cpu(), rts) else 1.0, 0.0)
                     fin = torch.isfinite(rs)
                     err = (r.scores.cpu()[fin] - rs[fin].float()).abs().max().item() if fin.any() else 0.0
                     ch.add("beam_search.scores", cfg, err, 1e-3)
