@@ -152,7 +152,7 @@ def _topk_kernel(X, stride_b, stride_t, T, V, TOPV, TOPI, NANF, SCR, INPUT: tl.c
 
 @triton.jit
 def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbest,
-                 SCR_F, SCR_I, SLOT_F, SLOT_I, ANC_TOK, ROW_TOK, ROW_LP, ROW_TS, OUT_TOK, OUT_LEN,
+                 SCR_F, SLOT_F, SLOT_I, ANC_TOK, ROW_TOK, ROW_LP, ROW_TS, OUT_TOK, OUT_LEN,
                  OUT_SCORE, OUT_TS, KS, BEAM: tl.constexpr, K: tl.constexpr, NCP: tl.constexpr,
                  TB: tl.constexpr, IB: tl.constexpr, NBLK: tl.constexpr, FIN: tl.constexpr):
     """One program per sample. Each beam slot holds its prefix as a token row and, per position,
@@ -169,7 +169,6 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
     valid = i == 0
     log_scale = tl.zeros((), tl.float32)
     sf = SCR_F + b * NCP * 3  # each candidate's score; then pb, pnb of the stays
-    si = SCR_I + b * BEAM * 2  # each slot's prefix length and last token
     anc_tok = ANC_TOK + b * BEAM * BEAM
     ks = KS + b * NBLK * BEAM  # each block's best extension keys
     slot_f = SLOT_F + b * BEAM * 3  # each slot's pb, pb + pnb, probability of its last token
@@ -271,8 +270,6 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
         tl.store(sf + i, stay_pb + stay_pnb)
         tl.store(sf + NCP + i, stay_pb)
         tl.store(sf + 2 * NCP + i, stay_pnb)
-        tl.store(si + i, plen)
-        tl.store(si + BEAM + i, last)
         tl.debug_barrier()
         # an extension that recreates a prefix in the beam was merged above: it is no candidate
         tl.store(sf + BEAM + i_par * K + j_last, tl.zeros((BEAM,), tl.float32), mask=merge)
@@ -300,8 +297,8 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
         lp_c = tl.load(TOPV + frame + jsel)
         pb = tl.where(valid & stay, tl.load(sf + NCP + src), 0.0)
         pnb = tl.where(valid, tl.where(stay, tl.load(sf + 2 * NCP + src), score), 0.0)
-        plen = tl.where(valid, tl.load(si + src) + (~stay).to(tl.int64), 0)
-        last = tl.where(valid, tl.where(stay, tl.load(si + BEAM + src), tok), -1)
+        plen = tl.where(valid, tl.load(slot_i + src) + (~stay).to(tl.int64), 0)
+        last = tl.where(valid, tl.where(stay, tl.load(slot_i + BEAM + src), tok), -1)
         # the next rows: the source slot's row, plus the appended token and its record
         nxt = 1 - cur
         nrows = (b * 2 + nxt) * BEAM * T
@@ -441,7 +438,6 @@ def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, n
         topi = torch.empty(B, 1, K, dtype=torch.int32, device=dev)
     Tp = max(T, 1)
     scr_f = torch.empty(B, 3 * NCP, dtype=torch.float32, device=dev)
-    scr_i = torch.empty(B, 2 * BEAM, dtype=torch.int64, device=dev)
     anc_tok = torch.empty(B, BEAM, BEAM, dtype=torch.int32, device=dev)
     IB = min(BEAM, 16)
     keys = torch.empty(B, (BEAM // IB) * BEAM, dtype=torch.int64, device=dev)
@@ -451,7 +447,7 @@ def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, n
     row_lp = torch.empty(B, 2, BEAM, Tp, dtype=torch.float32, device=dev)
     row_ts = torch.empty(B, 2, BEAM, Tp, dtype=torch.int32, device=dev)
     _beam_kernel[(B,)](topv, topi, lengths, Tp, blank, beam_width, top_n, float(cutoff_prob),
-                       nbest, scr_f, scr_i, slot_f, slot_i, anc_tok, row_tok, row_lp, row_ts, tokens,
+                       nbest, scr_f, slot_f, slot_i, anc_tok, row_tok, row_lp, row_ts, tokens,
                        out_lens, out_scores, steps, keys, BEAM=BEAM, K=K, NCP=NCP,
                        TB=max(16, min(64, triton.next_power_of_2(Tp))), IB=IB, NBLK=BEAM // IB,
                        FIN=triton.next_power_of_2(BEAM + BEAM * (BEAM // IB)), num_warps=_beam_warps(BEAM))
