@@ -53,17 +53,24 @@ def _info(benchmark, impl, lm, lp, beam, per):
                                 cpu_model=cpu_model())
 
 
+def _bench_narvl(benchmark, impl, lm, labels, path, beta, lp, beam):
+    """narvl's CTCBeamDecoder with the LM (impl "narvl") or without it ("narvl-nolm")."""
+    B, T, V = lp.shape
+    dec = narvl.CTCBeamDecoder(labels, model_path=path if impl == "narvl" else None, alpha=ALPHA, beta=beta,
+                               beam_width=beam, cutoff_top_n=V, num_processes=1, blank_id=0,
+                               log_probs_input=True)
+    if impl == "narvl" and lm == "char":
+        assert dec.character_based()
+    _info(benchmark, impl, lm, lp, beam, B)
+    benchmark.pedantic(lambda: dec.decode(lp), rounds=3, warmup_rounds=1, iterations=1)
+
+
 @pytest.mark.parametrize("beam", BEAMS)
 @pytest.mark.parametrize("impl", ["narvl", "narvl-nolm", "pyctcdecode"])
 def test_word_lm(benchmark, files, impl, beam):
     lp = lm_emissions(WORD_LABELS, files["sentences"], B=16, T=200, seed=1)
-    B, T, V = lp.shape
     if impl.startswith("narvl"):
-        path = files["word_arpa"] if impl == "narvl" else None
-        dec = narvl.CTCBeamDecoder(WORD_LABELS, model_path=path, alpha=ALPHA, beta=BETA, beam_width=beam,
-                                   cutoff_top_n=V, num_processes=1, blank_id=0, log_probs_input=True)
-        _info(benchmark, impl, "word", lp, beam, B)
-        benchmark.pedantic(lambda: dec.decode(lp), rounds=3, warmup_rounds=1, iterations=1)
+        _bench_narvl(benchmark, impl, "word", WORD_LABELS, files["word_arpa"], BETA, lp, beam)
     else:
         pyctc = pytest.importorskip("pyctcdecode")
         pytest.importorskip("kenlm")
@@ -115,13 +122,7 @@ def test_char_lm(benchmark, files, impl, beam):
     lp = lm_emissions(CHAR_LABELS, files["sentences"], B=16, T=200, seed=2)
     B, T, V = lp.shape
     if impl.startswith("narvl"):
-        path = files["char_arpa"] if impl == "narvl" else None
-        dec = narvl.CTCBeamDecoder(CHAR_LABELS, model_path=path, alpha=ALPHA, beta=0.0, beam_width=beam,
-                                   cutoff_top_n=V, num_processes=1, blank_id=0, log_probs_input=True)
-        if path is not None:
-            assert dec.character_based()
-        _info(benchmark, impl, "char", lp, beam, B)
-        benchmark.pedantic(lambda: dec.decode(lp), rounds=3, warmup_rounds=1, iterations=1)
+        _bench_narvl(benchmark, impl, "char", CHAR_LABELS, files["char_arpa"], 0.0, lp, beam)
     else:
         fl = pytest.importorskip("flashlight.lib.text.decoder")
         kenlm = pytest.importorskip("kenlm")
