@@ -70,9 +70,11 @@ static pybind11::tuple row_topk(const torch::Tensor& row, int64_t k, bool logits
     return vals[a] > vals[b] || (vals[a] == vals[b] && idx[a] < idx[b]);
   });
   torch::Tensor ov = torch::empty({n}, torch::kFloat32), oi = torch::empty({n}, torch::kInt64);
+  float* pv = ov.data_ptr<float>();
+  int64_t* pi = oi.data_ptr<int64_t>();
   for (int64_t j = 0; j < n; ++j) {
-    ov[j] = vals[order[j]];
-    oi[j] = static_cast<int64_t>(idx[order[j]]);
+    pv[j] = vals[order[j]];
+    pi[j] = static_cast<int64_t>(idx[order[j]]);
   }
   return pybind11::make_tuple(ov, oi, nan, logits ? pybind11::cast(lse) : pybind11::none());
 }

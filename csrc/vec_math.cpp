@@ -354,8 +354,8 @@ __attribute__((always_inline)) static inline uint32_t kth_largest_key(const uint
   return X;
 }
 
-// Keeps the k best of vals/idx[0, n) (n > k; the entries are in increasing index order, and stay
-// so; inlined into each ISA's scan, so the sweeps run at its width): the k-th largest value T
+// Keeps the k best of vals/idx[0, n) (n > k; the entries are in increasing index order, as pass 2
+// gathers them, and stay so; inlined into each ISA's scan, so the sweeps run at its width): the k-th largest value T
 // (kth_largest_key over the ordered bits), then one branch-free compaction keeps the values
 // above T and the lowest-index ties at T. Returns k and sets *thr = T.
 __attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32_t* idx, int64_t n, int64_t k,

@@ -114,16 +114,15 @@ void lattice_row_bwd_f32(const float* next, const float* skip, const float* e, f
 // First index of the maximum of a float row (torch.argmax semantics); *nan set if x has NaN.
 int64_t row_argmax_f32(const float* x, int64_t V, bool* nan);
 
-// The min(k, V) largest values of a row and their indices (ties: the lower index), in one read
-// of the row: a vector compare against a running threshold (the k-th largest value seen so far)
-// sends the few values above it to vals/idx, which are cut back to their k best whenever they
-// fill. The compare is strict: a later value equal to the threshold has a higher index than the
-// k values holding it, so it loses the tie. Values are compared raw (the same order for
-// probabilities, log-probabilities and logits); -inf values enter only when fewer than k values
-// exceed -inf. With lse != nullptr, *lse = log sum_v exp(x[v]) from the same read (online
-// softmax; -inf for an all -inf row, NaN/+inf propagate). vals/idx hold topk_buffer_size(k)
-// entries; the first `returned` are the result, in increasing index order. *nan is set when x
-// holds a NaN.
+// The min(k, V) largest values of a row and their indices (ties: the lower index), unordered.
+// Pass 1 reads the row from memory: the maximum of each of 8W interleaved lanes (W = the ISA's
+// vector width), each chunk's lane maxima, a NaN canary and, with lse != nullptr, *lse =
+// log sum_v exp(x[v]) (online softmax; -inf for an all -inf row, NaN/+inf propagate). The k-th
+// largest lane maximum bounds the k-th value from below, so pass 2 (from cache) gathers only the
+// values reaching it, cutting back to the k best whenever 3k are held. Values are compared raw
+// (the same order for probabilities, log-probabilities and logits); -inf values enter only when
+// fewer than k values exceed -inf. vals/idx hold topk_buffer_size(k) entries; the first
+// `returned` are the result. *nan is set when x holds a NaN (the values are then not filled).
 int64_t topk_buffer_size(int64_t k);
 int64_t row_topk_f32(const float* x, int64_t V, int64_t k, float* vals, int32_t* idx, bool* nan, float* lse);
 
