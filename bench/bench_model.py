@@ -1,6 +1,7 @@
 """Model level: NARVL (one decoder pass) against the autoregressive baseline (one pass per token,
 KV cache), over output length at batch 1 and 32: the paper's Figure 1. And one training step
-with the narvl kernels against the reference backend.
+with the narvl kernels against the same model on plain-torch peers (log_softmax + F.ctc_loss,
+SDPA, ATen linears: ``setups.use_torch_peers``).
 
 Run: python -m pytest bench/bench_model.py --benchmark-json bench/results/model_cpu.json
 Both models: tiny preset (d 256, 4+4 layers, ResNet-50 stages 1-3), 64-px images (16 image
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from setups import (BACKBONE_BATCHES, MODEL_BATCHES, MODEL_IMAGE_SIZE, MODEL_OUT_LENS, backbone_variants,
-                    model_pair, train_inputs)
+                    cpu_model, model_pair, train_inputs, use_torch_peers)
 
 
 @pytest.mark.parametrize("arch", ["narvl", "ar"])
@@ -32,13 +33,19 @@ def test_generate(benchmark, threads, arch, out_len, batch):
         benchmark.pedantic(fn, rounds=10 if batch == 1 else 3, warmup_rounds=1, iterations=1)
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["narvl", "torch"])
 def test_train_step(benchmark, threads, backend, monkeypatch):
-    monkeypatch.setenv("NARVL_BACKEND", backend)
     model, (images, text, targets, lengths) = train_inputs()
+    if backend == "torch":  # the peers compute the same loss (dropout off for the check)
+        with torch.no_grad():
+            want = model.eval()(images, text, targets, lengths).item()
+            use_torch_peers(monkeypatch)
+            got = model(images, text, targets, lengths).item()
+        model.train()
+        assert abs(got - want) <= 1e-4 * abs(want), (got, want)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     benchmark.group = f"train-step-{threads}thr"
-    benchmark.extra_info.update(backend=backend, threads=threads, batch=images.shape[0])
+    benchmark.extra_info.update(backend=backend, threads=threads, batch=images.shape[0], cpu_model=cpu_model())
 
     def step():
         loss = model(images, text, targets, lengths)

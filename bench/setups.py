@@ -2,6 +2,7 @@
 import platform
 
 import torch
+import torch.nn.functional as F
 
 V_OFA = 59458  # OFA's vocabulary + NARVL's blank (narvl-facts.md)
 
@@ -109,6 +110,45 @@ def train_inputs(batch=16, image_size=MODEL_IMAGE_SIZE, seed=0, vocab=V_OFA):
     lengths = torch.randint(4, 15, (batch,), generator=g)
     targets = torch.randint(4, MODEL_VOCAB - 100, (batch, 14), generator=g)
     return model, (images, text, targets, lengths)
+
+
+def torch_qctc_loss(logits, targets, target_lengths, *, blank, label_smoothing=0.0, weights=None,
+                    zero_infinity=True):
+    """The peer of ``narvl.qctc_loss`` in plain torch: log_softmax in float32 + F.ctc_loss over
+    the query axis, mean reduction, label smoothing as NARVL's."""
+    lp = logits.float().log_softmax(-1)
+    B, N, _ = lp.shape
+    nll = F.ctc_loss(lp.transpose(0, 1), targets, torch.full((B,), N, dtype=torch.long), target_lengths,
+                     blank=blank, reduction="none", zero_infinity=zero_infinity)
+    loss = nll / target_lengths.clamp_min(1)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * lp.mean((1, 2))
+    if weights is not None:
+        loss = loss * weights
+    return loss.mean()
+
+
+def torch_query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
+    """The peer of ``narvl.query_attention`` in plain torch: SDPA with the key padding and the
+    bias in one float mask."""
+    mask = torch.zeros(q.shape[0], 1, 1, k.shape[2], dtype=q.dtype)
+    if key_lengths is not None:
+        pad = torch.arange(k.shape[2])[None, :] >= key_lengths[:, None]
+        mask = mask.masked_fill(pad[:, None, None, :], float("-inf"))
+    if attn_bias is not None:
+        mask = mask + attn_bias
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def use_torch_peers(monkeypatch):
+    """Swaps the model layer's Q-CTC and attention for their plain-torch peers and keeps every
+    linear on ATen (NARVL_CPU_FASTPATH=0): the model as a plain-PyTorch NARVL would run it."""
+    import narvl.models.layers
+    import narvl.models.narvl
+
+    monkeypatch.setenv("NARVL_CPU_FASTPATH", "0")
+    monkeypatch.setattr(narvl.models.narvl, "qctc_loss", torch_qctc_loss)
+    monkeypatch.setattr(narvl.models.layers, "query_attention", torch_query_attention)
 
 
 # Linear layers of the tiny model (d 256, FFN 1024) at the row counts inference sees: one AR

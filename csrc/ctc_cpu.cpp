@@ -14,7 +14,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -532,11 +532,15 @@ Tensor ctc_bwd_cpu(const Tensor& grad_nll, const Tensor& lp_in, const Tensor& em
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(narvl, CPU, m) {
-  m.impl("qctc_fwd", &qctc_fwd_cpu);
-  m.impl("qctc_bwd", &qctc_bwd_cpu);
-  m.impl("ctc_fwd", &ctc_fwd_cpu);
-  m.impl("ctc_bwd", &ctc_bwd_cpu);
+// The CPU kernels of narvl::{qctc,ctc}_{fwd,bwd}. narvl/ops/ctc.py registers them on the ops
+// (one CPU kernel that also serves NARVL_BACKEND=triton under the interpreter); they run without
+// the GIL.
+void register_ctc_kernels(pybind11::module_& m) {
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("qctc_fwd", &qctc_fwd_cpu, nogil);
+  m.def("qctc_bwd", &qctc_bwd_cpu, nogil);
+  m.def("ctc_fwd", &ctc_fwd_cpu, nogil);
+  m.def("ctc_bwd", &ctc_bwd_cpu, nogil);
 }
 
 }  // namespace narvl

@@ -4,7 +4,7 @@
 // language-model decoder of beam_decoder.cpp). Samples run in parallel; results are
 // deterministic for any thread count.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -112,9 +112,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> beam_cpu(const Tensor& scores_in, con
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(narvl, CPU, m) {
-  m.impl("ctc_greedy_decode", &greedy_cpu);
-  m.impl("ctc_beam_search", &beam_cpu);
+// The CPU kernels of narvl::ctc_greedy_decode / ctc_beam_search, registered on the ops by
+// narvl/ops/decode.py; they run without the GIL.
+void register_decode_kernels(pybind11::module_& m) {
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("ctc_greedy_decode", &greedy_cpu, nogil);
+  m.def("ctc_beam_search", &beam_cpu, nogil);
 }
 
 }  // namespace narvl

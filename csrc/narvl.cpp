@@ -1,6 +1,6 @@
-// The one schema block of the narvl operator library. Per-device implementations live in
-// their own files (ctc_cpu.cpp for CPU; CUDA implementations are Triton kernels registered
-// from Python). narvl/_schema.py mirrors these strings for builds without this extension and
+// The one schema block of the narvl operator library. The kernels live in their own files
+// (ctc_cpu.cpp, decode_cpu.cpp for CPU; Triton for CUDA) and are registered on the ops from
+// Python (narvl/ops/*.py), one kernel per device. narvl/_schema.py mirrors these strings for builds without this extension and
 // tests/test_schema.py checks that the two agree.
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -50,6 +50,8 @@ TORCH_LIBRARY(narvl, m) {
 
 namespace narvl {
 void register_beam_decoder(pybind11::module_& m);  // beam_decoder.cpp
+void register_ctc_kernels(pybind11::module_& m);   // ctc_cpu.cpp
+void register_decode_kernels(pybind11::module_& m);  // decode_cpu.cpp
 
 // The beam search's per-frame top-k (vec_math.h) on one float32 row, for the tests: (values
 // (min(k, V),) best first, ties to the lower index, indices int64, NaN flag, log-sum-exp or None).
@@ -81,7 +83,9 @@ static pybind11::tuple row_topk(const torch::Tensor& row, int64_t k, bool logits
 }  // namespace narvl
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "narvl native CPU kernels (operators are registered under torch.ops.narvl)";
+  m.doc() = "narvl native CPU kernels (registered on the torch.ops.narvl operators by narvl.ops)";
+  narvl::register_ctc_kernels(m);
+  narvl::register_decode_kernels(m);
   narvl::register_beam_decoder(m);
   m.def("_row_topk", &narvl::row_topk, "test hook: the CPU beam search's frame top-k on one row");
 }

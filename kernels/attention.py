@@ -263,7 +263,8 @@ def _last_contig(x):
 
 
 def attention_fwd(q, k, v, key_lengths, bias, scale, num_splits=None):
-    """-> (out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32)."""
+    """-> (out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32; float64 for float64 q, as the
+    op's fake kernel says; only the interpreter takes float64, and accumulates in float32)."""
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -299,7 +300,7 @@ def attention_fwd(q, k, v, key_lengths, bias, scale, num_splits=None):
             po, pm, pl, out, lse, out.stride(0), out.stride(1), out.stride(2), H, Lq, D, num_splits,
             BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
             num_warps=4)
-    return out, lse
+    return out, (lse.double() if q.dtype == torch.float64 else lse)
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, key_lengths, bias, scale, bias_grad):
@@ -320,7 +321,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, key_lengths, bias, scale, bias_gr
     want_ds = bias_t is not None and bias_grad
     ds = torch.empty(B, H, Lq, Lk, dtype=torch.float32, device=dev) if want_ds else lse
     lens = key_lengths.to(device=dev, dtype=torch.int64).contiguous()
-    lse = lse.contiguous()
+    lse = lse.float().contiguous()
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), *sb, H, Lq, Lk, D, float(scale))
     bias_arg = q if bias_t is None else bias_t

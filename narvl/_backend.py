@@ -1,13 +1,18 @@
 """Backend selection and the native extension.
 
-``NARVL_BACKEND`` (read at every call) picks the implementation:
+Every narvl op has one route: the functional API validates its input and calls the registered
+operator (``torch.ops.narvl.*``), whose kernel for the tensors' device does the work.
+``NARVL_BACKEND`` (read at every call) picks that kernel:
 
-* ``auto`` (default): CUDA tensors -> Triton kernels, CPU tensors -> C++ kernels (``narvl._C``);
-  when the native build is absent, CPU calls fall back to the PyTorch reference with a warning.
-* ``cpp``: the C++ kernels; CPU tensors only; a clear error if ``narvl._C`` was not built.
-* ``triton``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (the
-  interpreter, used by the test suite), otherwise a clear error.
-* ``reference``: the pure-PyTorch float64 reference (slow; for checking).
+* ``auto`` (default): CUDA tensors -> Triton kernels, CPU tensors -> C++ kernels (``narvl._C``;
+  the attention's CPU kernel is ATen). A CPU op that needs ``narvl._C`` fails loudly with the
+  install command when the native build is absent.
+* ``cpp``: the C++ kernels; CPU tensors only.
+* ``triton``: the Triton kernels, through the same registered ops; on CPU tensors only under
+  ``TRITON_INTERPRET=1`` (the interpreter: anyone can check the Triton path without a GPU),
+  otherwise a clear error.
+
+The float64 references in ``narvl.reference`` are test oracles, not a backend: call them directly.
 
 ``NARVL_CPU_FASTPATH=0`` turns off the CPU fast paths that call torch's private oneDNN ops
 (``narvl.ops.linear``'s fused matmul, the packed ResNet): everything then runs on ATen. A fast
@@ -32,7 +37,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "cpp", "triton", "reference")
+BACKENDS = ("auto", "cpp", "triton")
 
 _native_error: str | None = None
 try:  # registers torch.ops.narvl.* and their CPU kernels
@@ -72,53 +77,44 @@ def interpret_mode() -> bool:
 
 def requested_backend() -> str:
     name = os.environ.get("NARVL_BACKEND", "auto").strip().lower() or "auto"
+    if name == "reference":
+        raise ValueError("NARVL_BACKEND=reference is not a backend: the float64 references in "
+                         "narvl.reference are test oracles; call them directly "
+                         "(e.g. narvl.reference.qctc_loss_reference)")
     if name not in BACKENDS:
         raise ValueError(f"NARVL_BACKEND={name!r} is not one of {BACKENDS}")
     return name
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_no_native() -> None:
-    warnings.warn(
-        "narvl: the native extension narvl._C is not built "
-        f"({_native_error}); CPU calls use the slow PyTorch reference. "
-        "Build it with `pip install --no-build-isolation -e .`.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
 def resolve(device: torch.device) -> str:
-    """The backend that serves a call on ``device``: 'cpp', 'triton' or 'reference'."""
+    """The kernels that serve a call on ``device``: 'cpp' (CPU: narvl._C, or ATen where an op
+    has no C++ kernel) or 'triton'."""
     name = requested_backend()
     dev = device.type
+    if dev not in ("cpu", "cuda"):
+        raise ValueError(f"narvl runs on CPU and CUDA tensors, got a {dev} tensor")
     if name == "auto":
-        if dev == "cuda":
-            return "triton"
-        if dev == "cpu":
-            if NATIVE:
-                return "cpp"
-            _warn_no_native()
-        return "reference"
+        return "triton" if dev == "cuda" else "cpp"
     if name == "cpp":
         if dev != "cpu":
             raise ValueError(f"NARVL_BACKEND=cpp runs on CPU tensors only, got a {dev} tensor")
-        if not NATIVE:
-            raise RuntimeError(
-                "NARVL_BACKEND=cpp needs the native extension narvl._C, which is not built "
-                f"({_native_error}); install with `pip install --no-build-isolation -e .`"
-            )
+        native_module("NARVL_BACKEND=cpp")
         return "cpp"
-    if name == "triton":
-        if dev == "cpu" and not interpret_mode():
-            raise RuntimeError(
-                "NARVL_BACKEND=triton on CPU tensors needs the Triton interpreter: set "
-                "TRITON_INTERPRET=1 before the first narvl call, or use CUDA tensors"
-            )
-        if dev not in ("cpu", "cuda"):
-            raise ValueError(f"NARVL_BACKEND=triton does not run on {dev} tensors")
-        return "triton"
-    return "reference"
+    if dev == "cpu" and not interpret_mode():
+        raise RuntimeError(
+            "NARVL_BACKEND=triton on CPU tensors needs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before the first narvl call, or use CUDA tensors"
+        )
+    return "triton"
+
+
+def kernels(device: torch.device, module: str, feature: str):
+    """The kernel module that serves a narvl op on ``device``: ``narvl.kernels.<module>`` (Triton:
+    CUDA, or CPU under NARVL_BACKEND=triton with the interpreter) or ``narvl._C`` (CPU; fails
+    loudly, naming ``feature``, without the native build)."""
+    if resolve(device) == "triton":
+        return getattr(triton_kernels(), module)
+    return native_module(feature)
 
 
 def triton_kernels():

@@ -25,7 +25,7 @@ DEFAULT_HOTWORD_WEIGHT = 10.0  # pyctcdecode's
 def _native_checked(probs, fn):
     """Runs a native decoder call on CPU ``probs``: the C++ row scan reports NaN, which
     ``_run_checked`` turns into a ValueError naming ``probs``."""
-    return _run_checked("op", "probs", probs, fn)
+    return _run_checked("probs", fn)
 
 
 class CTCBeamDecoder:

@@ -134,15 +134,16 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda q, k, v, b: narvl.query_attention(q, k, v, kl, b), ins)
 
 
-def test_opcheck():
-    q, k, v, kl, b = make(2, 2, 3, 7, 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(backend, dtype):
+    q, k, v, kl, b = make(2, 2, 3, 7, 8, dtype=dtype)
     ins = [x.clone().requires_grad_(True) for x in (q, k, v)]
     torch.library.opcheck(torch.ops.narvl.query_attention_fwd.default,
                           (*ins, kl, b.clone().requires_grad_(True), 0.35))
     torch.library.opcheck(torch.ops.narvl.query_attention_fwd.default, (*ins, kl, None, 0.35))
     out, lse = torch.ops.narvl.query_attention_fwd(q, k, v, kl, b, 0.35)
     torch.library.opcheck(torch.ops.narvl.query_attention_bwd.default,
-                          (torch.randn(q.shape), q, k, v, out, lse, kl, b, 0.35, True))
+                          (torch.randn(q.shape, dtype=dtype), q, k, v, out, lse, kl, b, 0.35, True))
 
 
 @pytest.mark.parametrize("kw, exc, word", [

@@ -161,7 +161,7 @@ def test_decoder_bad_config():
         narvl.ctc_greedy_decode(torch.randn(0, 3, 4))
 
 
-def test_decode_opcheck():
+def test_decode_opcheck(backend):
     lp, L = case(3, 6, 5, lengths=[6, 3, 0])
     torch.library.opcheck(torch.ops.narvl.ctc_greedy_decode.default, (lp, L, 0))
     torch.library.opcheck(torch.ops.narvl.ctc_beam_search.default,

@@ -69,8 +69,8 @@ def test_route_rules():
 
 
 @needs_onednn
-def test_reference_backend_uses_aten(monkeypatch):
-    monkeypatch.setenv("NARVL_BACKEND", "reference")
+def test_fastpath_switch_uses_aten(monkeypatch):
+    monkeypatch.setenv("NARVL_CPU_FASTPATH", "0")
     with torch.no_grad():
         assert lin._onednn_route(torch.randn(8, 8), torch.randn(4, 8), None) is None
 

@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import narvl
+import narvl.models.layers
+import narvl.models.narvl
+from narvl.reference import qctc_loss_reference, query_attention_reference
 from narvl.models import (ARBaseline, NARVL, NARVLConfig, PRESETS, enable_peft, prepare_for_inference,
                           trainable_fraction)
 from narvl.models.resnet import ResNetStages, fold_batchnorm_, mkldnn_fusion_available, pack_for_cpu_
@@ -156,8 +159,8 @@ def test_narvl_loss_is_qctc_of_its_logits_and_backprops():
     loss = m(images, text, targets, lengths, weights=w)
     logits = m.logits(images, text)
     assert logits.shape == (3, cfg.num_queries, cfg.vocab_size)
-    expect = narvl.reference.qctc_loss_reference(logits.double(), targets, lengths, blank=cfg.blank_id,
-                                                 label_smoothing=0.1, weights=w.double())
+    expect = qctc_loss_reference(logits.double(), targets, lengths, blank=cfg.blank_id,
+                                 label_smoothing=0.1, weights=w.double())
     torch.testing.assert_close(loss.double(), expect, rtol=1e-5, atol=1e-5)
     loss.backward()
     for name in ("decoder.query_embed.weight", "embed_tokens.weight", "encoder.image_proj.weight",
@@ -170,21 +173,37 @@ def test_narvl_loss_is_qctc_of_its_logits_and_backprops():
 
 
 @pytest.mark.parametrize("arch", [NARVL, ARBaseline])
-def test_kernel_backend_matches_reference_backend(arch, monkeypatch, backend):
+def test_kernel_backend_matches_the_reference_oracles(arch, monkeypatch, backend):
+    """The whole model (loss and every parameter's gradient) on the kernels against the same model
+    with the attention and the loss swapped for the float64 oracles of narvl.reference."""
     cfg = small_cfg()
     torch.manual_seed(0)
     m = arch(cfg).double()
     images, text, targets, lengths = inputs(cfg)
     images = images.double()
-    out = {}
-    for be in (backend, "reference"):
-        monkeypatch.setenv("NARVL_BACKEND", be)
+
+    def run():
         m.zero_grad()
         loss = m(images, text, targets, lengths)
         loss.backward()
-        out[be] = (loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
-    torch.testing.assert_close(out[backend][0], out["reference"][0], rtol=1e-6, atol=1e-8)
-    for a, b in zip(out[backend][1], out["reference"][1]):
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    got = run()
+    calls = []
+
+    def counted(fn):
+        def call(*args, **kw):
+            calls.append(fn.__name__)
+            return fn(*args, **kw)
+        return call
+    monkeypatch.setattr(narvl.models.layers, "query_attention", counted(query_attention_reference))
+    monkeypatch.setattr(narvl.models.narvl, "qctc_loss", counted(qctc_loss_reference))
+    want = run()
+    assert "query_attention_reference" in calls  # the oracles did replace the kernels
+    assert ("qctc_loss_reference" in calls) == (arch is NARVL)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-8)
+    assert len(got[1]) == len(want[1])
+    for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -1,8 +1,9 @@
 """Learnable-query attention: ops, autograd, CPU path, functional API.
 
 Layers: Triton kernels (kernels/attention.py) -> ops ``torch.ops.narvl.query_attention_fwd/bwd``
-(CUDA: Triton; CPU: the same math in ATen matmuls, registered here) -> ``query_attention``
-(validation, backend choice) -> ``narvl.nn.QueryDecoderLayer``.
+(CUDA: Triton; CPU: the same math in ATen matmuls, or Triton under NARVL_BACKEND=triton with
+TRITON_INTERPRET=1; registered here) -> ``query_attention`` (validation) ->
+``narvl.nn.QueryDecoderLayer``.
 
 On CPU the functional path picks what measured faster (bench/bench_attention.py): the op's
 explicit CPU kernel when training with short key axes (self-attention among the queries), torch's
@@ -15,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _library  # noqa: F401
-from ..reference.attention import query_attention_reference
 
 _OPS = torch.ops.narvl
 _CPU_OP_MAX_KEYS = 128
@@ -57,14 +57,9 @@ def _tk():
     return _backend.triton_kernels().attention
 
 
-@torch.library.register_kernel("narvl::query_attention_fwd", "cuda")
-def _fwd_cuda(q, k, v, key_lengths, attn_bias, scale):
-    return _tk().attention_fwd(q, k, v, key_lengths, attn_bias, scale)
-
-
-@torch.library.register_kernel("narvl::query_attention_bwd", "cuda")
-def _bwd_cuda(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias_grad):
-    return _tk().attention_bwd(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias_grad)
+def _triton(x):
+    """Whether the Triton kernels serve x's device (CUDA, or CPU under the interpreter)."""
+    return _backend.resolve(x.device) == "triton"
 
 
 def _acc(x):
@@ -79,16 +74,20 @@ def _cpu_probs(q, k, key_lengths, attn_bias, scale):
     return s.masked_fill(~keep[:, None, None, :], float("-inf"))
 
 
-@torch.library.register_kernel("narvl::query_attention_fwd", "cpu")
-def _fwd_cpu(q, k, v, key_lengths, attn_bias, scale):
+@torch.library.register_kernel("narvl::query_attention_fwd", ("cpu", "cuda"))
+def _fwd_kernel(q, k, v, key_lengths, attn_bias, scale):
+    if _triton(q):
+        return _tk().attention_fwd(q, k, v, key_lengths, attn_bias, scale)
     s = _cpu_probs(q, k, key_lengths, attn_bias, scale)
     lse = torch.logsumexp(s, -1)
     out = torch.matmul(torch.exp(s - lse[..., None]), _acc(v))
     return out.to(q.dtype), lse
 
 
-@torch.library.register_kernel("narvl::query_attention_bwd", "cpu")
-def _bwd_cpu(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias_grad):
+@torch.library.register_kernel("narvl::query_attention_bwd", ("cpu", "cuda"))
+def _bwd_kernel(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias_grad):
+    if _triton(q):
+        return _tk().attention_bwd(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias_grad)
     p = torch.exp(_cpu_probs(q, k, key_lengths, attn_bias, scale) - _acc(lse)[..., None])
     do = _acc(grad_out)
     dv = torch.matmul(p.transpose(-1, -2), do)
@@ -101,24 +100,6 @@ def _bwd_cpu(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias_gr
     else:
         db = q.new_empty(0)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db
-
-
-class _TritonOnCPU(torch.autograd.Function):
-    """NARVL_BACKEND=triton on CPU tensors (Triton interpreter): the same kernels."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_lengths, attn_bias, scale):
-        out, lse = _tk().attention_fwd(q, k, v, key_lengths, attn_bias, scale)
-        ctx.save_for_backward(q, k, v, out, lse, key_lengths, attn_bias)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        q, k, v, out, lse, kl, bias = ctx.saved_tensors
-        want = bias is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, db = _tk().attention_bwd(g.contiguous(), q, k, v, out, lse, kl, bias, ctx.scale, want)
-        return dq, dk, dv, None, (db if want else None), None
 
 
 def _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full_lengths):
@@ -199,20 +180,14 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
         if q.dtype == torch.float64 and q.device.type == "cuda":  # the interpreter takes it
             raise ValueError("float64 attention is not supported by the GPU kernels (its tiles exceed "
                              "sm_80's shared memory); use float32, bfloat16 or float16")
-    if backend == "reference":
-        return query_attention_reference(q, k, v, key_lengths, attn_bias, scale).to(q.dtype)
-    if q.device.type == "cpu":
-        if backend == "triton":
-            return _TritonOnCPU.apply(q, k, v, key_lengths, attn_bias, scale)
+    if backend == "cpp":
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, attn_bias))
-        # Training with short keys: the op's explicit kernel (fwd + bwd) is faster. Inference,
+        # Training with short keys: the op's explicit CPU kernel (fwd + bwd) is faster. Inference,
         # or long keys: SDPA (2-3.5x faster forward at the NARVL shapes, batch 1 to 16).
-        if needs_grad and Lk <= _CPU_OP_MAX_KEYS:
-            out, _ = _OPS.query_attention_fwd(q, k, v, key_lengths, attn_bias, scale)
-            return out
-        return _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full)
+        if not (needs_grad and Lk <= _CPU_OP_MAX_KEYS):
+            return _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full)
     out, _ = _OPS.query_attention_fwd(q, k, v, key_lengths, attn_bias, scale)
     return out

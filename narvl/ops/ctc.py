@@ -1,8 +1,9 @@
 """CTC and Q-CTC: op registration, autograd, and the drop-in functional APIs.
 
 Layers: kernels (csrc/ctc_cpu.cpp, kernels/ctc.py) -> ops ``torch.ops.narvl.{qctc,ctc}_{fwd,bwd}``
-(registered here: fake tensors, autograd, the CUDA kernel) -> ``qctc_loss`` / ``ctc_loss``
-(validation, backend choice, reduction) -> ``narvl.nn.QCTCLoss`` / ``narvl.nn.CTCLoss``.
+(registered here: fake tensors, autograd, one kernel per device that ``NARVL_BACKEND`` points at
+Triton or C++) -> ``qctc_loss`` / ``ctc_loss`` (validation, reduction) -> ``narvl.nn.QCTCLoss`` /
+``narvl.nn.CTCLoss``. Every call takes the registered op, whatever the backend.
 
 The forward ops return per-sample terms: ``nll_b`` (CTC negative log-likelihood) and, for
 Q-CTC, ``smooth_b = mean_{n < N_b, v} log_softmax(logits)[b, n, v]``; the reduction is plain
@@ -13,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _library  # noqa: F401  (_library defines the schemas if needed)
-from ..reference import ctc as ref
 
 _OPS = torch.ops.narvl
 
@@ -93,148 +93,32 @@ torch.library.register_autograd("narvl::qctc_fwd", _qctc_backward, setup_context
 torch.library.register_autograd("narvl::ctc_fwd", _ctc_backward, setup_context=_ctc_setup)
 
 # --------------------------------------------------------------------- per-device kernels
-# CUDA -> Triton. CPU -> C++ (csrc/ctc_cpu.cpp, registered by narvl._C); without the native
-# build, CPU -> the float64 reference (slow but exact), so the ops exist everywhere.
+# CUDA -> Triton; CPU -> C++ (narvl._C), or Triton under NARVL_BACKEND=triton + TRITON_INTERPRET=1.
 
 
-def _tk():
-    return _backend.triton_kernels().ctc
+def _kernels(x):
+    return _backend.kernels(x.device, "ctc", "narvl's CPU CTC kernels")
 
 
-@torch.library.register_kernel("narvl::qctc_fwd", "cuda")
-def _qctc_fwd_cuda(logits, targets, target_lengths, query_lengths, blank):
-    return _tk().qctc_fwd(logits, targets, target_lengths, query_lengths, blank)
+@torch.library.register_kernel("narvl::qctc_fwd", ("cpu", "cuda"))
+def _qctc_fwd_kernel(logits, targets, target_lengths, query_lengths, blank):
+    return _kernels(logits).qctc_fwd(logits, targets, target_lengths, query_lengths, blank)
 
 
-@torch.library.register_kernel("narvl::qctc_bwd", "cuda")
-def _qctc_bwd_cuda(grad_nll, grad_smooth, logits, lse, em, targets, tl, ql, blank):
-    return _tk().qctc_bwd(grad_nll, grad_smooth, logits, lse, em, targets, tl, ql, blank)
+@torch.library.register_kernel("narvl::qctc_bwd", ("cpu", "cuda"))
+def _qctc_bwd_kernel(grad_nll, grad_smooth, logits, lse, em, targets, tl, ql, blank):
+    return _kernels(logits).qctc_bwd(grad_nll, grad_smooth, logits, lse, em, targets, tl, ql, blank)
 
 
-@torch.library.register_kernel("narvl::ctc_fwd", "cuda")
-def _ctc_fwd_cuda(log_probs, targets, input_lengths, target_lengths, blank):
-    return _tk().ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank)
+@torch.library.register_kernel("narvl::ctc_fwd", ("cpu", "cuda"))
+def _ctc_fwd_kernel(log_probs, targets, input_lengths, target_lengths, blank):
+    return _kernels(log_probs).ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank)
 
 
-@torch.library.register_kernel("narvl::ctc_bwd", "cuda")
-def _ctc_bwd_cuda(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
-    return _tk().ctc_bwd(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank)
-
-
-def _slot_columns(targets, target_lengths, blank, vocab):
-    """(cols (B, S+1), live (B, S+1)): the column of each slot and whether the slot is used."""
-    B, S = targets.shape
-    cols = torch.cat([targets.long().clamp(0, vocab - 1), torch.full((B, 1), blank)], 1)
-    live = torch.cat([torch.arange(S)[None, :] < target_lengths.long()[:, None],
-                      torch.ones(B, 1, dtype=torch.bool)], 1)
-    return cols, live
-
-
-def _slot_emissions(lp, targets, target_lengths, lengths, blank):
-    """em (B, T, S+1) gathered from lp (B, T, C); -inf on unused slots and frames."""
-    B, T, C = lp.shape
-    cols, live = _slot_columns(targets, target_lengths, blank, C)
-    em = lp.gather(2, cols[:, None, :].expand(B, T, -1))
-    rows = torch.arange(T)[None, :] < lengths.long()[:, None]
-    return torch.where(live[:, None, :] & rows[..., None], em, float("-inf"))
-
-
-def _posteriors_from_em(em, targets, lengths, target_lengths, blank):
-    """Column posteriors (B, T, S+1) from slot emissions, through the float64 reference."""
-    B, T, K = em.shape
-    # a log-prob table whose label/blank columns are the emissions (other columns never read)
-    live_labels = torch.where(_slot_columns(targets, target_lengths, blank, 1)[1][:, :-1], targets, 0)
-    C = max(int(live_labels.max()) if live_labels.numel() else 0, blank) + 1
-    cols, live = _slot_columns(targets, target_lengths, blank, C)
-    lp = torch.full((B, T, C), float("-inf"), dtype=torch.float64)
-    lp = lp.scatter(2, torch.where(live, cols, blank)[:, None, :].expand(B, T, -1),
-                    torch.where(live[:, None, :], em.double(), em.double()[..., -1:]))
-    _, post = ref.column_posteriors(lp, targets, lengths, target_lengths, blank)
-    return post
-
-
-def _qctc_fwd_ref(logits, targets, target_lengths, query_lengths, blank):
-    B, N, V = logits.shape
-    lp = torch.log_softmax(logits.double(), -1)
-    nll = ref.ctc_nll_reference(lp, targets, query_lengths, target_lengths, blank)
-    rows = torch.arange(N)[None, :] < query_lengths.long()[:, None]
-    smooth = (lp.sum(-1) * rows).sum(1) / (query_lengths.long().clamp_min(1) * V)
-    lse = torch.where(rows, torch.logsumexp(logits.double(), -1), 0.0)
-    em = _slot_emissions(lp, targets, target_lengths, query_lengths, blank)
-    dt = _float_out(logits.dtype)
-    return nll.to(dt), smooth.to(dt), lse.to(dt), em.to(dt)
-
-
-def _qctc_bwd_ref(grad_nll, grad_smooth, logits, lse, em, targets, tl, ql, blank):
-    B, N, V = logits.shape
-    post = _posteriors_from_em(em, targets, ql, tl, blank)
-    x = logits.double()
-    sm = torch.exp(x - lse.double()[..., None])
-    nb = ql.long().clamp_min(1).double()[:, None, None]
-    gn = grad_nll.double()[:, None, None]
-    gs = grad_smooth.double()[:, None, None]
-    grad = (gn - gs / nb) * sm + gs / (nb * V)
-    cols, live = _slot_columns(targets, tl, blank, V)
-    idx = cols[:, None, :].expand(B, N, -1)
-    # duplicate labels carry the same column total, so overwriting by scatter is exact
-    p = torch.where((gn != 0) & live[:, None, :], gn * post, 0.0)
-    grad = grad.scatter(2, idx, grad.gather(2, idx) - p)
-    rows = torch.arange(N)[None, :] < ql.long()[:, None]
-    return torch.where(rows[..., None], grad, 0.0).to(logits.dtype)
-
-
-def _ctc_fwd_ref(log_probs, targets, input_lengths, target_lengths, blank):
-    lp = log_probs.transpose(0, 1).double()
-    nll = ref.ctc_nll_reference(lp, targets, input_lengths, target_lengths, blank)
-    em = _slot_emissions(lp, targets, target_lengths, input_lengths, blank)
-    dt = _float_out(log_probs.dtype)
-    return nll.to(dt), em.to(dt)
-
-
-def _ctc_bwd_ref(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
-    T, B, C = log_probs.shape
-    post = _posteriors_from_em(em, targets, input_lengths, target_lengths, blank)
-    cols, live = _slot_columns(targets, target_lengths, blank, C)
-    gn = grad_nll.double()[:, None, None]
-    val = torch.where(live[:, None, :] & (gn != 0), -gn * post, 0.0)  # (B, T, K)
-    g = torch.zeros(B, T, C, dtype=torch.float64).scatter(2, cols[:, None, :].expand(B, T, -1), val)
-    return g.transpose(0, 1).contiguous().to(log_probs.dtype)
-
-
-if not _backend.NATIVE:
-    torch.library.register_kernel("narvl::qctc_fwd", "cpu", _qctc_fwd_ref)
-    torch.library.register_kernel("narvl::qctc_bwd", "cpu", _qctc_bwd_ref)
-    torch.library.register_kernel("narvl::ctc_fwd", "cpu", _ctc_fwd_ref)
-    torch.library.register_kernel("narvl::ctc_bwd", "cpu", _ctc_bwd_ref)
-
-
-class _TritonOnCPU(torch.autograd.Function):
-    """NARVL_BACKEND=triton on CPU tensors (Triton interpreter): same kernels, same formulas."""
-
-    @staticmethod
-    def forward(ctx, kind, x, targets, lengths, target_lengths, blank):
-        k = _tk()
-        if kind == "qctc":
-            nll, smooth, lse, em = k.qctc_fwd(x, targets, target_lengths, lengths, blank)
-            ctx.save_for_backward(x, lse, em, targets, target_lengths, lengths)
-        else:
-            nll, em = k.ctc_fwd(x, targets, lengths, target_lengths, blank)
-            smooth = nll.new_zeros(nll.shape)
-            ctx.save_for_backward(x, em, targets, lengths, target_lengths)
-        ctx.kind, ctx.blank = kind, blank
-        return nll, smooth
-
-    @staticmethod
-    def backward(ctx, g_nll, g_smooth):
-        k = _tk()
-        if ctx.kind == "qctc":
-            x, lse, em, targets, tl, ql = ctx.saved_tensors
-            g = k.qctc_bwd(g_nll.contiguous(), g_smooth.contiguous(), x, lse, em, targets, tl, ql,
-                           ctx.blank)
-        else:
-            x, em, targets, il, tl = ctx.saved_tensors
-            g = k.ctc_bwd(g_nll.contiguous(), x, em, targets, il, tl, ctx.blank)
-        return None, g, None, None, None, None
+@torch.library.register_kernel("narvl::ctc_bwd", ("cpu", "cuda"))
+def _ctc_bwd_kernel(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
+    return _kernels(log_probs).ctc_bwd(grad_nll, log_probs, em, targets, input_lengths, target_lengths,
+                                       blank)
 
 
 # --------------------------------------------------------------------------------- validation
@@ -363,25 +247,21 @@ def ctc_min_frames(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch
 
 
 
-def _run(kind, x, targets, lengths, target_lengths, blank):
-    """Per-sample (nll, smooth) from the backend chosen for x's device."""
-    backend = _backend.resolve(x.device)
-    if backend == "reference":
-        if kind == "qctc":
-            nll, smooth = ref.qctc_terms_reference(x, targets, target_lengths, lengths, blank)
-        else:
-            nll = ref.ctc_nll_reference(x.transpose(0, 1), targets, lengths, target_lengths, blank)
-            smooth = None
-        dt = _float_out(x.dtype)
-        return nll.to(dt), (None if smooth is None else smooth.to(dt))
-    if backend == "triton" and x.device.type == "cpu":
-        nll, smooth = _TritonOnCPU.apply(kind, x, targets, lengths, target_lengths, blank)
-        return nll, (smooth if kind == "qctc" else None)
-    if kind == "qctc":
-        nll, smooth, _, _ = _OPS.qctc_fwd(x, targets, target_lengths, lengths, blank)
-        return nll, smooth
-    nll, _ = _OPS.ctc_fwd(x, targets, lengths, target_lengths, blank)
-    return nll, None
+def _reduce(nll, smooth, target_lengths, reduction, zero_infinity, label_smoothing, weights):
+    """The loss from per-sample terms (B,): loss_b = w_b * ((1 - eps) * c_b - eps * smooth_b) with
+    c_b = nll_b ('none', 'sum') or nll_b / max(L_b, 1) ('mean', then averaged over the batch);
+    infinite nll_b -> 0 under ``zero_infinity``."""
+    if zero_infinity:
+        nll = nll.masked_fill(torch.isinf(nll), 0.0)
+    if reduction == "mean":
+        nll = nll / target_lengths.clamp_min(1).to(nll.dtype)
+    eps = float(label_smoothing)
+    loss = nll if eps == 0.0 else (1.0 - eps) * nll - eps * smooth
+    if weights is not None:
+        loss = loss * weights.to(loss.dtype)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
 
 
 def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, reduction="mean",
@@ -438,8 +318,9 @@ def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, r
             *_label_checks(targets, tl_, V, blank)])
     _check_finite_input(logits, "logits")
     targets = targets.long()
-    nll, smooth = _run("qctc", logits, targets, ql, tl_, blank)
-    return ref._reduce(nll, smooth, tl_, reduction, zero_infinity, eps, weights)
+    _backend.resolve(logits.device)  # a clear error for a backend that cannot serve this device
+    nll, smooth, _, _ = _OPS.qctc_fwd(logits, targets, tl_, ql, blank)
+    return _reduce(nll, smooth, tl_, reduction, zero_infinity, eps, weights)
 
 
 def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean",
@@ -488,8 +369,9 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
             *_label_checks(targets, tl_, C, blank)])
     _check_finite_input(log_probs, "log_probs")
     targets = targets.long()
-    nll, _ = _run("ctc", log_probs, targets, il, tl_, blank)
-    loss = ref._reduce(nll, None, tl_, reduction, zero_infinity, 0.0, None)
+    _backend.resolve(log_probs.device)
+    nll, _ = _OPS.ctc_fwd(log_probs, targets, il, tl_, blank)
+    loss = _reduce(nll, None, tl_, reduction, zero_infinity, 0.0, None)
     if unbatched and reduction == "none":
         loss = loss[0]
     return loss.to(log_probs.dtype)

@@ -1,8 +1,9 @@
 """CTC decoding: greedy and prefix beam search (the drop-in decoders are narvl/decoder.py).
 
-Layers: kernels (csrc/decode_cpu.cpp; kernels/decode.py on CUDA) -> ops
-``torch.ops.narvl.ctc_greedy_decode`` / ``ctc_beam_search`` (fake + CUDA registrations here) ->
-``ctc_greedy_decode`` / ``ctc_prefix_beam_search`` -> ``narvl.CTCBeamDecoder``.
+Layers: kernels (csrc/decode_cpu.cpp; kernels/decode.py on CUDA, and on CPU under
+NARVL_BACKEND=triton with TRITON_INTERPRET=1) -> ops ``torch.ops.narvl.ctc_greedy_decode`` /
+``ctc_beam_search`` (fake + per-device kernels registered here) -> ``ctc_greedy_decode`` /
+``ctc_prefix_beam_search`` -> ``narvl.CTCBeamDecoder``.
 
 Scores are batch-first (B, T, V): log-probabilities, probabilities or raw logits (``input=``);
 the beam search normalises logits in the same scan as its top-k (no separate log-softmax pass),
@@ -16,7 +17,6 @@ from typing import NamedTuple
 import torch
 
 from .. import _backend, _library  # noqa: F401
-from ..reference import decode as ref
 
 _OPS = torch.ops.narvl
 
@@ -36,27 +36,29 @@ def _beam_fake(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nb
             new((B, nbest), dtype=torch.float32), new((B, nbest, T), dtype=torch.long))
 
 
-def _tk():
-    return _backend.triton_kernels().decode
+def _kernels(x):
+    return _backend.kernels(x.device, "decode", "narvl's CPU CTC decoding")
 
 
-@torch.library.register_kernel("narvl::ctc_greedy_decode", "cuda")
-def _greedy_cuda(scores, lengths, blank):
-    return _tk().greedy_decode(scores, lengths, blank, nan_check=_checks())
+def _triton(x):
+    return _backend.resolve(x.device) == "triton"
 
 
-@torch.library.register_kernel("narvl::ctc_beam_search", "cuda")
-def _beam_cuda(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
-               num_threads):
-    return _tk().beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest,
-                             input_kind, nan_check=_checks())
+@torch.library.register_kernel("narvl::ctc_greedy_decode", ("cpu", "cuda"))
+def _greedy_kernel(scores, lengths, blank):
+    if _triton(scores):
+        return _kernels(scores).greedy_decode(scores, lengths, blank, nan_check=_checks())
+    return _kernels(scores).ctc_greedy_decode(scores, lengths, blank)
 
 
-if not _backend.NATIVE:
-    torch.library.register_kernel("narvl::ctc_greedy_decode", "cpu", ref.greedy_decode_reference)
-    torch.library.register_kernel("narvl::ctc_beam_search", "cpu",
-                                  lambda s, l, bw, bl, n, cp, nb, kind, th:
-                                  ref.beam_search_reference(s, l, bw, bl, n, cp, nb, kind))
+@torch.library.register_kernel("narvl::ctc_beam_search", ("cpu", "cuda"))
+def _beam_kernel(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
+                 num_threads):
+    if _triton(scores):
+        return _kernels(scores).beam_search(scores, lengths, beam_width, blank, cutoff_top_n,
+                                            cutoff_prob, nbest, input_kind, nan_check=_checks())
+    return _kernels(scores).ctc_beam_search(scores, lengths, beam_width, blank, cutoff_top_n,
+                                            cutoff_prob, nbest, input_kind, num_threads)
 
 
 INPUT_KINDS = {"probs": 0, "log_probs": 1, "logits": 2}
@@ -101,14 +103,9 @@ def _check_scores(scores, name):
     return B, T, V
 
 
-def _run_checked(route, name, scores, fn):
-    """Runs fn(); NaN in scores -> ValueError. The C++ and Triton kernels detect NaN in their
-    row scans (no extra pass); the reference route runs one isnan pass first."""
-    fused = (route == "op" and (scores.device.type == "cuda" or _backend.NATIVE)) or route == "triton-cpu"
-    if not fused:
-        if _checks() and bool(torch.isnan(scores).any()):
-            raise ValueError(f"{name} contains NaN")
-        return fn()
+def _run_checked(name, fn):
+    """Runs fn(); NaN in the scores -> ValueError naming ``name``. The C++ and Triton kernels
+    detect NaN in their row scans (no extra pass) and raise "narvl: NaN in scores"."""
     try:
         return fn()
     except RuntimeError as exc:
@@ -146,16 +143,6 @@ def _check_int(x, name, lo, hi=None):
         raise ValueError(f"{name} = {x} must be {rng}")
 
 
-def _route(scores):
-    """'op' (the registered kernels), 'triton-cpu' or 'reference' for this call."""
-    backend = _backend.resolve(scores.device)
-    if backend == "reference":
-        return "reference"
-    if backend == "triton" and scores.device.type == "cpu":
-        return "triton-cpu"
-    return "op"
-
-
 def ctc_greedy_decode(log_probs, lengths=None, blank=0):
     """Greedy CTC decoding: argmax per frame, merge repeats, drop blanks.
 
@@ -166,14 +153,8 @@ def ctc_greedy_decode(log_probs, lengths=None, blank=0):
     B, T, V = _check_scores(log_probs, "log_probs")
     _check_int(blank, "blank", 0, V)
     lengths = _lengths(lengths, "lengths", B, T, log_probs.device)
-    route = _route(log_probs)
-    if route == "reference":
-        fn = lambda: ref.greedy_decode_reference(log_probs, lengths, blank)  # noqa: E731
-    elif route == "triton-cpu":
-        fn = lambda: _tk().greedy_decode(log_probs, lengths, blank, nan_check=_checks())  # noqa: E731
-    else:
-        fn = lambda: _OPS.ctc_greedy_decode(log_probs, lengths, blank)  # noqa: E731
-    return _run_checked(route, "log_probs", log_probs, fn)
+    _backend.resolve(log_probs.device)  # a clear error for a backend that cannot serve this device
+    return _run_checked("log_probs", lambda: _OPS.ctc_greedy_decode(log_probs, lengths, blank))
 
 
 def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, cutoff_top_n=40,
@@ -205,14 +186,8 @@ def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, c
     lengths = _lengths(lengths, "lengths", B, T, log_probs.device)
     kind = input_kind(input, log_probs_input)
     args = (log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, kind)
-    route = _route(log_probs)
-    if (route == "triton-cpu" or log_probs.device.type == "cuda") and beam_width > GPU_MAX_BEAM:
+    if _backend.resolve(log_probs.device) == "triton" and beam_width > GPU_MAX_BEAM:
         raise ValueError(f"beam_width = {beam_width} exceeds the GPU search's maximum of {GPU_MAX_BEAM}; "
                          f"decode on the CPU (log_probs.cpu()) for wider beams")
-    if route == "reference":
-        fn = lambda: ref.beam_search_reference(*args)  # noqa: E731
-    elif route == "triton-cpu":
-        fn = lambda: _tk().beam_search(*args, nan_check=_checks())  # noqa: E731
-    else:
-        fn = lambda: _OPS.ctc_beam_search(*args, int(num_threads))  # noqa: E731
-    return BeamSearchResult(*_run_checked(route, "log_probs", log_probs, fn))
+    return BeamSearchResult(*_run_checked(
+        "log_probs", lambda: _OPS.ctc_beam_search(*args, int(num_threads))))

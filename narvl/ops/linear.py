@@ -5,8 +5,8 @@
 
 x: (..., K); weight: (N, K); bias: (N,) or None -> (..., N) in x's dtype.
 
-Routes, for float32 CPU calls with at least ``ONEDNN_MIN_ROWS`` rows, no autocast,
-``NARVL_BACKEND`` not ``reference`` and ``NARVL_CPU_FASTPATH`` not ``0``:
+Routes, for float32 CPU calls with at least ``ONEDNN_MIN_ROWS`` rows, no autocast and
+``NARVL_CPU_FASTPATH`` not ``0``:
 - no gradient needed (inference): one oneDNN matmul primitive with the bias and GELU fused as
   post-ops (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend emits);
 - a gradient needed (training): ``_OneDNNLinear``, oneDNN for the forward and for dx = dy W,
@@ -110,7 +110,7 @@ def _onednn_route(x, weight, bias) -> str | None:
         return None
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or not onednn_linear_available():
         return None
-    if _backend.requested_backend() == "reference" or not _backend.cpu_fastpath_enabled(_FASTPATH):
+    if not _backend.cpu_fastpath_enabled(_FASTPATH):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
