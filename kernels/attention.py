@@ -24,12 +24,9 @@ import triton.language as tl
 
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
-    """a @ b with fp32 accumulation. PREC == "upcast": fp32 operands (the Triton interpreter's
-    dot is wrong on bf16 operands; bf16 under the interpreter only), else the native dot."""
-    if PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PREC).to(tl.float32)
+    """a @ b with fp32 accumulation: the native dot in the operands' dtype (fp16/bf16 MMA on the
+    GPU; the same dot under the interpreter, see kernels/_interpreter.py)."""
+    return tl.dot(a, b, input_precision=PREC).to(tl.float32)
 
 
 @triton.jit
@@ -161,10 +158,10 @@ def _dkdv_kernel(Q, K, V, BIAS, LENS, DO, LSE, DELTA, DK, DV, DS,
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=mm, other=0.0)
         p = _probs(q, k, BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
                    mm[:, None] & (offs_n < Lk)[None, :], nm, lse, scale, HAS_BIAS, PREC)
-        dv += _mm(tl.trans(p), do, PREC)
-        dp = _mm(do, tl.trans(v.to(tl.float32)), PREC)
+        dv += _mm(tl.trans(p.to(do.dtype)), do, PREC)
+        dp = _mm(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds), q.to(tl.float32), PREC)
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, PREC)
         if STORE_DS:
             tl.store(DS + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
                      mask=mm[:, None] & (offs_n < Lk)[None, :])
@@ -204,9 +201,9 @@ def _dq_kernel(Q, K, V, BIAS, LENS, DO, LSE, DELTA, DQ,
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
         p = _probs(q, k, BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
                    mm[:, None] & nm[None, :], nm, lse, scale, HAS_BIAS, PREC)
-        dp = _mm(do, tl.trans(v.to(tl.float32)), PREC)
+        dp = _mm(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds, k.to(tl.float32), PREC)
+        dq += _mm(ds.to(k.dtype), k, PREC)
     tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=mm[:, None] & dm[None, :])
 
@@ -223,12 +220,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "f
 
 
 def _prec(x):
-    """The dot's mode: "ieee" for fp32/fp64; the native low-precision dot on GPUs, and in the
-    interpreter for fp16 too (the GPU's code path, tested on CPU); "upcast" (fp32 operands) for
-    bf16 in the interpreter only, whose bf16 dot is wrong (numpy has no bf16)."""
-    if x.dtype in (torch.float32, torch.float64):
-        return "ieee"
-    return "upcast" if _INTERPRET and x.dtype == torch.bfloat16 else "tf32"
+    """The dots' input precision. fp32: "tf32x3" (each operand split into two tf32 parts, three
+    tensor-core products: about fp32's accuracy, where the FMA path of "ieee" spills kilobytes
+    in the backward); fp64 (the interpreter only): "ieee"; fp16/bf16 products are exact whatever
+    it says."""
+    if x.dtype == torch.float32:
+        return "tf32x3"
+    return "ieee"
 
 
 def _bias_strides(bias, B):
@@ -252,10 +250,19 @@ def _sm_count(device):
 
 def _warps(x, BLOCK_D):
     """fp32 tiles of head dim >= 64 take twice the threads: with 4 warps the forward (D 80/128)
-    and dQ kernels spilled up to 1.3 KB and 0.5 KB per thread on sm_90, with 8 none do. The
-    fp32 dK/dV kernel still spills (its FMA dots on transposed tiles; 5-6 KB with 8 warps,
-    8.8 KB with 4): bench/results/gpu_resources.json."""
+    and dQ kernels spilled up to 1.3 KB and 0.5 KB per thread on sm_90, with 8 none do."""
     return 8 if x.dtype in (torch.float32, torch.float64) and BLOCK_D >= 64 else 4
+
+
+def _bwd_blocks(x, BLOCK_M, BLOCK_D):
+    """(the dK/dV kernel's query block, the key block of both backward kernels). fp32 takes
+    smaller tiles than the 16-bit dtypes, for its tf32x3 dots hold two tf32 parts of each operand:
+    32 keys from head dim 64 (with 64, dK/dV needed 0.5-0.9 KB of local memory per thread on
+    sm_80), and 16 query rows at head dims 80-128 (with 32, 5.6-5.8 KB on sm_90, 7.8 KB on sm_80
+    with 4 warps). bench/results/gpu_resources.json has the table."""
+    wide = x.dtype in (torch.float32, torch.float64) and BLOCK_D >= 64
+    block_n = 32 if (BLOCK_D > 64 or wide) else 64
+    return (16 if wide and BLOCK_D >= 128 else BLOCK_M), block_n
 
 
 def _last_contig(x):
@@ -310,9 +317,9 @@ def attention_bwd(grad_out, q, k, v, out, lse, key_lengths, bias, scale, bias_gr
     Lk = k.shape[2]
     dev = q.device
     BLOCK_M, BLOCK_D = _blocks(Lq, D)
-    BLOCK_N = 64 if BLOCK_D <= 64 else 32
-    do = torch.zeros(B, H, Lq, BLOCK_D, dtype=torch.float32, device=dev)
-    do[..., :D] = grad_out.float()
+    BLOCK_M_KV, BLOCK_N = _bwd_blocks(q, BLOCK_M, BLOCK_D)
+    do = torch.zeros(B, H, Lq, BLOCK_D, dtype=q.dtype, device=dev)  # the dots' operands: q's dtype
+    do[..., :D] = grad_out
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     dq = torch.empty(B, H, Lq, D, dtype=q.dtype, device=dev)
     dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=dev)
@@ -327,8 +334,9 @@ def attention_bwd(grad_out, q, k, v, out, lse, key_lengths, bias, scale, bias_gr
     bias_arg = q if bias_t is None else bias_t
     _dkdv_kernel[(B * H, triton.cdiv(Lk, BLOCK_N))](
         q, k, v, bias_arg, lens, do, lse, delta, dk, dv, ds, *common,
-        HAS_BIAS=bias_t is not None, STORE_DS=want_ds, PREC=_prec(q), BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=_warps(q, BLOCK_D))
+        HAS_BIAS=bias_t is not None, STORE_DS=want_ds, PREC=_prec(q),
+        BLOCK_M=BLOCK_M_KV, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=_warps(q, BLOCK_D))
     _dq_kernel[(B * H, triton.cdiv(Lq, BLOCK_M))](
         q, k, v, bias_arg, lens, do, lse, delta, dq, *common,
         HAS_BIAS=bias_t is not None, PREC=_prec(q), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,

@@ -279,7 +279,7 @@ def test_opcheck_ops(backend, dtype):
     torch.library.opcheck(torch.ops.narvl.ctc_bwd.default, (g, lp, post, targets, ql, tl, 6))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(backend):
     logits, targets, tl, _ = make_case(3, 6, 17, 3, 16, lengths=torch.tensor([3, 2, 1]))
 
     def step(x):

@@ -161,6 +161,18 @@ def test_decoder_bad_config():
         narvl.ctc_greedy_decode(torch.randn(0, 3, 4))
 
 
+def test_torch_compile_fullgraph_matches_eager(backend):
+    lp, L = case(3, 6, 5, lengths=[6, 3, 0])
+
+    def decode(lp):
+        res = narvl.ctc_prefix_beam_search(lp, L, beam_width=4, cutoff_top_n=5)
+        return narvl.ctc_greedy_decode(lp, L), res.tokens, res.scores
+
+    eager = decode(lp)
+    compiled = torch.compile(decode, fullgraph=True, backend="aot_eager")(lp)
+    torch.testing.assert_close(compiled, eager)
+
+
 def test_decode_opcheck(backend):
     lp, L = case(3, 6, 5, lengths=[6, 3, 0])
     torch.library.opcheck(torch.ops.narvl.ctc_greedy_decode.default, (lp, L, 0))
