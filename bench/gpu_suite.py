@@ -608,7 +608,7 @@ def main(args):
                 (4, 12, 20, 930, 64)], g)
         if "decode" in ops:
             check_decode(ch, dev, [(2, 5, 13)] if dry else [(3, 7, 33), (4, 20, 1000), (3, 5, V_OFA)],
-                         [1, 3] if dry else [1, 10, 32, 64], g)
+                         [1, 3] if dry else [1, 10, 32, 64, 100, 128], g)
         failed = sum(not r["ok"] for r in ch.rows)
         ch.save(failed=failed, complete=True)
         print(f"checks: {len(ch.rows) - failed} ok, {failed} failed ({time.time() - t0:.0f} s)", flush=True)
@@ -626,7 +626,7 @@ def main(args):
                 "cross": (32, 12, 20, 930, 64), "dec-b1": (1, 4, 6, 28, 64)})
         if "decode" in ops:
             bench_decode(bn, dev, {"tiny": (4, 5, 13)} if dry else {
-                "caption": (256, 20, V_OFA), "vqa": (256, 6, V_OFA)}, [1, 3] if dry else [1, 10, 32, 64])
+                "caption": (256, 20, V_OFA), "vqa": (256, 6, V_OFA)}, [1, 3] if dry else [1, 10, 32, 100, 128])
         bn.save(complete=True)
         print(f"bench: {len(bn.rows)} rows ({time.time() - t0:.0f} s)", flush=True)
     if args.only in (None, "profile"):

@@ -134,7 +134,7 @@ class CTCBeamDecoder:
     def decode(self, probs, seq_lens=None):
         B, T, _ = self._check_probs(probs)
         if self._native is None and probs.device.type == "cuda" and self._beam_width > GPU_MAX_BEAM:
-            probs = probs.cpu()  # ctcdecode's widths (default 100) run on the CPU search
+            probs = probs.cpu()  # widths above the GPU kernel's (128) run on the CPU search
             seq_lens = seq_lens.cpu() if isinstance(seq_lens, torch.Tensor) else seq_lens
         if self._native is None:
             res = ctc_prefix_beam_search(

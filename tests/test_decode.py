@@ -60,20 +60,23 @@ def test_beam_matches_reference(backend, shape, beam, top_n, cutoff):
     assert torch.equal(res.timesteps, rts)  # ctcdecode's frames, on every backend
 
 
-def test_gpu_merge_is_exact_on_near_identical_prefixes(backend):
-    """Prefixes are compared token by token, never by a hash: over two tokens, a full beam of 64
-    holds prefixes that differ in one position only, and every backend matches the reference's
-    n-best, scores and frames."""
+@pytest.mark.parametrize("beam, V, T, B", [(64, 3, 11, 2), (100, 4, 7, 1), (128, 3, 9, 1)])
+def test_gpu_merge_is_exact_on_near_identical_prefixes(backend, beam, V, T, B):
+    """Prefixes are compared token by token, never by a hash: over two or three tokens, a full
+    beam (up to the GPU's widest, 128, and ctcdecode's default 100) holds prefixes that differ in
+    one position only, and every backend matches the reference's n-best, scores and frames."""
     g = torch.Generator().manual_seed(3)
-    lp = (torch.randn(2, 11, 3, generator=g) * 0.3).log_softmax(-1)
-    L = torch.tensor([11, 9])
-    res = narvl.ctc_prefix_beam_search(lp, L, beam_width=64, cutoff_top_n=3, nbest=64)
-    rt, rl, rs, rts = beam_search_reference(lp, L, 64, 0, 3, 1.0, 64)
+    lp = (torch.randn(B, T, V, generator=g) * 0.3).log_softmax(-1)
+    L = torch.tensor([T, T - 2][:B])
+    res = narvl.ctc_prefix_beam_search(lp, L, beam_width=beam, cutoff_top_n=V, nbest=beam)
+    rt, rl, rs, rts = beam_search_reference(lp, L, beam, 0, V, 1.0, beam)
     assert torch.equal(res.tokens, rt) and torch.equal(res.lengths, rl)
     torch.testing.assert_close(res.scores, rs, rtol=1e-5, atol=1e-5)
     assert torch.equal(res.timesteps, rts)
-    for b in range(2):  # no labeling twice in the n-best
-        labs = [tuple(res.tokens[b, k, : res.lengths[b, k]].tolist()) for k in range(64)
+    full = (res.scores > float("-inf")).sum(1)
+    assert int(full.max()) == beam  # the beam is full: every slot takes part in the merges
+    for b in range(B):  # no labeling twice in the n-best
+        labs = [tuple(res.tokens[b, k, : res.lengths[b, k]].tolist()) for k in range(beam)
                 if res.scores[b, k] > float("-inf")]
         assert len(labs) == len(set(labs))
 

@@ -3,7 +3,7 @@ the real launchers and a stub Triton driver (bench/gpu_resources.py), and stay w
 no more than 256 bytes of local memory (spills + stack) per thread, shared memory within the
 architecture's. The full grid of shapes is bench/results/gpu_resources.json; this is its
 representative subset (Q-CTC fp32/bf16 at the caption shape, attention D64 bf16 with a bias at
-the cross-attention shape, greedy + beam 10)."""
+the cross-attention shape, greedy + beams 10 and 128, the widest)."""
 import json
 import os
 import subprocess
@@ -12,13 +12,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The one kernel of the subset still over the 256-byte budget (issue 10, item 2, open): a
-# ratchet, so it may not grow. The full list is in bench/results/gpu_resources.json.
-KNOWN_SPILLS = {
-    (80, "_dkdv_kernel", "attention B32 H12 Lq20 Lk930 D64 bf16 bias=True"): 288,
-}
-
 
 @pytest.mark.parametrize("arch", [90, 80])
 def test_kernels_compile_for_the_gpu_within_budget(tmp_path, arch):
@@ -31,13 +24,13 @@ def test_kernels_compile_for_the_gpu_within_budget(tmp_path, arch):
     assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.load(open(out))["rows"]
     kernels = {r["kernel"] for r in rows}
+    assert {r["config"] for r in rows} >= {"decode beam10 cutoff40", "decode beam128 cutoff40"}
     assert {"_row_kernel", "_lattice_kernel", "_qctc_grad_kernel", "_fwd_kernel",
             "_dkdv_kernel", "_dq_kernel", "_argmax_kernel", "_collapse_kernel", "_topk_kernel",
             "_beam_kernel"} <= kernels, kernels
     for r in rows:
         assert "error" not in r, r
-        ceiling = KNOWN_SPILLS.get((arch, r["kernel"], r["config"]), 256)
-        assert r["local"] <= ceiling and 0 < r["regs"] <= 255, r
+        assert r["local"] <= 256 and 0 < r["regs"] <= 255, r
 
 
 def test_stub_driver_reports_local_memory(tmp_path):

@@ -62,7 +62,7 @@ def _beam_kernel(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, 
 
 
 INPUT_KINDS = {"probs": 0, "log_probs": 1, "logits": 2}
-GPU_MAX_BEAM = 64  # = narvl.kernels.decode.MAX_BEAM (tests/test_decode.py checks they agree)
+GPU_MAX_BEAM = 128  # = narvl.kernels.decode.MAX_BEAM (tests/test_decode.py checks they agree)
 
 
 class BeamSearchResult(NamedTuple):
