@@ -68,22 +68,27 @@ def ctc_nll_reference(log_probs, targets, input_lengths, target_lengths, blank):
 
 
 def _reduce(nll, smooth, target_lengths, reduction, zero_infinity, label_smoothing, weights):
-    """Combines per-sample CTC nll and smoothing terms (shared by every backend).
+    """The loss from per-sample terms, written out sample by sample (the oracle of the kernels'
+    reduction in narvl/ops/ctc.py):
 
     loss_b = w_b * ((1 - eps) * c_b - eps * smooth_b) with c_b = nll_b ('none', 'sum') or
     nll_b / max(L_b, 1) ('mean', then averaged over the batch).
     """
-    if zero_infinity:
-        nll = torch.where(torch.isinf(nll), torch.zeros_like(nll), nll)
-    if reduction == "mean":
-        nll = nll / target_lengths.to(nll.device).clamp_min(1).to(nll.dtype)
     eps = float(label_smoothing)
-    loss = nll if eps == 0.0 else (1.0 - eps) * nll - eps * smooth
-    if weights is not None:
-        loss = loss * weights.to(loss.dtype)
+    per_sample = []
+    for b in range(nll.shape[0]):
+        c = nll[b]
+        if zero_infinity and bool(torch.isinf(c)):
+            c = torch.zeros_like(c)
+        if reduction == "mean":
+            c = c / max(int(target_lengths[b]), 1)
+        term = c if eps == 0.0 else (1.0 - eps) * c - eps * smooth[b]
+        per_sample.append(term if weights is None else term * weights[b].to(term.dtype))
+    losses = torch.stack(per_sample)
     if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" else loss.mean()
+        return losses
+    total = losses.sum()
+    return total if reduction == "sum" else total / len(per_sample)
 
 
 def qctc_terms_reference(logits, targets, target_lengths, query_lengths, blank):
