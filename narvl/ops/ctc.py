@@ -318,7 +318,6 @@ def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, r
             *_label_checks(targets, tl_, V, blank)])
     _check_finite_input(logits, "logits")
     targets = targets.long()
-    _backend.resolve(logits.device)  # a clear error for a backend that cannot serve this device
     nll, smooth, _, _ = _OPS.qctc_fwd(logits, targets, tl_, ql, blank)
     return _reduce(nll, smooth, tl_, reduction, zero_infinity, eps, weights)
 
@@ -369,7 +368,6 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
             *_label_checks(targets, tl_, C, blank)])
     _check_finite_input(log_probs, "log_probs")
     targets = targets.long()
-    _backend.resolve(log_probs.device)
     nll, _ = _OPS.ctc_fwd(log_probs, targets, il, tl_, blank)
     loss = _reduce(nll, None, tl_, reduction, zero_infinity, 0.0, None)
     if unbatched and reduction == "none":

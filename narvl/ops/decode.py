@@ -153,7 +153,6 @@ def ctc_greedy_decode(log_probs, lengths=None, blank=0):
     B, T, V = _check_scores(log_probs, "log_probs")
     _check_int(blank, "blank", 0, V)
     lengths = _lengths(lengths, "lengths", B, T, log_probs.device)
-    _backend.resolve(log_probs.device)  # a clear error for a backend that cannot serve this device
     return _run_checked("log_probs", lambda: _OPS.ctc_greedy_decode(log_probs, lengths, blank))
 
 
