@@ -1,6 +1,5 @@
 """Plain-PyTorch float64 references of every narvl kernel (used by tests and benchmarks)."""
 from .ctc import (  # noqa: F401
-    column_posteriors,
     ctc_loss_reference,
     ctc_nll_reference,
     qctc_loss_reference,

@@ -119,35 +119,3 @@ def ctc_loss_reference(log_probs, targets, input_lengths, target_lengths, blank=
     tl = torch.as_tensor(target_lengths, device=log_probs.device).long()
     nll = ctc_nll_reference(log_probs.transpose(0, 1), targets, input_lengths, tl, blank)
     return _reduce(nll, None, tl, reduction, zero_infinity, 0.0, None)
-
-
-def column_posteriors(log_probs, targets, input_lengths, target_lengths, blank):
-    """Reference of the kernels' saved posteriors: (nll (B,), post (B, T, S+1)).
-
-    post[b, t, k] = -d nll_b / d log_probs[b, t, col_k], col_k = targets[b, k] for k < L_b and
-    blank for k = S (duplicate labels share a column and so the value); 0 elsewhere. Computed
-    by autograd through ``ctc_nll_reference``. log_probs: (B, T, C).
-    """
-    lp = log_probs.detach().double()
-    B, T, C = lp.shape
-    S = targets.shape[1]
-    tl = torch.as_tensor(target_lengths, device=lp.device).long()
-
-    def total(x):
-        nll = ctc_nll_reference(x, targets, input_lengths, tl, blank)
-        return torch.where(torch.isfinite(nll), nll, torch.zeros_like(nll)).sum(), nll
-
-    # torch.func.grad also works inside an op kernel (below the autograd dispatch key)
-    g, nll = torch.func.grad(total, has_aux=True)(lp)
-    finite = torch.isfinite(nll)
-    cols = torch.cat([targets.long().clamp(0, C - 1),
-                      torch.full((B, 1), blank, device=lp.device, dtype=torch.long)], 1)
-    post = -g.gather(2, cols[:, None, :].expand(B, T, S + 1))
-    kmask = torch.cat([torch.arange(S, device=lp.device)[None, :] < tl[:, None],
-                       torch.ones(B, 1, dtype=torch.bool, device=lp.device)], 1)
-    post = torch.where(kmask[:, None, :], post, torch.zeros_like(post))
-    nan = torch.where(kmask[:, None, :], float("nan"), 0.0).to(post.dtype).expand_as(post)
-    post = torch.where(finite[:, None, None], post, nan)
-    il = torch.as_tensor(input_lengths, device=lp.device).long()
-    tmask = torch.arange(T, device=lp.device)[None, :] < il[:, None]
-    return nll.detach(), torch.where(tmask[:, :, None], post, torch.zeros_like(post))
