@@ -219,12 +219,13 @@ def _cpu_topk(row, k, logits=False):
 
 @pytest.mark.parametrize("kind", ["random", "ties", "few-values", "one-lane", "increasing", "decreasing",
                                   "peaked", "neg-inf"])
-@pytest.mark.parametrize("V", [1, 5, 127, 128, 129, 1000, 3001])
+@pytest.mark.parametrize("V", [1, 5, 127, 128, 129, 1000, 3001, 20011])
 @pytest.mark.parametrize("k", [1, 16, 40, 128, 129, 300])
 def test_cpu_frame_topk_is_exact(kind, V, k):
     """Exactly the top min(k, V), ties to the lower index, for rows shorter and longer than one
-    chunk, k above and below the lane count (the bound's fallback) and layouts that defeat the
-    bound (ties, one lane, monotone rows) or overflow the buffer (few values: cut after cut)."""
+    chunk (up to 20011, a third of OFA's vocabulary), k above and below the lane count (the
+    bound's fallback) and layouts that defeat the bound (ties, one lane, monotone rows) or
+    overflow the buffer (few values: cut after cut)."""
     g = torch.Generator().manual_seed(V * 1000 + k)
     if kind == "decreasing":
         x = torch.arange(V, 0, -1, dtype=torch.float32).reshape(1, 1, V)
