@@ -36,29 +36,30 @@ def _beam_fake(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nb
             new((B, nbest), dtype=torch.float32), new((B, nbest, T), dtype=torch.long))
 
 
-def _kernels(x):
-    return _backend.kernels(x.device, "decode", "narvl's CPU CTC decoding")
-
-
 def _triton(x):
     return _backend.resolve(x.device) == "triton"
+
+
+def _native():
+    return _backend.native_module("narvl's CPU CTC decoding")
 
 
 @torch.library.register_kernel("narvl::ctc_greedy_decode", ("cpu", "cuda"))
 def _greedy_kernel(scores, lengths, blank):
     if _triton(scores):
-        return _kernels(scores).greedy_decode(scores, lengths, blank, nan_check=_checks())
-    return _kernels(scores).ctc_greedy_decode(scores, lengths, blank)
+        return _backend.triton_kernels().decode.greedy_decode(scores, lengths, blank, nan_check=_checks())
+    return _native().ctc_greedy_decode(scores, lengths, blank)
 
 
 @torch.library.register_kernel("narvl::ctc_beam_search", ("cpu", "cuda"))
 def _beam_kernel(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
                  num_threads):
     if _triton(scores):
-        return _kernels(scores).beam_search(scores, lengths, beam_width, blank, cutoff_top_n,
-                                            cutoff_prob, nbest, input_kind, nan_check=_checks())
-    return _kernels(scores).ctc_beam_search(scores, lengths, beam_width, blank, cutoff_top_n,
-                                            cutoff_prob, nbest, input_kind, num_threads)
+        return _backend.triton_kernels().decode.beam_search(
+            scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
+            nan_check=_checks())
+    return _native().ctc_beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob,
+                                     nbest, input_kind, num_threads)
 
 
 INPUT_KINDS = {"probs": 0, "log_probs": 1, "logits": 2}
