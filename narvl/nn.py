@@ -49,10 +49,26 @@ class QCTCLoss(torch.nn.Module):
 
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` (same parameters and state-dict keys) computed by ``narvl.ops.linear``:
-    oneDNN on CPU inference with 8 or more rows, ATen otherwise."""
+    oneDNN on CPU inference with 8 or more rows, ATen otherwise.
+
+    ``pack_for_inference_()`` (``prepare_for_inference`` calls it on its copy) keeps a
+    oneDNN-blocked copy of the weight for calls without gradients, so the matmul no longer
+    reorders the weight at each call (at batch 1 that reorder costs as much as the product). The
+    copy is packed again whenever the parameters change; with gradients on, the layer is plain."""
+
+    _pack = None  # narvl.models.cache.PackedWeight, set by pack_for_inference_
+
+    def pack_for_inference_(self):
+        from .models.cache import PackedWeight  # narvl.models imports this module
+        self._pack = PackedWeight(self, "weight")
+        return self
+
+    def packed_weight(self) -> torch.Tensor | None:
+        """The packed weight for a call without gradients, else None."""
+        return None if self._pack is None else self._pack.get()
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, packed=self.packed_weight())
 
 
 class FeedForward(torch.nn.Sequential):
@@ -67,7 +83,7 @@ class FeedForward(torch.nn.Sequential):
     def forward(self, x):
         if self.training:
             return super().forward(x)
-        return self[3](linear(x, self[0].weight, self[0].bias, activation="gelu"))
+        return self[3](linear(x, self[0].weight, self[0].bias, activation="gelu", packed=self[0].packed_weight()))
 
 
 def split_heads(x, heads):

@@ -272,3 +272,100 @@ def test_route_env_is_checked_and_pins(monkeypatch):
 
 def test_rows_key_is_bounded():
     assert [lin._rows_key(r) for r in (8, 26, 64, 65, 100, 832)] == [8, 26, 64, 128, 128, 1024]
+
+
+def spy_linear_pointwise(monkeypatch):
+    """Records, for each call of oneDNN's matmul op, whether its weight was a packed one."""
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def spy(*a):
+        calls.append(a[1].is_mkldnn)
+        return real(*a)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(8, 33), (1, 29, 37), (3, 5, 64), (2, 9, 7, 24)])
+@pytest.mark.parametrize("act", [None, "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("route", ["onednn", "auto"])
+def test_packed_weight_matches_f_linear(monkeypatch, shape, act, bias, route):
+    """A packed weight serves inference calls of 8 or more rows (also under ``auto``: no timing)
+    and computes F.linear's result."""
+    monkeypatch.setenv("NARVL_LINEAR_ROUTE", route)
+    monkeypatch.setattr(lin, "_choices", {})
+    N = 2 * shape[-1] + 3
+    x, w, b, _ = make(shape, N, bias)
+    p = lin.pack_weight(w)
+    assert p is not None and p.shape == w.shape
+    calls = spy_linear_pointwise(monkeypatch)
+    with torch.inference_mode():
+        got = lin.linear(x, w, b, act, packed=p)
+    assert calls == [True] and lin.route_choices() == {}
+    assert got.shape == (*shape[:-1], N) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref(x, w, b, act), rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_packed_weight_rules(monkeypatch):
+    x, w, b, _ = make((9, 12), 7, True)
+    p = lin.pack_weight(w)
+    assert lin.pack_weight(w.double()) is None and lin.pack_weight(w[0]) is None
+    with torch.no_grad(), pytest.raises(ValueError, match="packed"):
+        lin.linear(x, w, b, packed=lin.pack_weight(torch.randn(7, 11)))
+    calls = spy_linear_pointwise(monkeypatch)
+    with torch.no_grad():  # fewer than 8 rows: ATen, the packed weight is not used
+        torch.testing.assert_close(lin.linear(x[:5], w, b, packed=p), F.linear(x[:5], w, b))
+    assert calls == []
+    # a gradient is needed: the training route, which never uses a packed weight
+    xg = x.clone().requires_grad_(True)
+    y = lin.linear(xg, w, b, "gelu", packed=p)
+    y.sum().backward()
+    xr = x.clone().requires_grad_(True)
+    F.gelu(F.linear(xr, w, b)).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    assert not any(calls)
+    calls.clear()
+    monkeypatch.setenv("NARVL_LINEAR_ROUTE", "aten")  # pinned to ATen: the packed weight is not used
+    with torch.no_grad():
+        torch.testing.assert_close(lin.linear(x, w, b, packed=p), F.linear(x, w, b))
+    assert calls == []
+    monkeypatch.setenv("NARVL_LINEAR_ROUTE", "onednn")
+    monkeypatch.setenv("NARVL_CPU_FASTPATH", "0")  # the fast path off: nothing is packed
+    assert lin.pack_weight(w) is None
+
+
+@needs_onednn
+def test_linear_module_packs_and_follows_its_weight(monkeypatch):
+    torch.manual_seed(3)
+    layer = Linear(20, 13).pack_for_inference_()
+    x = torch.randn(2, 9, 20)
+    calls = spy_linear_pointwise(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        first = layer.packed_weight()
+        assert first is not None and layer.packed_weight() is first  # kept, not packed per call
+        layer.weight.mul_(-3.0)  # an in-place change: packed again
+        assert layer.packed_weight() is not first
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert calls == [True, True]
+    assert layer.packed_weight() is None  # gradients on: the plain layer
+    y = layer(x)
+    assert y.requires_grad
+
+
+@needs_onednn
+def test_feedforward_uses_its_packed_weights(monkeypatch):
+    torch.manual_seed(4)
+    ff = FeedForward(24, 40).eval()
+    for m in ff.modules():
+        if isinstance(m, Linear):
+            m.pack_for_inference_()
+    x = torch.randn(11, 24)
+    calls = spy_linear_pointwise(monkeypatch)
+    with torch.no_grad():
+        got = ff(x)
+    assert calls == [True, True]
+    torch.testing.assert_close(got, ff[3](F.gelu(ff[0](x))), rtol=1e-5, atol=1e-5)

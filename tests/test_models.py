@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import narvl
 import narvl.models.layers
 import narvl.models.narvl
+from narvl.nn import Linear
+from narvl.ops import linear as lin
 from narvl.reference import qctc_loss_reference, query_attention_reference
 from narvl.models import (ARBaseline, NARVL, NARVLConfig, PRESETS, enable_peft, prepare_for_inference,
                           trainable_fraction)
@@ -142,6 +144,16 @@ def test_prepare_for_inference_keeps_the_function(arch):
     assert infer.generate(images, text) == model.generate(images, text)
     attns = [m for m in infer.modules() if hasattr(m, "c_attn")]
     assert attns and all(len(m._fused) == 1 for m in attns)  # every attention ran on its fused weights
+    if lin.onednn_linear_available():  # every fused and Linear weight has its packed copy
+        layers = [m for m in infer.modules() if isinstance(m, Linear)]
+        with torch.no_grad():
+            assert all(all(p is not None for p in m._weights()[3:]) for m in attns)
+            assert layers and all(m.packed_weight() is not None for m in layers)
+            assert infer.out_pack.get() is not None
+    with torch.no_grad():  # a copy of the copy computes the same (it packs again, lazily)
+        twin = copy.deepcopy(infer)
+        torch.testing.assert_close(twin.encoder(images, text)[0], infer.encoder(images, text)[0])
+        assert twin.encoder.backbone._packed is not None or infer.encoder.backbone._packed is None
     assert all(m._fused is None for m in model.modules() if hasattr(m, "c_attn"))
     with torch.no_grad():  # the cached biases are per text length: a second length, then the first
         for t in (text[:, :3], text):
@@ -448,7 +460,7 @@ def test_inference_bias_cache_is_a_bounded_lru():
 
 
 @pytest.mark.parametrize("change", ["load_state_dict", "queries", "rel_table", "backbone_conv", "layer0",
-                                    "c_attn", "cross_v_proj"])
+                                    "c_attn", "cross_v_proj", "fc1", "embed_tokens"])
 def test_inference_snapshots_follow_weight_changes(change):
     """After prepare_for_inference, changing the copy's weights in place changes its outputs as
     it changes the uncached computation (grad mode skips every cache and the packed convs)."""
@@ -470,6 +482,12 @@ def test_inference_snapshots_follow_weight_changes(change):
             infer.encoder.layers[1].self_attn.c_attn.mul_(-1.5)
         elif change == "cross_v_proj":  # inside the fused k/v weight
             w = infer.decoder.layers[1].encoder_attn.v_proj.weight
+            w.add_(torch.randn_like(w))
+        elif change == "fc1":  # a packed Linear weight
+            w = infer.encoder.layers[1].fc1.weight
+            w.add_(torch.randn_like(w))
+        elif change == "embed_tokens":  # the packed tied output projection
+            w = infer.embed_tokens.weight
             w.add_(torch.randn_like(w))
         else:
             w = infer.decoder.layers[0].self_attn.out_proj.weight  # inside the cached first block

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from .cache import DEFAULT_CACHE_BYTES
 from .config import NARVLConfig
 from .decoder import DecoderStack
-from ..ops.linear import linear
 from .encoder import Encoder
-from .layers import ofa_embedding
+from .layers import ofa_embedding, tied_output
 from .narvl import check_targets
 
 
@@ -40,6 +39,7 @@ class ARBaseline(nn.Module):
         self.encoder = Encoder(cfg, self.embed_tokens)
         self.decoder = DecoderStack(cfg)
         self.out_adapter = None
+        self.out_pack = None  # PackedWeight of the tied output (inference copies)
 
     @torch.no_grad()
     def cache_first_self_attention_(self, max_bytes: int = DEFAULT_CACHE_BYTES):
@@ -51,7 +51,7 @@ class ARBaseline(nn.Module):
         x = self.decoder.layer_norm(x)
         if self.out_adapter is not None:
             x = self.out_adapter(x)
-        return linear(x, self.embed_tokens.weight.to(x.dtype))
+        return tied_output(x, self.embed_tokens, self.out_pack)
 
     def _n_text(self, memory):
         return memory.shape[1] - self.cfg.grid ** 2

@@ -17,11 +17,15 @@ from collections import OrderedDict
 
 import torch
 
+from ..ops.linear import pack_weight
+
 #: default cap of each per-shape cache (bytes); ``prepare_for_inference(cache_bytes=...)``
 DEFAULT_CACHE_BYTES = 256 << 20
 
 
 def _nbytes(value) -> int:
+    if value is None:
+        return 0
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     return sum(_nbytes(v) for v in value)
@@ -63,6 +67,11 @@ class LRUCache:
     def clear(self):
         self._d.clear()
         self.nbytes = 0
+
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) starts empty: entries are recomputable, and some (oneDNN's
+        # packed weights) are opaque tensors that cannot be copied
+        return {"max_bytes": self.max_bytes, "_d": OrderedDict(), "nbytes": 0}
 
 
 class ParamStamp:
@@ -117,3 +126,18 @@ class ShapeCache:
         if value is None:
             value = self.lru.put(key, compute())
         return value
+
+
+class PackedWeight:
+    """A oneDNN-blocked snapshot (``narvl.ops.linear.pack_weight``) of the weight
+    ``getattr(module, name)``, packed again whenever that weight changes. ``get()`` returns it
+    for a call without gradients, None with gradients on or where packing is unavailable."""
+
+    def __init__(self, module: torch.nn.Module, name: str = "weight"):
+        self.module, self.name = module, name
+        self._cache = ShapeCache([(module, name)], max_bytes=1 << 62)
+
+    def get(self):
+        if torch.is_grad_enabled():
+            return None
+        return self._cache.get("w", lambda: [pack_weight(getattr(self.module, self.name))])[0]

@@ -4,9 +4,11 @@
 BatchNorm of the ResNet stages folded into its conv (``fold_batchnorm_``) and, for float32 CPU
 weights, the folded convs pre-packed for fused oneDNN primitives (``pack_for_cpu_``). Every
 attention keeps fused weights (``OFAAttention.fuse_for_inference_``: q/k/v in one matmul, k/v of
-the cross-attention memory in one, NormFormer's ``c_attn`` folded into ``out_proj``); the linear
-layers pick oneDNN's fused matmul (+GELU) or ATen per shape, whichever this CPU runs faster
-(``narvl.ops.linear``). The encoder keeps its position biases (absolute + relative, OFA's) per
+the cross-attention memory in one, NormFormer's ``c_attn`` folded into ``out_proj``). Every
+linear weight (``narvl.nn.Linear``, the fused attention weights, the tied output projection) is
+pre-packed once into oneDNN's blocked layout, so calls of 8 or more rows run one oneDNN matmul
+(+GELU) without reordering the weight each time; calls of 1-7 rows (an AR step) keep ATen's
+``addmm`` (``narvl.ops.linear``). The encoder keeps its position biases (absolute + relative, OFA's) per
 text length (``Encoder.cache_biases_``) and the decoders theirs. The shared encoder gets the same
 treatment in ``NARVL`` and ``ARBaseline``, so latency comparisons between them stay like for like
 (``train.py``, ``bench/``). NARVL also computes its first decoder layer's self-attention block
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .cache import DEFAULT_CACHE_BYTES
+from ..nn import Linear
+from .cache import DEFAULT_CACHE_BYTES, PackedWeight
 from .layers import OFAAttention
 from .resnet import fold_batchnorm_, pack_for_cpu_
 
@@ -43,6 +46,9 @@ def prepare_for_inference(model: nn.Module, image_size: int | None = None,
     for m in infer.modules():
         if isinstance(m, OFAAttention):
             m.fuse_for_inference_()  # q/k/v in one matmul, c_attn folded into out_proj
+        elif isinstance(m, Linear):
+            m.pack_for_inference_()  # oneDNN-blocked weight, no reorder per call
+    infer.out_pack = PackedWeight(infer.embed_tokens, "weight")  # the tied output projection
     infer.encoder.cache_biases_(cache_bytes)  # position biases: constants per text length
     infer.cache_first_self_attention_(cache_bytes)  # decoder position biases (+ NARVL's first block)
     for p in infer.parameters():

@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import ShapeCache, param_refs
+from .cache import PackedWeight, ShapeCache, param_refs
 from ..nn import Linear, merge_heads, split_heads
 from ..ops.attention import query_attention
-from ..ops.linear import linear
+from ..ops.linear import linear, pack_weight
 
 
 def token_rel_buckets(n: int, bucket_size: int = 256, max_position: int = 1024) -> torch.Tensor:
@@ -96,10 +96,15 @@ class OFAAttention(nn.Module):
         w = torch.cat([p.weight for p in projs])
         b = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(d) for p in projs])
         c = self.c_attn.to(w.dtype).repeat_interleave(d // self.heads)
-        return [w, b, (self.out_proj.weight * c[None, :]).contiguous()]
+        w_out = (self.out_proj.weight * c[None, :]).contiguous()
+        # oneDNN-blocked copies for the q, k/v, q/k/v and out matmuls (None where unavailable)
+        packed = [pack_weight(m) for m in (w[:d], w[d:], w, w_out)]
+        return [w, b, w_out, *packed]
 
     def _weights(self):
-        """[w_qkv (3d, d), b_qkv (3d,), w_out (d, d)] for a call without gradients, else None."""
+        """[w_qkv (3d, d), b_qkv (3d,), w_out (d, d), packed q, packed kv, packed qkv, packed out]
+        (``narvl.ops.linear.pack_weight``, each None where unavailable) for a call without
+        gradients, else None."""
         if self._fused is None or torch.is_grad_enabled():
             return None
         return self._fused.get("w", self._fuse)
@@ -115,7 +120,7 @@ class OFAAttention(nn.Module):
         if fw is None:
             return split_heads(self.q_proj(x), self.heads)
         d = x.shape[-1]
-        return split_heads(linear(x, fw[0][:d], fw[1][:d]), self.heads)
+        return split_heads(linear(x, fw[0][:d], fw[1][:d], packed=fw[3]), self.heads)
 
     def project_kv(self, kv):
         """(B, H, Lk, Dh) keys and values of kv (B, Lk, d)."""
@@ -123,14 +128,14 @@ class OFAAttention(nn.Module):
         if fw is None:
             return split_heads(self.k_proj(kv), self.heads), split_heads(self.v_proj(kv), self.heads)
         d = kv.shape[-1]
-        return tuple(self._split(linear(kv, fw[0][d:], fw[1][d:]), 2))
+        return tuple(self._split(linear(kv, fw[0][d:], fw[1][d:], packed=fw[4]), 2))
 
     def project_qkv(self, x):
         """Queries, keys and values (B, H, L, Dh) of x (B, L, d) (self-attention)."""
         fw = self._fw_call = self._weights()
         if fw is None:
             return (self.project_q(x),) + self.project_kv(x)
-        return tuple(self._split(linear(x, fw[0], fw[1]), 3))
+        return tuple(self._split(linear(x, fw[0], fw[1], packed=fw[5]), 3))
 
     def attend(self, q, k, v, key_lengths=None, bias=None, causal=False):
         """Projected q (B, H, Lq, Dh), k / v (B, H, Lk, Dh) -> output (B, Lq, d)."""
@@ -147,7 +152,8 @@ class OFAAttention(nn.Module):
         # the weights the query projection just read (one staleness check per attention call)
         fw, self._fw_call = self._fw_call, None
         if fw is not None and not torch.is_grad_enabled():
-            return linear(merge_heads(a), fw[2].to(a.dtype), self.out_proj.bias)
+            packed = fw[6] if a.dtype == fw[2].dtype else None
+            return linear(merge_heads(a), fw[2].to(a.dtype), self.out_proj.bias, packed=packed)
         a = a * self.c_attn.to(a.dtype)[None, :, None, None]
         return self.out_proj(merge_heads(a))
 
@@ -172,7 +178,7 @@ class _FFN(nn.Module):
         if self.training:
             h = F.gelu(self.fc1(h))
         else:  # oneDNN's fused matmul + GELU on CPU inference
-            h = linear(h, self.fc1.weight, self.fc1.bias, activation="gelu")
+            h = linear(h, self.fc1.weight, self.fc1.bias, activation="gelu", packed=self.fc1.packed_weight())
         return x + self.drop(self.fc2(self.ffn_layernorm(h)))
 
 
@@ -245,3 +251,9 @@ def ofa_embedding(rows: int, d: int) -> nn.Embedding:
     e = nn.Embedding(rows, d)
     nn.init.normal_(e.weight, std=d ** -0.5)
     return e
+
+
+def tied_output(x: torch.Tensor, embed_tokens: nn.Embedding, packed: PackedWeight | None = None) -> torch.Tensor:
+    """Logits (..., V) = x (..., d) @ embed_tokens.weight^T, the output projection tied to the
+    token embedding; ``packed``: a ``PackedWeight`` of that weight (inference copies)."""
+    return linear(x, embed_tokens.weight.to(x.dtype), packed=None if packed is None else packed.get())

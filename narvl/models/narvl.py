@@ -24,13 +24,12 @@ import torch
 import torch.nn as nn
 
 from ..ops.ctc import qctc_loss
-from ..ops.linear import linear
 from ..ops.decode import ctc_greedy_decode, ctc_prefix_beam_search
 from .cache import DEFAULT_CACHE_BYTES, param_refs
 from .config import NARVLConfig
 from .decoder import DecoderStack
 from .encoder import Encoder
-from .layers import ofa_embedding
+from .layers import ofa_embedding, tied_output
 
 
 def check_targets(cfg, targets, target_lengths, batch, name="targets"):
@@ -68,6 +67,7 @@ class NARVL(nn.Module):
         self.encoder = Encoder(cfg, self.embed_tokens)
         self.decoder = QueryDecoder(cfg)
         self.out_adapter = None  # (d, d) linear in the parameter-efficient mode
+        self.out_pack = None  # PackedWeight of the tied output (inference copies)
 
     @property
     def queries(self) -> nn.Parameter:
@@ -110,7 +110,7 @@ class NARVL(nn.Module):
         x = dec.layer_norm(x)
         if self.out_adapter is not None:
             x = self.out_adapter(x)
-        return linear(x, self.embed_tokens.weight.to(x.dtype))
+        return tied_output(x, self.embed_tokens, self.out_pack)
 
     def logits(self, images, text):
         memory, lengths = self.encoder(images, text)

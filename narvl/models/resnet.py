@@ -77,14 +77,21 @@ class ResNetStages(nn.Module):
 
         self._packed = None  # set by pack_for_cpu_ (inference only)
         self._pack_stamp = None  # the folded weights the plan was packed from
-        self._pack_size = None
+        self._pack_size = None  # the image size packed for; None: not packed
+
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) packs again at its first call: oneDNN's packed weights are
+        # opaque tensors that cannot be copied
+        state = self.__dict__.copy()
+        state["_packed"] = state["_pack_stamp"] = None
+        return state
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(x.shape)}")
-        if (self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32
+        if (self._pack_size is not None and x.device.type == "cpu" and x.dtype == torch.float32
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
-            if self._pack_stamp.stale():  # weights changed after packing: pack them again
+            if self._packed is None or self._pack_stamp.stale():  # a copy, or weights changed: pack again
                 pack_for_cpu_(self, self._pack_size)
             if self._packed is not None and _backend.cpu_fastpath_enabled(_FASTPATH):
                 try:
@@ -182,13 +189,13 @@ def pack_for_cpu_(backbone: ResNetStages, image_size: int = 224) -> bool:
     w = backbone.conv1.weight
     if (not mkldnn_fusion_available() or w.device.type != "cpu" or w.dtype != torch.float32
             or not _backend.cpu_fastpath_enabled(_FASTPATH)):
-        backbone._packed = None
+        backbone._packed = backbone._pack_size = None
         return False
     try:
         plan = _plan(backbone, int(image_size))
     except RuntimeError as e:
         _backend.cpu_fastpath_failed(_FASTPATH, e)
-        backbone._packed = None
+        backbone._packed = backbone._pack_size = None
         return False
     backbone._packed = plan
     backbone._pack_stamp = ParamStamp(param_refs(backbone))

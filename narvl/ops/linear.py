@@ -20,7 +20,12 @@ best of ``_TRIALS``) and the faster one serves that key from then on (``route_ch
 them; oneDNN must win by 5%, ATen being the plain route). ``NARVL_LINEAR_ROUTE=onednn`` or
 ``aten`` pins the choice (``auto``, the default, measures). With 1-7 rows (an autoregressive decoding step or beam) ``addmm`` is as fast or
 faster everywhere, so those calls keep it, as does every other device, dtype, or torch build
-without the op. All routes compute the same function; tests compare them, values and gradients
+without the op. Inference copies (``narvl.models.prepare_for_inference``) pass ``packed``, a oneDNN-blocked
+copy of the weight made once (``pack_weight``): such a call takes oneDNN without timing
+(``NARVL_LINEAR_ROUTE=aten`` still pins ATen). Timing on the call's own operands misjudges it:
+there the weight sits in L2 and ATen's per-call packing of it is cheap, while in a model pass
+each weight comes from memory and that packing costs as much as the product (bench_linear.py
+``test_linear_cold``). All routes compute the same function; tests compare them, values and gradients
 (second order too). If the private op is missing or raises, the call and all later ones take
 ATen (``narvl._backend.cpu_fastpath_failed`` logs it once).
 """
@@ -163,30 +168,56 @@ def _aten(x, weight, bias, activation):
     return F.gelu(y) if activation == "gelu" else y
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of a float32 CPU ``weight`` (N, K) for inference calls
+    ``linear(x, weight, bias, packed=pack_weight(weight))``, or None where the op is missing,
+    the fast path is off or the weight is not float32 on CPU. The copy is a snapshot: the caller
+    packs again when ``weight`` changes (``narvl.nn.Linear.pack_for_inference_``)."""
+    if (weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype != torch.float32
+            or not _backend.mkldnn_ops_available("_linear_pointwise", "_reorder_linear_weight")
+            or not _backend.cpu_fastpath_enabled(_FASTPATH)):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+    except RuntimeError as e:
+        _backend.cpu_fastpath_failed(_FASTPATH, e)
+        return None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           activation: str | None = None) -> torch.Tensor:
-    """See the module docstring."""
+           activation: str | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """See the module docstring. ``packed``: ``pack_weight(weight)``, used by inference calls
+    on the oneDNN route (the weight is then not reordered at each call)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     route = _onednn_route(x, weight, bias)
     if route is not None and x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in-features "
                          f"({weight.shape[-1]})")
+    if packed is not None and packed.shape != weight.shape:
+        raise ValueError(f"packed ({tuple(packed.shape)}) must be pack_weight(weight) "
+                         f"({tuple(weight.shape)})")
     y = None
     try:
         if route is not None:
             act = activation if route == "infer" else None  # training: GELU stays separate
             attr, algo = ("gelu", "none") if act == "gelu" else ("none", "")
             K = x.shape[-1]
-            if not _prefer_onednn(
+            use_packed = route == "infer" and packed is not None
+            w1 = packed if use_packed else weight.detach().contiguous()
+            # a packed weight takes oneDNN unless pinned to ATen: timing both routes on hot
+            # operands (below) misjudges it, see the module docstring
+            if use_packed and _route_mode() == "aten":
+                route = None
+            elif not use_packed and not _prefer_onednn(
                     "fwd", x.numel() // K, K, weight.shape[0], act, bias is not None,
-                    lambda: torch.ops.mkldnn._linear_pointwise(x.reshape(-1, K).contiguous(), weight.detach().contiguous(),
+                    lambda: torch.ops.mkldnn._linear_pointwise(x.reshape(-1, K).contiguous(), w1,
                                                                None if bias is None else bias.detach(),
                                                                attr, [], algo),
                     lambda: _aten(x.detach(), weight.detach(), None if bias is None else bias.detach(), act)):
                 route = None
         if route == "infer":
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, attr, [], algo)
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w1, bias, attr, [], algo)
         if route == "train":
             y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
             y = y.view(*x.shape[:-1], weight.shape[0])
