@@ -133,10 +133,13 @@ def linear_table(path):
         if "impl" in ei:
             key = (ei.get("mode", "fwd"), ei["shape"], ei["rows"], ei["threads"])
             lin.setdefault(key, {})[ei["impl"]] = b["stats"]["median"] * 1e3
-    out = ["| linear | mode | rows | threads | narvl ms | ATen ms | speed-up |", "|---|---|---|---|---|---|---|"]
+    out = ["| linear | mode | rows | threads | narvl ms | ATen ms | speed-up | narvl-packed ms | packed vs ATen |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for (mode, name, rows, thr), r in sorted(lin.items()):
+        p = r.get("narvl-packed")
+        packed = f"{p:.3f} | {r['aten'] / p:.2f}x" if p else "- | -"
         out.append(f"| {name} | {mode} | {rows} | {thr} | {r['narvl']:.3f} | {r['aten']:.3f} | "
-                   f"{r['aten'] / r['narvl']:.2f}x |")
+                   f"{r['aten'] / r['narvl']:.2f}x | {packed} |")
     return "\n".join(out)
 
 
