@@ -20,12 +20,25 @@ SAMPLES = 100
 RUNS = os.environ.get("NARVL_RUNS")
 
 
-def load(path):
+def load(path, pack_linear=True):
     tensors, meta = read_checkpoint(path)
     cfg = NARVLConfig.from_json(meta["config"])
     model = (NARVL if meta["arch"] == "narvl" else ARBaseline)(cfg)
     load_model_state(model, tensors, meta)
-    return prepare_for_inference(model), Tokenizer.from_json(meta["tokenizer"]), cfg
+    return prepare_for_inference(model, pack_linear=pack_linear), Tokenizer.from_json(meta["tokenizer"]), cfg
+
+
+def task_inputs(task, variants):
+    """{name: inference copy} for (name, arch, pack_linear) in ``variants`` and the task's
+    SAMPLES batch-1 inputs; skips when a checkpoint is missing."""
+    models = {}
+    for name, arch, pack in variants:
+        path = os.path.join(RUNS, task, arch, "last.safetensors")
+        if not os.path.isfile(path):
+            pytest.skip(f"no checkpoint at {path}")
+        models[name], tok, cfg = load(path, pack)
+    data = shapes_task(task, SAMPLES, cfg.image_size, seed=1000)  # train.py's evaluation split
+    return models, [data.batch([i], tok, cfg.max_text_len)[:2] for i in range(SAMPLES)]
 
 
 @pytest.mark.parametrize("task", ["caption", "vqa", "grounding", "entailment"])
@@ -37,14 +50,7 @@ def test_task_latency(benchmark, task):
     (``narvl_best_ms`` / ``ar_best_ms``, as train.py's latency)."""
     if RUNS is None:
         pytest.skip("set NARVL_RUNS to a directory of trained runs (RUNS/TASK/{narvl,ar}/last.safetensors)")
-    models = {}
-    for arch in ("narvl", "ar"):
-        path = os.path.join(RUNS, task, arch, "last.safetensors")
-        if not os.path.isfile(path):
-            pytest.skip(f"no checkpoint at {path}")
-        models[arch], tok, cfg = load(path)
-    data = shapes_task(task, SAMPLES, cfg.image_size, seed=1000)  # train.py's evaluation split
-    inputs = [data.batch([i], tok, cfg.max_text_len)[:2] for i in range(SAMPLES)]
+    models, inputs = task_inputs(task, [("narvl", "narvl", True), ("ar", "ar", True)])
     out = {}
     benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),  # a warm-up round
                        rounds=1, iterations=1)
@@ -53,3 +59,20 @@ def test_task_latency(benchmark, task):
         task=task, samples=SAMPLES, threads=torch.get_num_threads(),
         narvl_ms=out["narvl"].round_ms, ar_ms=out["ar"].round_ms,
         narvl_best_ms=out["narvl"].best_ms, ar_best_ms=out["ar"].best_ms)
+
+
+def test_caption_linear_packing(benchmark):
+    """What the packed linear weights of ``prepare_for_inference`` buy: the caption checkpoints
+    prepared with and without them (``pack_linear``), the four copies taking turns (7 rounds).
+    extra_info: per copy the per-round ms per sample and the best-of-rounds mean."""
+    if RUNS is None:
+        pytest.skip("set NARVL_RUNS to a directory of trained runs (RUNS/caption/{narvl,ar}/last.safetensors)")
+    models, inputs = task_inputs("caption", [("narvl", "narvl", True), ("ar", "ar", True),
+                                             ("narvl_unpacked", "narvl", False), ("ar_unpacked", "ar", False)])
+    out = {}
+    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
+                       rounds=1, iterations=1)
+    benchmark.group = "task-caption-packing"
+    benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
+                                **{f"{k}_ms": v.round_ms for k, v in out.items()},
+                                **{f"{k}_best_ms": v.best_ms for k, v in out.items()})

@@ -150,6 +150,14 @@ def test_prepare_for_inference_keeps_the_function(arch):
             assert all(all(p is not None for p in m._weights()[3:]) for m in attns)
             assert layers and all(m.packed_weight() is not None for m in layers)
             assert infer.out_pack.get() is not None
+        plain = prepare_for_inference(model, pack_linear=False)  # the same function, nothing packed
+        with torch.no_grad():
+            assert all(m.packed_weight() is None for m in plain.modules() if isinstance(m, Linear))
+            assert plain.out_pack is None
+            assert all(p is None for m in plain.modules() if hasattr(m, "c_attn") for p in m._weights()[3:])
+            torch.testing.assert_close(plain.encoder(images, text)[0], infer.encoder(images, text)[0],
+                                       rtol=1e-4, atol=1e-4)
+        assert plain.generate(images, text) == infer.generate(images, text)
     with torch.no_grad():  # a copy of the copy computes the same (it packs again, lazily)
         twin = copy.deepcopy(infer)
         torch.testing.assert_close(twin.encoder(images, text)[0], infer.encoder(images, text)[0])

@@ -31,12 +31,14 @@ from .resnet import fold_batchnorm_, pack_for_cpu_
 
 
 def prepare_for_inference(model: nn.Module, image_size: int | None = None,
-                          cache_bytes: int = DEFAULT_CACHE_BYTES) -> nn.Module:
+                          cache_bytes: int = DEFAULT_CACHE_BYTES, pack_linear: bool = True) -> nn.Module:
     """A prepared copy of ``model`` (a ``NARVL`` or ``ARBaseline``); ``model`` is unchanged.
     ``image_size`` (default ``model.cfg.image_size``) picks the packed conv layout only;
-    ``cache_bytes`` caps the encoder's per-text-length bias cache (LRU). Every snapshot of the
-    copy (packed convs, bias caches, NARVL's first block) is recomputed when the copy's own
-    parameters change in place (``narvl.models.cache.ParamStamp``)."""
+    ``cache_bytes`` caps the encoder's per-text-length bias cache (LRU); ``pack_linear=False``
+    keeps the linear weights unpacked (the packed copies add about the linear weights' size
+    in memory). Every snapshot of the copy (packed convs and weights, bias caches, NARVL's first
+    block) is recomputed when the copy's own parameters change in place
+    (``narvl.models.cache.ParamStamp``)."""
     if not hasattr(model, "encoder") or not hasattr(model, "cfg"):
         raise TypeError(f"expected a NARVL or ARBaseline model, got {type(model).__name__}")
     infer = copy.deepcopy(model).eval()
@@ -45,10 +47,11 @@ def prepare_for_inference(model: nn.Module, image_size: int | None = None,
     pack_for_cpu_(backbone, image_size or model.cfg.image_size)
     for m in infer.modules():
         if isinstance(m, OFAAttention):
-            m.fuse_for_inference_()  # q/k/v in one matmul, c_attn folded into out_proj
-        elif isinstance(m, Linear):
+            m.fuse_for_inference_(pack=pack_linear)  # q/k/v in one matmul, c_attn folded into out_proj
+        elif isinstance(m, Linear) and pack_linear:
             m.pack_for_inference_()  # oneDNN-blocked weight, no reorder per call
-    infer.out_pack = PackedWeight(infer.embed_tokens, "weight")  # the tied output projection
+    if pack_linear:
+        infer.out_pack = PackedWeight(infer.embed_tokens, "weight")  # the tied output projection
     infer.encoder.cache_biases_(cache_bytes)  # position biases: constants per text length
     infer.cache_first_self_attention_(cache_bytes)  # decoder position biases (+ NARVL's first block)
     for p in infer.parameters():

@@ -84,10 +84,13 @@ class OFAAttention(nn.Module):
         self.v_proj, self.out_proj = Linear(d, d), Linear(d, d)
         self.c_attn = nn.Parameter(torch.ones(heads))
         self._fused = None
+        self._pack_fused = True
         self._fw_call = None  # the fused weights a projection read, reused by the attend after it
 
-    def fuse_for_inference_(self):
+    def fuse_for_inference_(self, pack: bool = True):
+        """``pack``: also keep oneDNN-packed copies of the fused weights."""
         self._fused = ShapeCache(param_refs(self), max_bytes=1 << 62)
+        self._pack_fused = pack
         return self
 
     def _fuse(self):
@@ -98,7 +101,7 @@ class OFAAttention(nn.Module):
         c = self.c_attn.to(w.dtype).repeat_interleave(d // self.heads)
         w_out = (self.out_proj.weight * c[None, :]).contiguous()
         # oneDNN-blocked copies for the q, k/v, q/k/v and out matmuls (None where unavailable)
-        packed = [pack_weight(m) for m in (w[:d], w[d:], w, w_out)]
+        packed = [pack_weight(m) if self._pack_fused else None for m in (w[:d], w[d:], w, w_out)]
         return [w, b, w_out, *packed]
 
     def _weights(self):
