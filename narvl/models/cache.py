@@ -28,6 +28,8 @@ def _nbytes(value) -> int:
         return 0
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
     return sum(_nbytes(v) for v in value)
 
 

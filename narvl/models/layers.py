@@ -100,17 +100,25 @@ class OFAAttention(nn.Module):
         b = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(d) for p in projs])
         c = self.c_attn.to(w.dtype).repeat_interleave(d // self.heads)
         w_out = (self.out_proj.weight * c[None, :]).contiguous()
-        # oneDNN-blocked copies for the q, k/v, q/k/v and out matmuls (None where unavailable)
-        packed = [pack_weight(m) if self._pack_fused else None for m in (w[:d], w[d:], w, w_out)]
-        return [w, b, w_out, *packed]
+        return [w, b, w_out, {}]  # {} fills with the packed copies the calls use (_packed)
 
     def _weights(self):
-        """[w_qkv (3d, d), b_qkv (3d,), w_out (d, d), packed q, packed kv, packed qkv, packed out]
-        (``narvl.ops.linear.pack_weight``, each None where unavailable) for a call without
+        """[w_qkv (3d, d), b_qkv (3d,), w_out (d, d), {part: packed copy}] for a call without
         gradients, else None."""
         if self._fused is None or torch.is_grad_enabled():
             return None
         return self._fused.get("w", self._fuse)
+
+    def _packed(self, fw, part):
+        """The oneDNN-packed copy (``narvl.ops.linear.pack_weight``) of the fused weight ``part``
+        ("q", "kv", "qkv" or "out") of ``fw``, packed at its first use, so a self-attention packs
+        only q/k/v and out, a cross-attention q, k/v and out; None where unavailable or unwanted."""
+        got = fw[3]
+        if part not in got:
+            d = fw[2].shape[0]
+            src = {"q": fw[0][:d], "kv": fw[0][d:], "qkv": fw[0], "out": fw[2]}[part]
+            got[part] = pack_weight(src) if self._pack_fused else None
+        return got[part]
 
     def _split(self, y, parts):
         """(B, L, parts * d) -> ``parts`` tensors (B, H, L, Dh) (views)."""
@@ -123,7 +131,7 @@ class OFAAttention(nn.Module):
         if fw is None:
             return split_heads(self.q_proj(x), self.heads)
         d = x.shape[-1]
-        return split_heads(linear(x, fw[0][:d], fw[1][:d], packed=fw[3]), self.heads)
+        return split_heads(linear(x, fw[0][:d], fw[1][:d], packed=self._packed(fw, "q")), self.heads)
 
     def project_kv(self, kv):
         """(B, H, Lk, Dh) keys and values of kv (B, Lk, d)."""
@@ -131,14 +139,14 @@ class OFAAttention(nn.Module):
         if fw is None:
             return split_heads(self.k_proj(kv), self.heads), split_heads(self.v_proj(kv), self.heads)
         d = kv.shape[-1]
-        return tuple(self._split(linear(kv, fw[0][d:], fw[1][d:], packed=fw[4]), 2))
+        return tuple(self._split(linear(kv, fw[0][d:], fw[1][d:], packed=self._packed(fw, "kv")), 2))
 
     def project_qkv(self, x):
         """Queries, keys and values (B, H, L, Dh) of x (B, L, d) (self-attention)."""
         fw = self._fw_call = self._weights()
         if fw is None:
             return (self.project_q(x),) + self.project_kv(x)
-        return tuple(self._split(linear(x, fw[0], fw[1], packed=fw[5]), 3))
+        return tuple(self._split(linear(x, fw[0], fw[1], packed=self._packed(fw, "qkv")), 3))
 
     def attend(self, q, k, v, key_lengths=None, bias=None, causal=False):
         """Projected q (B, H, Lq, Dh), k / v (B, H, Lk, Dh) -> output (B, Lq, d)."""
@@ -155,7 +163,7 @@ class OFAAttention(nn.Module):
         # the weights the query projection just read (one staleness check per attention call)
         fw, self._fw_call = self._fw_call, None
         if fw is not None and not torch.is_grad_enabled():
-            packed = fw[6] if a.dtype == fw[2].dtype else None
+            packed = self._packed(fw, "out") if a.dtype == fw[2].dtype else None
             return linear(merge_heads(a), fw[2].to(a.dtype), self.out_proj.bias, packed=packed)
         a = a * self.c_attn.to(a.dtype)[None, :, None, None]
         return self.out_proj(merge_heads(a))
