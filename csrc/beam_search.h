@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <type_traits>
@@ -56,12 +57,12 @@ struct Cand {
 
 // The k largest entries of a row as log-probabilities, sorted descending (ties: lower token id),
 // and the log-probability of `blank` (any rank): one read of the row (row_topk_f32, vec_math.h),
-// which for logits also gives the row's log-sum-exp; never a sort of V.
+// which for logits also gives the row's log-sum-exp; never a sort of V. vals/idx/keys are the
+// caller's buffers (thread-local storage costs a call per access in a shared library).
 template <typename scalar_t>
 void top_candidates(const scalar_t* xr, int64_t V, int64_t k, int64_t input, int64_t blank,
-                    std::vector<Cand>& heap, float* blank_lp) {
-  static thread_local std::vector<float> vals;
-  static thread_local std::vector<int32_t> idx;
+                    std::vector<Cand>& heap, float* blank_lp, std::vector<float>& vals,
+                    std::vector<int32_t>& idx, std::vector<uint64_t>& keys) {
   const float* x = float_row(xr, V);
   const int64_t need = topk_buffer_size(k);
   if (static_cast<int64_t>(vals.size()) < need) {
@@ -75,11 +76,26 @@ void top_candidates(const scalar_t* xr, int64_t V, int64_t k, int64_t input, int
   auto to_log = [&](float f) {
     return input == kProbs ? std::log(f) : input == kLogits ? f - lse : f;
   };
+  // sorted as one 64-bit key each: the log-probability's order-preserving bits over the
+  // complemented token id (descending keys = descending lp, ties to the lower token)
+  keys.resize(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const float lp = to_log(vals[j]) + 0.0f;  // (-0 -> +0: one key for both zeros)
+    uint32_t u;
+    std::memcpy(&u, &lp, sizeof(u));
+    u ^= (u >> 31) ? 0xffffffffu : 0x80000000u;
+    keys[j] = (static_cast<uint64_t>(u) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(idx[j]));
+  }
+  std::sort(keys.begin(), keys.end(), std::greater<uint64_t>());
   heap.resize(n);
-  for (int64_t j = 0; j < n; ++j) heap[j] = Cand{to_log(vals[j]), idx[j]};
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t u = static_cast<uint32_t>(keys[j] >> 32);
+    u ^= (u >> 31) ? 0x80000000u : 0xffffffffu;
+    float lp;
+    std::memcpy(&lp, &u, sizeof(lp));
+    heap[j] = Cand{lp, static_cast<int32_t>(~static_cast<uint32_t>(keys[j]))};
+  }
   *blank_lp = to_log(x[blank]);
-  auto cmp = [](const Cand& a, const Cand& b) { return a.lp > b.lp || (a.lp == b.lp && a.tok < b.tok); };
-  std::sort(heap.begin(), heap.end(), cmp);
 }
 
 struct Node {
@@ -141,7 +157,16 @@ struct ChildMap {
 
 // Per-thread buffers shared by the samples a thread serves.
 struct Scratch {
-  std::vector<int32_t> tok_pos, tok_stamp;  // token -> index in the candidate list at this frame
+  // token -> index in this frame's candidate list: an open-addressing table of at least 4 slots
+  // per candidate (L1-resident, where two V-sized arrays cost a cache miss per candidate)
+  struct Slot {
+    int32_t stamp, tok, pos;
+  };
+  std::vector<Slot> slots;
+  uint32_t slot_shift = 32;
+  std::vector<float> topk_vals;
+  std::vector<int32_t> topk_idx;
+  std::vector<uint64_t> topk_keys;
   std::vector<double> cand_p;
   std::vector<double> heap;  // min-heap of the best `beam_width` final scores
   std::vector<Cand> cands;
@@ -150,10 +175,32 @@ struct Scratch {
   int32_t epoch = 0;
   int32_t next_epoch() {
     if (epoch == std::numeric_limits<int32_t>::max()) {
-      std::fill(tok_stamp.begin(), tok_stamp.end(), 0);
+      for (Slot& x : slots) x.stamp = 0;
       epoch = 0;
     }
     return ++epoch;
+  }
+  void reserve_slots(int64_t n) {  // room for n candidates
+    if (static_cast<int64_t>(slots.size()) >= 4 * n) return;
+    int bits = 6;
+    while ((int64_t{1} << bits) < 4 * n) ++bits;
+    slots.assign(size_t{1} << bits, Slot{0, 0, 0});
+    slot_shift = 32 - bits;
+  }
+  size_t slot_of(int32_t tok) const {
+    return static_cast<size_t>((static_cast<uint32_t>(tok) * 0x9E3779B1u) >> slot_shift);
+  }
+  void put(int32_t tok, int32_t pos, int32_t frame) {
+    const size_t mask = slots.size() - 1;
+    size_t i = slot_of(tok);
+    while (slots[i].stamp == frame) i = (i + 1) & mask;
+    slots[i] = Slot{frame, tok, pos};
+  }
+  int32_t find(int32_t tok, int32_t frame) const {  // -1 when tok is not a candidate
+    const size_t mask = slots.size() - 1;
+    for (size_t i = slot_of(tok); slots[i].stamp == frame; i = (i + 1) & mask)
+      if (slots[i].tok == tok) return slots[i].pos;
+    return -1;
   }
 };
 
@@ -237,10 +284,7 @@ struct Search {
 
 template <typename scalar_t>
 void Search::step(const scalar_t* X, int64_t nframes, int64_t V, Scratch& w) {
-  if (static_cast<int64_t>(w.tok_stamp.size()) < V) {
-    w.tok_stamp.resize(V, 0);
-    w.tok_pos.resize(V, 0);
-  }
+  w.reserve_slots(std::min(o.top_n, V));
   const int64_t beam_width = o.beam_width, blank = o.blank;
   const double max_factor = sc ? sc->max_factor() : 1.0;
   const bool lm_prune = sc && sc->has_lm();
@@ -263,23 +307,30 @@ void Search::step(const scalar_t* X, int64_t nframes, int64_t V, Scratch& w) {
     const int32_t frame = w.next_epoch();
     const int32_t bframe = static_cast<int32_t>(frames + 1);  // beam stamp (per sample)
     float blank_lp;
-    top_candidates(X + f * V, V, std::min(o.top_n, V), o.input, blank, w.cands, &blank_lp);
+    top_candidates(X + f * V, V, std::min(o.top_n, V), o.input, blank, w.cands, &blank_lp, w.topk_vals,
+                   w.topk_idx, w.topk_keys);
     int64_t nc = static_cast<int64_t>(w.cands.size());
-    w.cand_p.resize(nc);
-    for (int64_t j = 0; j < nc; ++j) w.cand_p[j] = std::exp(static_cast<double>(w.cands[j].lp));
+    // candidate probabilities, computed at first use (-1: not yet): the loops below stop after a
+    // few candidates, so most frames need few of the top_n exponentials
+    w.cand_p.assign(nc, -1.0);
+    auto cand_p = [&](int64_t j) {
+      double& p = w.cand_p[j];
+      if (p < 0.0) p = std::exp(static_cast<double>(w.cands[j].lp));
+      return p;
+    };
     if (o.cutoff_prob < 1.0) {
       double mass = 0.0;
       int64_t keep = 0;
-      while (keep < nc && mass < o.cutoff_prob) mass += w.cand_p[keep++];
+      while (keep < nc && mass < o.cutoff_prob) mass += cand_p(keep++);
       nc = std::max<int64_t>(keep, 1);
     }
     double p_blank = 0.0;
     for (int64_t j = 0; j < nc; ++j) {
-      w.tok_stamp[w.cands[j].tok] = frame;
-      w.tok_pos[w.cands[j].tok] = static_cast<int32_t>(j);
-      if (w.cands[j].tok == blank) p_blank = w.cand_p[j];
+      const int32_t tok = w.cands[j].tok;
+      w.put(tok, static_cast<int32_t>(j), frame);
+      if (tok == blank) p_blank = cand_p(j);
     }
-    auto cand_of = [&](int32_t tok) { return w.tok_stamp[tok] == frame ? w.tok_pos[tok] : -1; };
+    auto cand_of = [&](int32_t tok) { return w.find(tok, frame); };
     const int64_t nb = static_cast<int64_t>(beam.size());
     for (int64_t i = 0; i < nb; ++i) {
       nodes[beam[i].node].bstamp = bframe;
@@ -303,7 +354,7 @@ void Search::step(const scalar_t* X, int64_t nframes, int64_t V, Scratch& w) {
       double stay_nb = 0.0;
       if (last >= 0 && last != blank) {
         const int32_t j = cand_of(last);
-        if (j >= 0 && taken(e.total(), w.cand_p[j])) stay_nb = e.pnb * w.cand_p[j];
+        if (j >= 0 && taken(e.total(), cand_p(j))) stay_nb = e.pnb * cand_p(j);
       }
       w.next[i] = Entry{e.node, e.total() * p_blank, stay_nb};
     }
@@ -315,10 +366,10 @@ void Search::step(const scalar_t* X, int64_t nframes, int64_t V, Scratch& w) {
       const int32_t j = cand_of(nk.tok);
       if (i < 0 || j < 0) continue;
       const Entry& ei = beam[i];
-      if (!taken(ei.total(), w.cand_p[j])) continue;
+      if (!taken(ei.total(), cand_p(j))) continue;
       visit(beam[k].node, w.cands[j].lp, t);
       const int32_t last_i = nodes[ei.node].tok;
-      w.next[k].pnb += (nk.tok == last_i ? ei.pb : ei.total()) * w.cand_p[j] * nk.factor;
+      w.next[k].pnb += (nk.tok == last_i ? ei.pb : ei.total()) * cand_p(j) * nk.factor;
     }
     // (3) alive nodes outside the beam whose parent is in it: the extension is visited
     // whether or not it survives (its score is handled in (4))
@@ -327,7 +378,7 @@ void Search::step(const scalar_t* X, int64_t nframes, int64_t V, Scratch& w) {
       if (ng.parent < 0) continue;
       const int32_t i = in_beam(ng.parent);
       const int32_t j = cand_of(ng.tok);
-      if (i >= 0 && j >= 0 && taken(beam[i].total(), w.cand_p[j])) visit(g, w.cands[j].lp, t);
+      if (i >= 0 && j >= 0 && taken(beam[i].total(), cand_p(j))) visit(g, w.cands[j].lp, t);
     }
     w.heap.clear();
     for (int64_t k = 0; k < nb; ++k) heap_push(w.next[k].total());
@@ -342,12 +393,12 @@ void Search::step(const scalar_t* X, int64_t nframes, int64_t V, Scratch& w) {
     for (const int32_t i : w.order) {
       const Entry ei = beam[i];
       const double tot = ei.total();
-      if (tot * w.cand_p[0] * max_factor < threshold()) break;
+      if (tot * cand_p(0) * max_factor < threshold()) break;
       const int32_t last = nodes[ei.node].tok;
       for (int64_t j = 0; j < nc; ++j) {
         const int32_t c = w.cands[j].tok;
         if (c == blank) continue;
-        const double pj = w.cand_p[j];
+        const double pj = cand_p(j);
         if (tot * pj * max_factor < threshold()) break;
         if (!taken(tot, pj)) break;
         const double base = (c == last ? ei.pb : tot) * pj;
@@ -376,8 +427,16 @@ void Search::step(const scalar_t* X, int64_t nframes, int64_t V, Scratch& w) {
       return a.total() > b.total() || (a.total() == b.total() && a.node < b.node);
     };
     if (static_cast<int64_t>(w.next.size()) > beam_width) {
-      std::nth_element(w.next.begin(), w.next.begin() + beam_width, w.next.end(), better);
-      w.next.resize(beam_width);
+      // the heap holds the beam_width best totals: what is below its least cannot stay
+      const double least = w.heap.front();
+      size_t m = 0;
+      for (const Entry& e : w.next)
+        if (e.total() >= least) w.next[m++] = e;
+      w.next.resize(m);
+      if (static_cast<int64_t>(m) > beam_width) {  // ties at the least
+        std::nth_element(w.next.begin(), w.next.begin() + beam_width, w.next.end(), better);
+        w.next.resize(beam_width);
+      }
     }
     double mx = 0.0;
     for (const Entry& e : w.next) mx = std::max(mx, e.total());

@@ -88,4 +88,6 @@ PYBIND11_MODULE(_C, m) {
   narvl::register_decode_kernels(m);
   narvl::register_beam_decoder(m);
   m.def("_row_topk", &narvl::row_topk, "test hook: the CPU beam search's frame top-k on one row");
+  m.def("_cpu_level", &narvl::cpu_dispatch_level,
+        "test hook: the row kernels' ISA level (4 AVX-512, 3 AVX2, 0 baseline; NARVL_CPU_LEVEL caps it)");
 }

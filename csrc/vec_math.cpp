@@ -181,8 +181,15 @@ NARVL_V4 static void row_stats_v4(const float* x, int64_t V, float* m, double* e
 NARVL_V3 static void row_stats_v3(const float* x, int64_t V, float* m, double* e, double* s) {
   row_stats_impl<8>(x, V, m, e, s);
 }
-static int x86_level() {  // 4: AVX-512 (x86-64-v4), 3: AVX2 + FMA (v3), 0: baseline
-  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+// 4: AVX-512 (x86-64-v4), 3: AVX2 + FMA (v3), 0: baseline. NARVL_CPU_LEVEL=0 or 3 caps it (read
+// once per process), so that the tests run every ISA's row kernels on an AVX-512 machine.
+static int x86_level() {
+  static const int level = [] {
+    int l = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+    const char* cap = std::getenv("NARVL_CPU_LEVEL");
+    if (cap != nullptr && (std::string(cap) == "0" || std::string(cap) == "3")) l = std::min(l, std::atoi(cap));
+    return l;
+  }();
   return level;
 }
 #endif
@@ -343,9 +350,12 @@ static inline float from_ordered_bits(uint32_t x) {
 
 // The k-th largest of K[0, n) (1 <= k <= n): the largest X with count(K >= X) >= k, found bit by
 // bit from the top (32 counting sweeps that GCC vectorises, no data-dependent branch).
-__attribute__((always_inline)) static inline uint32_t kth_largest_key(const uint32_t* K, int64_t n, int64_t k) {
+// With low_bit > 0 only the bits from the top down to low_bit are found: a lower bound of the
+// k-th largest key in 32 - low_bit sweeps.
+__attribute__((always_inline)) static inline uint32_t kth_largest_key(const uint32_t* K, int64_t n, int64_t k,
+                                                                      int low_bit = 0) {
   uint32_t X = 0;
-  for (int bit = 31; bit >= 0; --bit) {
+  for (int bit = 31; bit >= low_bit; --bit) {
     const uint32_t trial = X | (1u << bit);
     int32_t c = 0;
     for (int64_t j = 0; j < n; ++j) c += K[j] >= trial;
@@ -360,9 +370,14 @@ __attribute__((always_inline)) static inline uint32_t kth_largest_key(const uint
 // above T and the lowest-index ties at T. Returns k and sets *thr = T.
 __attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32_t* idx, int64_t n, int64_t k,
                                                               float* thr) {
-  static thread_local std::vector<uint32_t> keys;
-  if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
-  uint32_t* K = keys.data();
+  // (thread-local storage costs a call per access in a shared library: small cuts use the stack)
+  uint32_t stack_keys[512];
+  uint32_t* K = stack_keys;
+  if (n > 512) {
+    static thread_local std::vector<uint32_t> keys;
+    if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
+    K = keys.data();
+  }
   for (int64_t j = 0; j < n; ++j) K[j] = ordered_bits(vals[j]);
   const uint32_t X = kth_largest_key(K, n, k);
   int64_t above = 0;
@@ -415,6 +430,58 @@ struct Gather<16> {
 };
 #endif
 
+// Four chunks' lane maxima folded into one vector: lanes [qW/4, (q+1)W/4) hold the maxima of
+// chunk q's lanes j, j + W/4, j + W/2, j + 3W/4 (two levels of half-folds). One 64-byte store
+// per 4 chunks instead of one per chunk: the stores, not the reads, made pass 1 ~17% slower
+// than a plain read of the row (bench/topk_row_micro.cpp).
+template <int W>
+struct Fold4;
+template <>
+struct Fold4<16> {
+  typedef Vec<16>::F F;
+  typedef Vec<16>::I I;
+  static inline F half(F a, F b) {  // [max(a.lo, a.hi), max(b.lo, b.hi)]
+    const F lo = __builtin_shuffle(a, b, I{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23});
+    const F hi = __builtin_shuffle(a, b, I{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+    return lo > hi ? lo : hi;
+  }
+  static inline F quarter(F x, F y) {
+    const F lo = __builtin_shuffle(x, y, I{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27});
+    const F hi = __builtin_shuffle(x, y, I{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
+    return lo > hi ? lo : hi;
+  }
+};
+template <>
+struct Fold4<8> {
+  typedef Vec<8>::F F;
+  typedef Vec<8>::I I;
+  static inline F half(F a, F b) {
+    const F lo = __builtin_shuffle(a, b, I{0, 1, 2, 3, 8, 9, 10, 11});
+    const F hi = __builtin_shuffle(a, b, I{4, 5, 6, 7, 12, 13, 14, 15});
+    return lo > hi ? lo : hi;
+  }
+  static inline F quarter(F x, F y) {
+    const F lo = __builtin_shuffle(x, y, I{0, 1, 4, 5, 8, 9, 12, 13});
+    const F hi = __builtin_shuffle(x, y, I{2, 3, 6, 7, 10, 11, 14, 15});
+    return lo > hi ? lo : hi;
+  }
+};
+template <>
+struct Fold4<4> {
+  typedef Vec<4>::F F;
+  typedef Vec<4>::I I;
+  static inline F half(F a, F b) {
+    const F lo = __builtin_shuffle(a, b, I{0, 1, 4, 5});
+    const F hi = __builtin_shuffle(a, b, I{2, 3, 6, 7});
+    return lo > hi ? lo : hi;
+  }
+  static inline F quarter(F x, F y) {
+    const F lo = __builtin_shuffle(x, y, I{0, 2, 4, 6});
+    const F hi = __builtin_shuffle(x, y, I{1, 3, 5, 7});
+    return lo > hi ? lo : hi;
+  }
+};
+
 // Pass 2: gathers the values above thr into vals/idx in index order, cutting back to the k best
 // whenever more than topk_cut_at(k) are held (which raises thr); then the final cut, and -inf
 // indices when fewer than k values exceed -inf. Returns the count.
@@ -427,21 +494,29 @@ __attribute__((always_inline)) static inline int64_t topk_gather(const float* x,
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t cap = topk_cut_at(k);  // (the buffer has room for one more chunk's values above it)
   int64_t n = 0;
-  // chunks of 2 steps whose lane maxima (pass 1's, cmax) all sit at or below thr are skipped
-  for (int64_t c = 0; c < nchunk; ++c) {
-    if (__builtin_expect(LaneMask<W>::gt(vload<F>(cmax + c * W), thr) == 0, 1)) continue;
-    for (int64_t s = 0; s < 2; ++s) {
-      const int64_t j = (2 * c + s) * kStep;
-      const F v0 = vload<F>(x + j), v1 = vload<F>(x + j + W);
-      const F v2 = vload<F>(x + j + 2 * W), v3 = vload<F>(x + j + 3 * W);
-      const uint64_t m = LaneMask<W>::gt(v0, thr) | (LaneMask<W>::gt(v1, thr) << W) |
-                         (LaneMask<W>::gt(v2, thr) << (2 * W)) | (LaneMask<W>::gt(v3, thr) << (3 * W));
-      if (m) {
-        n = Gather<W>::put(x, j, m, vals, idx, n);
-        if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
+  // Pass 1 folded each group of 4 chunks' lane maxima into one vector (Fold4): a group whose
+  // maxima all sit at or below thr is skipped, and so is each of its chunks (2 steps) whose
+  // W/4 lanes do.
+  constexpr int Q = W / 4;
+  for (int64_t g = 0; g < nchunk / 4; ++g) {
+    const uint64_t gm = LaneMask<W>::gt(vload<F>(cmax + g * W), thr);
+    if (__builtin_expect(gm == 0, 1)) continue;
+    for (int64_t q = 0; q < 4; ++q) {
+      if (((gm >> (q * Q)) & ((uint64_t{1} << Q) - 1)) == 0) continue;
+      for (int64_t s = 0; s < 2; ++s) {
+        const int64_t j = (2 * (4 * g + q) + s) * kStep;
+        const F v0 = vload<F>(x + j), v1 = vload<F>(x + j + W);
+        const F v2 = vload<F>(x + j + 2 * W), v3 = vload<F>(x + j + 3 * W);
+        const uint64_t m = LaneMask<W>::gt(v0, thr) | (LaneMask<W>::gt(v1, thr) << W) |
+                           (LaneMask<W>::gt(v2, thr) << (2 * W)) | (LaneMask<W>::gt(v3, thr) << (3 * W));
+        if (m) {
+          n = Gather<W>::put(x, j, m, vals, idx, n);
+          if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
+        }
       }
     }
   }
+  // the chunks outside whole groups, then the scalar tail, are tested step by step
   int64_t i = nchunk * 2 * kStep;
   for (; i + kStep <= V; i += kStep) {
     const F v0 = vload<F>(x + i), v1 = vload<F>(x + i + W);
@@ -491,19 +566,26 @@ __attribute__((always_inline)) static inline int64_t row_topk_impl(const float* 
   F rmx = vninf, rse = vsplat<F>(0.f);
   F acc[NA];
   for (int a = 0; a < NA; ++a) acc[a] = vninf;
-  static thread_local std::vector<float> cmax_buf;  // each chunk's lane maxima, for pass 2
-  const int64_t nchunk = V / kStep;
-  if (static_cast<int64_t>(cmax_buf.size()) < (nchunk + 1) * W) cmax_buf.resize((nchunk + 1) * W);
-  float* cmax = cmax_buf.data();
-  int64_t i = 0;
-  for (; i + kStep <= V; i += kStep) {
+  // each group's folded lane maxima, for pass 2 (on the stack up to V ~ 65,000)
+  const int64_t ngroup = V / (4 * kStep);
+  const int64_t nchunk = 4 * ngroup;
+  alignas(64) float cmax_stack[2048];
+  float* cmax = cmax_stack;
+  if ((ngroup + 1) * W > 2048) {
+    static thread_local std::vector<float> cmax_buf;
+    if (static_cast<int64_t>(cmax_buf.size()) < (ngroup + 1) * W) cmax_buf.resize((ngroup + 1) * W);
+    cmax = cmax_buf.data();
+  }
+  auto chunk = [&](int64_t i) __attribute__((always_inline)) {  // 8W values: their lane maxima
     F v[NA];
     for (int a = 0; a < NA; ++a) v[a] = vload<F>(x + i + a * W);
     canary += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
     for (int a = 0; a < NA; ++a) acc[a] = v[a] > acc[a] ? v[a] : acc[a];
-    F cm = v[0];
-    for (int a = 1; a < NA; ++a) cm = v[a] > cm ? v[a] : cm;
-    std::memcpy(cmax + (i / kStep) * W, &cm, sizeof(F));
+    F cm = (v[0] > v[1] ? v[0] : v[1]);
+    const F c23 = v[2] > v[3] ? v[2] : v[3], c45 = v[4] > v[5] ? v[4] : v[5], c67 = v[6] > v[7] ? v[6] : v[7];
+    cm = cm > c23 ? cm : c23;
+    const F c47 = c45 > c67 ? c45 : c67;
+    cm = cm > c47 ? cm : c47;
     if (LSE) {
       const F mn = cm > rmx ? cm : rmx;
       const F sh = mn == vninf ? vsplat<F>(0.f) : mn;
@@ -512,7 +594,17 @@ __attribute__((always_inline)) static inline int64_t row_topk_impl(const float* 
       rse = e;
       rmx = mn;
     }
+    return cm;
+  };
+  int64_t i = 0;
+  for (int64_t g = 0; g < ngroup; ++g, i += 4 * kStep) {
+    const F c0 = chunk(i), c1 = chunk(i + kStep);
+    const F h01 = Fold4<W>::half(c0, c1);
+    const F c2 = chunk(i + 2 * kStep), c3 = chunk(i + 3 * kStep);
+    const F gm = Fold4<W>::quarter(h01, Fold4<W>::half(c2, c3));
+    std::memcpy(cmax + g * W, &gm, sizeof(F));
   }
+  for (; i + kStep <= V; i += kStep) chunk(i);
   bool bad = false;
   float tmx = ninf;  // the scalar tail's maximum and sum
   double tse = 0.0;
@@ -552,7 +644,10 @@ __attribute__((always_inline)) static inline int64_t row_topk_impl(const float* 
     for (int a = 0; a < NA; ++a) std::memcpy(lm + a * W, &acc[a], sizeof(F));
     uint32_t K[NA * W];
     for (int j = 0; j < NA * W; ++j) K[j] = ordered_bits(lm[j]);
-    const float L = from_ordered_bits(kth_largest_key(K, NA * W, k));
+    // a lower bound of the k-th largest lane maximum in 16 sweeps (the top 16 key bits: sign,
+    // exponent and 7 mantissa bits), clamped at -inf's key (the keys below it are NaNs)
+    const uint32_t X = std::max(kth_largest_key(K, NA * W, k, 16), ordered_bits(ninf));
+    const float L = from_ordered_bits(X);
     thr = std::nextafter(L, ninf);  // x > thr  <=>  x >= L
   }
   return topk_gather<W>(x, V, k, thr, vals, idx, cmax, nchunk);
@@ -578,6 +673,14 @@ int64_t row_topk_f32(const float* x, int64_t V, int64_t k, float* vals, int32_t*
 #endif
   return lse ? row_topk_impl<4, true>(x, V, k, vals, idx, nan, lse)
              : row_topk_impl<4, false>(x, V, k, vals, idx, nan, nullptr);
+}
+
+int cpu_dispatch_level() {
+#ifdef NARVL_X86_DISPATCH
+  return x86_level();
+#else
+  return 0;
+#endif
 }
 
 int64_t row_argmax_f32(const float* x, int64_t V, bool* nan) {

@@ -116,14 +116,18 @@ int64_t row_argmax_f32(const float* x, int64_t V, bool* nan);
 
 // The min(k, V) largest values of a row and their indices (ties: the lower index), unordered.
 // Pass 1 reads the row from memory: the maximum of each of 8W interleaved lanes (W = the ISA's
-// vector width), each chunk's lane maxima, a NaN canary and, with lse != nullptr, *lse =
-// log sum_v exp(x[v]) (online softmax; -inf for an all -inf row, NaN/+inf propagate). The k-th
+// vector width), each 8W-value chunk's lane maxima (folded four chunks to a vector), a NaN
+// canary and, with lse != nullptr, *lse = log sum_v exp(x[v]) (online softmax; -inf for an all
+// -inf row, NaN/+inf propagate). The k-th
 // largest lane maximum bounds the k-th value from below, so pass 2 (from cache) gathers only the
 // values reaching it, cutting back to the k best whenever 3k are held. Values are compared raw
 // (the same order for probabilities, log-probabilities and logits); -inf values enter only when
 // fewer than k values exceed -inf. vals/idx hold topk_buffer_size(k) entries; the first
 // `returned` are the result. *nan is set when x holds a NaN (the values are then not filled).
 int64_t topk_buffer_size(int64_t k);
+// The ISA level the row kernels dispatch to: 4 (AVX-512), 3 (AVX2 + FMA) or 0 (baseline);
+// NARVL_CPU_LEVEL=0 or 3 caps it (read once per process).
+int cpu_dispatch_level();
 int64_t row_topk_f32(const float* x, int64_t V, int64_t k, float* vals, int32_t* idx, bool* nan, float* lse);
 
 }  // namespace narvl
