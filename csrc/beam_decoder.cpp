@@ -136,7 +136,7 @@ class BeamDecoder {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "beam_decoder", [&] {
         const scalar_t* X = scores.data_ptr<scalar_t>();
         at::parallel_for(0, B, std::max<int64_t>(grain, 1), [&](int64_t b0, int64_t b1) {
-          static thread_local beam::Scratch scratch;
+          beam::Scratch& scratch = beam::thread_scratch();
           for (int64_t b = b0; b < b1; ++b) states[b]->search.step(X + b * T * scores.size(2), len[b], V_, scratch);
         });
       });

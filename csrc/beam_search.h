@@ -57,12 +57,12 @@ struct Cand {
 
 // The k largest entries of a row as log-probabilities, sorted descending (ties: lower token id),
 // and the log-probability of `blank` (any rank): one read of the row (row_topk_f32, vec_math.h),
-// which for logits also gives the row's log-sum-exp; never a sort of V. vals/idx/keys are the
+// which for logits also gives the row's log-sum-exp; never a sort of V. vals/idx are the
 // caller's buffers (thread-local storage costs a call per access in a shared library).
 template <typename scalar_t>
 void top_candidates(const scalar_t* xr, int64_t V, int64_t k, int64_t input, int64_t blank,
                     std::vector<Cand>& heap, float* blank_lp, std::vector<float>& vals,
-                    std::vector<int32_t>& idx, std::vector<uint64_t>& keys) {
+                    std::vector<int32_t>& idx) {
   const float* x = float_row(xr, V);
   const int64_t need = topk_buffer_size(k);
   if (static_cast<int64_t>(vals.size()) < need) {
@@ -76,24 +76,16 @@ void top_candidates(const scalar_t* xr, int64_t V, int64_t k, int64_t input, int
   auto to_log = [&](float f) {
     return input == kProbs ? std::log(f) : input == kLogits ? f - lse : f;
   };
-  // sorted as one 64-bit key each: the log-probability's order-preserving bits over the
-  // complemented token id (descending keys = descending lp, ties to the lower token)
-  keys.resize(n);
-  for (int64_t j = 0; j < n; ++j) {
-    const float lp = to_log(vals[j]) + 0.0f;  // (-0 -> +0: one key for both zeros)
-    uint32_t u;
-    std::memcpy(&u, &lp, sizeof(u));
-    u ^= (u >> 31) ? 0xffffffffu : 0x80000000u;
-    keys[j] = (static_cast<uint64_t>(u) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(idx[j]));
-  }
-  std::sort(keys.begin(), keys.end(), std::greater<uint64_t>());
+  // the row's order (raw values descending, ties to the lower token) is the log-probabilities'
+  // order, up to ties that the conversion rounds together: an insertion pass, linear on sorted
+  // input, puts those in token order
   heap.resize(n);
   for (int64_t j = 0; j < n; ++j) {
-    uint32_t u = static_cast<uint32_t>(keys[j] >> 32);
-    u ^= (u >> 31) ? 0x80000000u : 0xffffffffu;
-    float lp;
-    std::memcpy(&lp, &u, sizeof(lp));
-    heap[j] = Cand{lp, static_cast<int32_t>(~static_cast<uint32_t>(keys[j]))};
+    const Cand c{to_log(vals[j]), idx[j]};
+    int64_t i = j;
+    for (; i > 0 && (heap[i - 1].lp < c.lp || (heap[i - 1].lp == c.lp && heap[i - 1].tok > c.tok)); --i)
+      heap[i] = heap[i - 1];
+    heap[i] = c;
   }
   *blank_lp = to_log(x[blank]);
 }
@@ -115,18 +107,18 @@ struct Entry {
 };
 
 // Open-addressing map (parent node, token) -> child node; keys are never erased within a sample.
+// Key and value share a 16-byte slot: one cache line per probe.
 struct ChildMap {
-  std::vector<uint64_t> keys;
-  std::vector<int32_t> vals;
+  struct Slot {
+    uint64_t key;
+    int32_t val;
+  };
+  std::vector<Slot> slots;
   size_t used = 0;
   static constexpr uint64_t kEmpty = ~uint64_t(0);
   void clear() {
-    if (keys.empty()) {
-      keys.assign(256, kEmpty);
-      vals.assign(256, 0);
-    } else {
-      std::fill(keys.begin(), keys.end(), kEmpty);
-    }
+    if (slots.empty()) slots.assign(256, Slot{kEmpty, 0});
+    else for (Slot& x : slots) x.key = kEmpty;
     used = 0;
   }
   static size_t mix(uint64_t k) {
@@ -136,22 +128,16 @@ struct ChildMap {
     return static_cast<size_t>(k);
   }
   size_t find(uint64_t key) const {  // the slot of key (found, or empty where it would go)
-    const size_t mask = keys.size() - 1;
+    const size_t mask = slots.size() - 1;
     size_t i = mix(key) & mask;
-    while (keys[i] != kEmpty && keys[i] != key) i = (i + 1) & mask;
+    while (slots[i].key != kEmpty && slots[i].key != key) i = (i + 1) & mask;
     return i;
   }
   void grow() {
-    std::vector<uint64_t> ok = std::move(keys);
-    std::vector<int32_t> ov = std::move(vals);
-    keys.assign(ok.size() * 2, kEmpty);
-    vals.assign(ok.size() * 2, 0);
-    for (size_t i = 0; i < ok.size(); ++i)
-      if (ok[i] != kEmpty) {
-        const size_t j = find(ok[i]);
-        keys[j] = ok[i];
-        vals[j] = ov[i];
-      }
+    std::vector<Slot> old = std::move(slots);
+    slots.assign(old.size() * 2, Slot{kEmpty, 0});
+    for (const Slot& x : old)
+      if (x.key != kEmpty) slots[find(x.key)] = x;
   }
 };
 
@@ -166,7 +152,6 @@ struct Scratch {
   uint32_t slot_shift = 32;
   std::vector<float> topk_vals;
   std::vector<int32_t> topk_idx;
-  std::vector<uint64_t> topk_keys;
   std::vector<double> cand_p;
   std::vector<double> heap;  // min-heap of the best `beam_width` final scores
   std::vector<Cand> cands;
@@ -242,17 +227,16 @@ struct Search {
   int32_t lookup(int32_t parent, int32_t tok) const {
     const uint64_t key = (static_cast<uint64_t>(parent) << 32) | static_cast<uint32_t>(tok);
     const size_t i = children.find(key);
-    return children.keys[i] == key ? children.vals[i] : -1;
+    return children.slots[i].key == key ? children.slots[i].val : -1;
   }
 
   int32_t insert(int32_t parent, int32_t tok, double factor, const NodeState& s) {
     const uint64_t key = (static_cast<uint64_t>(parent) << 32) | static_cast<uint32_t>(tok);
-    if (2 * (children.used + 1) > children.keys.size()) children.grow();
+    if (2 * (children.used + 1) > children.slots.size()) children.grow();
     const size_t i = children.find(key);
     const int32_t id = static_cast<int32_t>(nodes.size());
     nodes.push_back(Node{tok, parent, -1, 0.f, 0, 0, 0, factor, s});
-    children.keys[i] = key;
-    children.vals[i] = id;
+    children.slots[i] = ChildMap::Slot{key, id};
     ++children.used;
     return id;
   }
@@ -308,7 +292,7 @@ void Search::step(const scalar_t* X, int64_t nframes, int64_t V, Scratch& w) {
     const int32_t bframe = static_cast<int32_t>(frames + 1);  // beam stamp (per sample)
     float blank_lp;
     top_candidates(X + f * V, V, std::min(o.top_n, V), o.input, blank, w.cands, &blank_lp, w.topk_vals,
-                   w.topk_idx, w.topk_keys);
+                   w.topk_idx);
     int64_t nc = static_cast<int64_t>(w.cands.size());
     // candidate probabilities, computed at first use (-1: not yet): the loops below stop after a
     // few candidates, so most frames need few of the top_n exponentials
@@ -465,6 +449,16 @@ void Search::step(const scalar_t* X, int64_t nframes, int64_t V, Scratch& w) {
       }
     // (the root is alive whenever anything is; it has no parent to be extended from)
   }
+}
+
+// Per-thread search state and buffers, reused across calls (their capacity is kept).
+__attribute__((noinline)) inline Search& thread_search() {
+  static thread_local Search search;
+  return search;
+}
+__attribute__((noinline)) inline Scratch& thread_scratch() {
+  static thread_local Scratch scratch;
+  return scratch;
 }
 
 inline void Search::finish(int64_t nbest, int64_t T, int64_t* out_tok, int64_t* out_len, float* out_score,

@@ -94,8 +94,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> beam_cpu(const Tensor& scores_in, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "beam_cpu", [&] {
     const scalar_t* X = scores.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-      static thread_local beam::Search search;
-      static thread_local beam::Scratch scratch;
+      // (references taken once: each use of a thread_local object is a call in a shared library)
+      beam::Search& search = beam::thread_search();
+      beam::Scratch& scratch = beam::thread_scratch();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t Tb = len[b];
         TORCH_CHECK(Tb >= 0 && Tb <= T, "narvl: lengths[", b, "] outside [0, ", T, "]");

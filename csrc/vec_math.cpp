@@ -396,6 +396,29 @@ __attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32
   return k;
 }
 
+// Sorts vals/idx[0, n) by value, descending (ties: the lower index first), and keeps the first
+// min(n, k): one 64-bit key per entry (the value's order-preserving bits over the complemented
+// index), so that the caller needs no sort of its own.
+static inline int64_t topk_sort(float* vals, int32_t* idx, int64_t n, int64_t k) {
+  uint64_t stack_keys[512];
+  uint64_t* K = stack_keys;
+  if (n > 512) {
+    static thread_local std::vector<uint64_t> keys;
+    if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
+    K = keys.data();
+  }
+  for (int64_t j = 0; j < n; ++j)
+    K[j] = (static_cast<uint64_t>(ordered_bits(vals[j] + 0.0f)) << 32) |  // (-0 and +0: one key)
+           static_cast<uint32_t>(~static_cast<uint32_t>(idx[j]));
+  std::sort(K, K + n, [](uint64_t a, uint64_t b) { return a > b; });
+  n = std::min(n, k);
+  for (int64_t j = 0; j < n; ++j) {
+    vals[j] = from_ordered_bits(static_cast<uint32_t>(K[j] >> 32));
+    idx[j] = static_cast<int32_t>(~static_cast<uint32_t>(K[j]));
+  }
+  return n;
+}
+
 // Appends the lanes of `m` of a chunk of 4 vectors at x + i to vals/idx.
 template <int W>
 struct Gather {
@@ -536,7 +559,7 @@ __attribute__((always_inline)) static inline int64_t topk_gather(const float* x,
       if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
     }
   }
-  if (n > k) n = topk_cut(vals, idx, n, k, &thr);
+  n = topk_sort(vals, idx, n, k);
   if (n < k && n < V) {  // fewer than k values above -inf: the lowest -inf indices complete it
     for (int64_t v = 0; v < V && n < k; ++v)
       if (x[v] == ninf) {

@@ -114,7 +114,8 @@ void lattice_row_bwd_f32(const float* next, const float* skip, const float* e, f
 // First index of the maximum of a float row (torch.argmax semantics); *nan set if x has NaN.
 int64_t row_argmax_f32(const float* x, int64_t V, bool* nan);
 
-// The min(k, V) largest values of a row and their indices (ties: the lower index), unordered.
+// The min(k, V) largest values of a row and their indices, sorted by value, descending (ties:
+// the lower index first).
 // Pass 1 reads the row from memory: the maximum of each of 8W interleaved lanes (W = the ISA's
 // vector width), each 8W-value chunk's lane maxima (folded four chunks to a vector), a NaN
 // canary and, with lse != nullptr, *lse = log sum_v exp(x[v]) (online softmax; -inf for an all
