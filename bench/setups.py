@@ -185,12 +185,20 @@ def backbone_variants(image_size=MODEL_IMAGE_SIZE, seed=0):
 
 
 def cpu_model():
-    """The CPU's model name (/proc/cpuinfo), named in every benchmark result."""
+    """The CPU's model name (/proc/cpuinfo), with its family and model numbers (a VM may name
+    only the vendor line, e.g. "AMD EPYC"), named in every benchmark result."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if ":" in line:
+                    key, val = (part.strip() for part in line.split(":", 1))
+                    info.setdefault(key, val)
+                if not line.strip() and info:
+                    break
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = info.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name

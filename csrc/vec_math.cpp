@@ -397,18 +397,34 @@ __attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32
 }
 
 // Sorts vals/idx[0, n) by value, descending (ties: the lower index first), and keeps the first
-// min(n, k): one 64-bit key per entry (the value's order-preserving bits over the complemented
-// index), so that the caller needs no sort of its own.
-static inline int64_t topk_sort(float* vals, int32_t* idx, int64_t n, int64_t k) {
-  uint64_t stack_keys[512];
-  uint64_t* K = stack_keys;
-  if (n > 512) {
-    static thread_local std::vector<uint64_t> keys;
-    if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
-    K = keys.data();
+// min(n, k), so that the caller needs no sort of its own. Each entry is one 64-bit key (the
+// value's order-preserving bits over the complemented index; all distinct). Up to 128 entries
+// (the beam search's case: about k + 10% from pass 2) each key's rank is counted against all
+// the others, a branch-free O(n^2) that the ISA's vectors run (inlined into each ISA's scan), and
+// the keys are placed by rank; a comparison sort takes larger buffers.
+__attribute__((always_inline)) static inline int64_t topk_sort(float* vals, int32_t* idx, int64_t n, int64_t k) {
+  uint64_t stack_keys[128];
+  if (n <= 128) {
+    uint64_t* K = stack_keys;
+    for (int64_t j = 0; j < n; ++j)
+      K[j] = (static_cast<uint64_t>(ordered_bits(vals[j] + 0.0f)) << 32) |  // (-0 and +0: one key)
+             static_cast<uint32_t>(~static_cast<uint32_t>(idx[j]));
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t ki = K[i];
+      int64_t rank = 0;
+      for (int64_t j = 0; j < n; ++j) rank += K[j] > ki;
+      if (rank < k) {
+        vals[rank] = from_ordered_bits(static_cast<uint32_t>(ki >> 32));
+        idx[rank] = static_cast<int32_t>(~static_cast<uint32_t>(ki));
+      }
+    }
+    return std::min(n, k);
   }
+  static thread_local std::vector<uint64_t> keys;
+  if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
+  uint64_t* K = keys.data();
   for (int64_t j = 0; j < n; ++j)
-    K[j] = (static_cast<uint64_t>(ordered_bits(vals[j] + 0.0f)) << 32) |  // (-0 and +0: one key)
+    K[j] = (static_cast<uint64_t>(ordered_bits(vals[j] + 0.0f)) << 32) |
            static_cast<uint32_t>(~static_cast<uint32_t>(idx[j]));
   std::sort(K, K + n, [](uint64_t a, uint64_t b) { return a > b; });
   n = std::min(n, k);
