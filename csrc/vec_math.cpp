@@ -466,6 +466,22 @@ struct Gather<16> {
     }
     return n;
   }
+  // The values above thr of the 8 vectors at x + i, without a branch on where they fall (the
+  // hits pass 2 rereads sit at random: branches on them mispredict); 128 entries of slack.
+  NARVL_V4 static inline int64_t put_above(const float* x, int64_t i, float thr, float* vals, int32_t* idx,
+                                           int64_t n) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 t = _mm512_set1_ps(thr);
+    for (int q = 0; q < 8; ++q) {
+      const __m512 v = _mm512_loadu_ps(x + i + 16 * q);
+      const __mmask16 mq = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+      const __m512i ix = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(i + 16 * q)));
+      _mm512_storeu_ps(vals + n, _mm512_maskz_compress_ps(mq, v));
+      _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(mq, ix));
+      n += __builtin_popcount(mq);
+    }
+    return n;
+  }
 };
 #endif
 
@@ -533,25 +549,44 @@ __attribute__((always_inline)) static inline int64_t topk_gather(const float* x,
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t cap = topk_cut_at(k);  // (the buffer has room for one more chunk's values above it)
   int64_t n = 0;
-  // Pass 1 folded each group of 4 chunks' lane maxima into one vector (Fold4): a group whose
-  // maxima all sit at or below thr is skipped, and so is each of its chunks (2 steps) whose
-  // W/4 lanes do.
+  // Pass 1 folded each group of 4 chunks' lane maxima into one vector (Fold4): only the chunks
+  // whose W/4 lanes there exceed thr are reread. They are listed first, without a branch, so
+  // that their loads from cache go out back to back rather than each behind a mispredicted
+  // branch (9% of the top-k's time on the caption rows, with the branch-free put_above).
   constexpr int Q = W / 4;
+  int32_t hits_stack[1024];
+  static thread_local std::vector<int32_t> hits_buf;
+  int32_t* hits = hits_stack;
+  if (nchunk > 1024) {
+    if (static_cast<int64_t>(hits_buf.size()) < nchunk) hits_buf.resize(nchunk);
+    hits = hits_buf.data();
+  }
+  int64_t nh = 0;
   for (int64_t g = 0; g < nchunk / 4; ++g) {
     const uint64_t gm = LaneMask<W>::gt(vload<F>(cmax + g * W), thr);
-    if (__builtin_expect(gm == 0, 1)) continue;
     for (int64_t q = 0; q < 4; ++q) {
-      if (((gm >> (q * Q)) & ((uint64_t{1} << Q) - 1)) == 0) continue;
-      for (int64_t s = 0; s < 2; ++s) {
-        const int64_t j = (2 * (4 * g + q) + s) * kStep;
-        const F v0 = vload<F>(x + j), v1 = vload<F>(x + j + W);
-        const F v2 = vload<F>(x + j + 2 * W), v3 = vload<F>(x + j + 3 * W);
-        const uint64_t m = LaneMask<W>::gt(v0, thr) | (LaneMask<W>::gt(v1, thr) << W) |
-                           (LaneMask<W>::gt(v2, thr) << (2 * W)) | (LaneMask<W>::gt(v3, thr) << (3 * W));
-        if (m) {
-          n = Gather<W>::put(x, j, m, vals, idx, n);
-          if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
-        }
+      hits[nh] = static_cast<int32_t>(4 * g + q);
+      nh += ((gm >> (q * Q)) & ((uint64_t{1} << Q) - 1)) != 0;
+    }
+  }
+  for (int64_t h = 0; h < nh; ++h) {
+    const int64_t c = hits[h];
+#ifdef NARVL_X86_DISPATCH
+    if constexpr (W == 16) {
+      n = Gather<16>::put_above(x, 2 * c * kStep, thr, vals, idx, n);
+      if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
+      continue;
+    }
+#endif
+    for (int64_t s = 0; s < 2; ++s) {
+      const int64_t j = (2 * c + s) * kStep;
+      const F v0 = vload<F>(x + j), v1 = vload<F>(x + j + W);
+      const F v2 = vload<F>(x + j + 2 * W), v3 = vload<F>(x + j + 3 * W);
+      const uint64_t m = LaneMask<W>::gt(v0, thr) | (LaneMask<W>::gt(v1, thr) << W) |
+                         (LaneMask<W>::gt(v2, thr) << (2 * W)) | (LaneMask<W>::gt(v3, thr) << (3 * W));
+      if (m) {
+        n = Gather<W>::put(x, j, m, vals, idx, n);
+        if (n > cap) n = topk_cut(vals, idx, n, k, &thr);
       }
     }
   }
