@@ -555,9 +555,9 @@ __attribute__((always_inline)) static inline int64_t topk_gather(const float* x,
   // branch (9% of the top-k's time on the caption rows, with the branch-free put_above).
   constexpr int Q = W / 4;
   int32_t hits_stack[1024];
-  static thread_local std::vector<int32_t> hits_buf;
   int32_t* hits = hits_stack;
   if (nchunk > 1024) {
+    static thread_local std::vector<int32_t> hits_buf;
     if (static_cast<int64_t>(hits_buf.size()) < nchunk) hits_buf.resize(nchunk);
     hits = hits_buf.data();
   }
