@@ -107,20 +107,29 @@ struct Entry {
 };
 
 // Open-addressing map (parent node, token) -> child node; keys are never erased within a sample.
-// Key and value share a 16-byte slot: one cache line per probe.
+// Key and value share a 16-byte slot: one cache line per probe. clear() resets only the slots
+// in use, and shrinks a table far larger than the last sample needed (a table that a wide beam
+// had grown, refilled for every sample and probed all over, made later narrow-beam searches of
+// short sequences ~40% slower).
 struct ChildMap {
   struct Slot {
     uint64_t key;
     int32_t val;
   };
   std::vector<Slot> slots;
-  size_t used = 0;
+  std::vector<uint32_t> filled;  // the slots in use
   static constexpr uint64_t kEmpty = ~uint64_t(0);
   void clear() {
-    if (slots.empty()) slots.assign(256, Slot{kEmpty, 0});
-    else for (Slot& x : slots) x.key = kEmpty;
-    used = 0;
+    size_t want = 256;
+    while (want < 4 * filled.size()) want *= 2;
+    if (slots.size() < 256 || slots.size() > 4 * want) {
+      slots.assign(want, Slot{kEmpty, 0});
+    } else {
+      for (const uint32_t i : filled) slots[i].key = kEmpty;
+    }
+    filled.clear();
   }
+  size_t used() const { return filled.size(); }
   static size_t mix(uint64_t k) {
     k ^= k >> 33;
     k *= 0xff51afd7ed558ccdULL;
@@ -133,11 +142,16 @@ struct ChildMap {
     while (slots[i].key != kEmpty && slots[i].key != key) i = (i + 1) & mask;
     return i;
   }
+  void put(size_t i, uint64_t key, int32_t val) {  // at find(key)'s empty slot i
+    slots[i] = Slot{key, val};
+    filled.push_back(static_cast<uint32_t>(i));
+  }
   void grow() {
     std::vector<Slot> old = std::move(slots);
     slots.assign(old.size() * 2, Slot{kEmpty, 0});
+    filled.clear();
     for (const Slot& x : old)
-      if (x.key != kEmpty) slots[find(x.key)] = x;
+      if (x.key != kEmpty) put(find(x.key), x.key, x.val);
   }
 };
 
@@ -232,12 +246,11 @@ struct Search {
 
   int32_t insert(int32_t parent, int32_t tok, double factor, const NodeState& s) {
     const uint64_t key = (static_cast<uint64_t>(parent) << 32) | static_cast<uint32_t>(tok);
-    if (2 * (children.used + 1) > children.slots.size()) children.grow();
+    if (2 * (children.used() + 1) > children.slots.size()) children.grow();
     const size_t i = children.find(key);
     const int32_t id = static_cast<int32_t>(nodes.size());
     nodes.push_back(Node{tok, parent, -1, 0.f, 0, 0, 0, factor, s});
-    children.slots[i] = ChildMap::Slot{key, id};
-    ++children.used;
+    children.put(i, key, id);
     return id;
   }
 

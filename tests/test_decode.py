@@ -81,6 +81,26 @@ def test_gpu_merge_is_exact_on_near_identical_prefixes(backend, beam, V, T, B):
         assert len(labs) == len(set(labs))
 
 
+def test_search_state_between_calls():
+    """The CPU search reuses its per-thread trie and tables across calls: a wide beam over long
+    sequences grows them (thousands of prefixes), and the narrow, short searches after it (which
+    reset only the entries in use, or shrink the tables) still match the reference, and the wide
+    search gives the same result again."""
+    g = torch.Generator().manual_seed(7)
+    big = (torch.randn(2, 60, 40, generator=g) * 3).log_softmax(-1)
+    wide = narvl.ctc_prefix_beam_search(big, beam_width=64, blank=0, cutoff_top_n=40, nbest=2)
+    for trial in range(3):
+        lp = (torch.randn(3, 5 + trial, 7, generator=g) * 2).log_softmax(-1)
+        L = torch.full((3,), 5 + trial)
+        res = narvl.ctc_prefix_beam_search(lp, L, beam_width=4, blank=0, cutoff_top_n=7, nbest=2)
+        rt, rl, rs, rts = beam_search_reference(lp, L, 4, 0, 7, 1.0, 2)
+        assert torch.equal(res.tokens, rt) and torch.equal(res.lengths, rl) and torch.equal(res.timesteps, rts)
+        torch.testing.assert_close(res.scores, rs, rtol=1e-5, atol=1e-5)
+    again = narvl.ctc_prefix_beam_search(big, beam_width=64, blank=0, cutoff_top_n=40, nbest=2)
+    for a, b in zip(wide, again):
+        assert torch.equal(a, b)
+
+
 def test_wide_beam_is_exact(backend):
     """A beam that keeps every prefix scores each labeling with its exact probability
     (T = 4 frames over 2 tokens + blank: 31 labelings, within the GPU's widest beam)."""
