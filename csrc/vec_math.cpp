@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -490,51 +491,21 @@ struct Gather<16> {
 // per 4 chunks instead of one per chunk: the stores, not the reads, made pass 1 ~17% slower
 // than a plain read of the row (bench/topk_row_micro.cpp).
 template <int W>
-struct Fold4;
-template <>
-struct Fold4<16> {
-  typedef Vec<16>::F F;
-  typedef Vec<16>::I I;
-  static inline F half(F a, F b) {  // [max(a.lo, a.hi), max(b.lo, b.hi)]
-    const F lo = __builtin_shuffle(a, b, I{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23});
-    const F hi = __builtin_shuffle(a, b, I{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
-    return lo > hi ? lo : hi;
+struct Fold4 {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+  // Output lane j (segments of S lanes, two per input when S = W/4, one when S = W/2) is the
+  // larger of the two S-lane halves of its input segment (2S lanes of a, then of b).
+  template <int S, size_t... J>
+  static inline F fold(F a, F b, std::index_sequence<J...>) {
+    constexpr int per = W / (2 * S);  // output segments per input vector
+    const I lo{static_cast<int32_t>((static_cast<int>(J) / S) / per * W +
+                                    (static_cast<int>(J) / S) % per * 2 * S + static_cast<int>(J) % S)...};
+    const F l = __builtin_shuffle(a, b, lo), h = __builtin_shuffle(a, b, lo + S);
+    return l > h ? l : h;
   }
-  static inline F quarter(F x, F y) {
-    const F lo = __builtin_shuffle(x, y, I{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27});
-    const F hi = __builtin_shuffle(x, y, I{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
-    return lo > hi ? lo : hi;
-  }
-};
-template <>
-struct Fold4<8> {
-  typedef Vec<8>::F F;
-  typedef Vec<8>::I I;
-  static inline F half(F a, F b) {
-    const F lo = __builtin_shuffle(a, b, I{0, 1, 2, 3, 8, 9, 10, 11});
-    const F hi = __builtin_shuffle(a, b, I{4, 5, 6, 7, 12, 13, 14, 15});
-    return lo > hi ? lo : hi;
-  }
-  static inline F quarter(F x, F y) {
-    const F lo = __builtin_shuffle(x, y, I{0, 1, 4, 5, 8, 9, 12, 13});
-    const F hi = __builtin_shuffle(x, y, I{2, 3, 6, 7, 10, 11, 14, 15});
-    return lo > hi ? lo : hi;
-  }
-};
-template <>
-struct Fold4<4> {
-  typedef Vec<4>::F F;
-  typedef Vec<4>::I I;
-  static inline F half(F a, F b) {
-    const F lo = __builtin_shuffle(a, b, I{0, 1, 4, 5});
-    const F hi = __builtin_shuffle(a, b, I{2, 3, 6, 7});
-    return lo > hi ? lo : hi;
-  }
-  static inline F quarter(F x, F y) {
-    const F lo = __builtin_shuffle(x, y, I{0, 2, 4, 6});
-    const F hi = __builtin_shuffle(x, y, I{1, 3, 5, 7});
-    return lo > hi ? lo : hi;
-  }
+  static inline F half(F a, F b) { return fold<W / 2>(a, b, std::make_index_sequence<W>{}); }  // [a, b]
+  static inline F quarter(F x, F y) { return fold<W / 4>(x, y, std::make_index_sequence<W>{}); }
 };
 
 // Pass 2: gathers the values above thr into vals/idx in index order, cutting back to the k best
