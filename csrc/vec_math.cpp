@@ -336,6 +336,16 @@ struct LaneMask<4> {
 static inline int64_t topk_cut_at(int64_t k) { return std::max<int64_t>(3 * k, k + 64); }
 int64_t topk_buffer_size(int64_t k) { return topk_cut_at(k) + 128; }
 
+// n elements of scratch: the caller's stack array when they fit, else a thread-local vector,
+// reached only then (thread-local storage costs a call per access in a shared library).
+template <typename T, size_t N>
+static inline T* scratch(T (&local)[N], int64_t n) {
+  if (n <= static_cast<int64_t>(N)) return local;
+  static thread_local std::vector<T> heap;
+  if (static_cast<int64_t>(heap.size()) < n) heap.resize(n);
+  return heap.data();
+}
+
 static inline uint32_t ordered_bits(float f) {  // monotone map of non-NaN floats to uint32
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
@@ -371,14 +381,8 @@ __attribute__((always_inline)) static inline uint32_t kth_largest_key(const uint
 // above T and the lowest-index ties at T. Returns k and sets *thr = T.
 __attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32_t* idx, int64_t n, int64_t k,
                                                               float* thr) {
-  // (thread-local storage costs a call per access in a shared library: small cuts use the stack)
-  uint32_t stack_keys[512];
-  uint32_t* K = stack_keys;
-  if (n > 512) {
-    static thread_local std::vector<uint32_t> keys;
-    if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
-    K = keys.data();
-  }
+  uint32_t local[512];
+  uint32_t* K = scratch(local, n);
   for (int64_t j = 0; j < n; ++j) K[j] = ordered_bits(vals[j]);
   const uint32_t X = kth_largest_key(K, n, k);
   int64_t above = 0;
@@ -404,12 +408,12 @@ __attribute__((always_inline)) static inline int64_t topk_cut(float* vals, int32
 // the others, a branch-free O(n^2) that the ISA's vectors run (inlined into each ISA's scan), and
 // the keys are placed by rank; a comparison sort takes larger buffers.
 __attribute__((always_inline)) static inline int64_t topk_sort(float* vals, int32_t* idx, int64_t n, int64_t k) {
-  uint64_t stack_keys[128];
+  uint64_t local[128];
+  uint64_t* K = scratch(local, n);
+  for (int64_t j = 0; j < n; ++j)
+    K[j] = (static_cast<uint64_t>(ordered_bits(vals[j] + 0.0f)) << 32) |  // (-0 and +0: one key)
+           static_cast<uint32_t>(~static_cast<uint32_t>(idx[j]));
   if (n <= 128) {
-    uint64_t* K = stack_keys;
-    for (int64_t j = 0; j < n; ++j)
-      K[j] = (static_cast<uint64_t>(ordered_bits(vals[j] + 0.0f)) << 32) |  // (-0 and +0: one key)
-             static_cast<uint32_t>(~static_cast<uint32_t>(idx[j]));
     for (int64_t i = 0; i < n; ++i) {
       const uint64_t ki = K[i];
       int64_t rank = 0;
@@ -421,12 +425,6 @@ __attribute__((always_inline)) static inline int64_t topk_sort(float* vals, int3
     }
     return std::min(n, k);
   }
-  static thread_local std::vector<uint64_t> keys;
-  if (static_cast<int64_t>(keys.size()) < n) keys.resize(n);
-  uint64_t* K = keys.data();
-  for (int64_t j = 0; j < n; ++j)
-    K[j] = (static_cast<uint64_t>(ordered_bits(vals[j] + 0.0f)) << 32) |
-           static_cast<uint32_t>(~static_cast<uint32_t>(idx[j]));
   std::sort(K, K + n, [](uint64_t a, uint64_t b) { return a > b; });
   n = std::min(n, k);
   for (int64_t j = 0; j < n; ++j) {
@@ -525,13 +523,8 @@ __attribute__((always_inline)) static inline int64_t topk_gather(const float* x,
   // that their loads from cache go out back to back rather than each behind a mispredicted
   // branch (9% of the top-k's time on the caption rows, with the branch-free put_above).
   constexpr int Q = W / 4;
-  int32_t hits_stack[1024];
-  int32_t* hits = hits_stack;
-  if (nchunk > 1024) {
-    static thread_local std::vector<int32_t> hits_buf;
-    if (static_cast<int64_t>(hits_buf.size()) < nchunk) hits_buf.resize(nchunk);
-    hits = hits_buf.data();
-  }
+  int32_t local[1024];
+  int32_t* hits = scratch(local, nchunk);
   int64_t nh = 0;
   for (int64_t g = 0; g < nchunk / 4; ++g) {
     const uint64_t gm = LaneMask<W>::gt(vload<F>(cmax + g * W), thr);
@@ -614,13 +607,8 @@ __attribute__((always_inline)) static inline int64_t row_topk_impl(const float* 
   // each group's folded lane maxima, for pass 2 (on the stack up to V ~ 65,000)
   const int64_t ngroup = V / (4 * kStep);
   const int64_t nchunk = 4 * ngroup;
-  alignas(64) float cmax_stack[2048];
-  float* cmax = cmax_stack;
-  if ((ngroup + 1) * W > 2048) {
-    static thread_local std::vector<float> cmax_buf;
-    if (static_cast<int64_t>(cmax_buf.size()) < (ngroup + 1) * W) cmax_buf.resize((ngroup + 1) * W);
-    cmax = cmax_buf.data();
-  }
+  alignas(64) float local[2048];
+  float* cmax = scratch(local, (ngroup + 1) * W);
   auto chunk = [&](int64_t i) __attribute__((always_inline)) {  // 8W values: their lane maxima
     F v[NA];
     for (int a = 0; a < NA; ++a) v[a] = vload<F>(x + i + a * W);

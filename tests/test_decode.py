@@ -264,6 +264,19 @@ def test_cpu_frame_topk_is_exact(kind, V, k):
     assert torch.equal(vals.double(), rv.reshape(-1))
 
 
+@pytest.mark.parametrize("k", [40, 129])
+def test_cpu_frame_topk_long_rows(k):
+    """Rows longer than the top-k's stack buffers (150,001 values: the chunk maxima and the list
+    of chunks to reread move to thread-local vectors), exact and sorted, ties to the lower id."""
+    g = torch.Generator().manual_seed(k)
+    V = 150_001
+    for x in (torch.randn(V, generator=g) * 3, torch.randint(0, 50, (V,), generator=g).float()):
+        vals, idx, nan, lse = _cpu_topk(x, k, logits=True)
+        want = torch.sort(-x.double(), stable=True).indices[:k]
+        assert not nan and torch.equal(idx, want) and torch.equal(vals, x[want])
+        assert abs(lse - torch.logsumexp(x.double(), 0).item()) <= 1e-5 * max(1.0, abs(lse))
+
+
 @pytest.mark.parametrize("V", [7, 200, 59458])
 def test_cpu_frame_topk_logits_lse_and_nan(V):
     g = torch.Generator().manual_seed(V)
