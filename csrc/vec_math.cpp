@@ -506,9 +506,9 @@ struct Fold4 {
   static inline F quarter(F x, F y) { return fold<W / 4>(x, y, std::make_index_sequence<W>{}); }
 };
 
-// Pass 2: gathers the values above thr into vals/idx in index order, cutting back to the k best
-// whenever more than topk_cut_at(k) are held (which raises thr); then the final cut, and -inf
-// indices when fewer than k values exceed -inf. Returns the count.
+// Pass 2: gathers the values above thr into vals/idx, cutting back to the k best whenever more
+// than topk_cut_at(k) are held (which raises thr); then topk_sort keeps the k best in order, and
+// -inf indices complete them when fewer than k values exceed -inf. Returns the count.
 template <int W>
 __attribute__((always_inline)) static inline int64_t topk_gather(const float* x, int64_t V, int64_t k, float thr,
                                                                  float* vals, int32_t* idx, const float* cmax,
