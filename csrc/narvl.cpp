@@ -54,7 +54,8 @@ void register_ctc_kernels(pybind11::module_& m);   // ctc_cpu.cpp
 void register_decode_kernels(pybind11::module_& m);  // decode_cpu.cpp
 
 // The beam search's per-frame top-k (vec_math.h) on one float32 row, for the tests: (values
-// (min(k, V),) best first, ties to the lower index, indices int64, NaN flag, log-sum-exp or None).
+// (min(k, V),) in the kernel's own order (best first, ties to the lower index), indices int64,
+// NaN flag, log-sum-exp or None).
 static pybind11::tuple row_topk(const torch::Tensor& row, int64_t k, bool logits) {
   TORCH_CHECK(row.dim() == 1 && row.scalar_type() == torch::kFloat32, "row: a 1-d float32 tensor");
   TORCH_CHECK(k >= 1, "k >= 1");
@@ -66,17 +67,13 @@ static pybind11::tuple row_topk(const torch::Tensor& row, int64_t k, bool logits
   float lse = 0.f;
   const int64_t n = row_topk_f32(x.data_ptr<float>(), V, k, vals.data(), idx.data(), &nan,
                                  logits ? &lse : nullptr);
-  std::vector<int64_t> order(n);
-  for (int64_t j = 0; j < n; ++j) order[j] = j;
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return vals[a] > vals[b] || (vals[a] == vals[b] && idx[a] < idx[b]);
-  });
+  // (copied in the kernel's own order: the tests check that it is sorted, ties to the lower index)
   torch::Tensor ov = torch::empty({n}, torch::kFloat32), oi = torch::empty({n}, torch::kInt64);
   float* pv = ov.data_ptr<float>();
   int64_t* pi = oi.data_ptr<int64_t>();
   for (int64_t j = 0; j < n; ++j) {
-    pv[j] = vals[order[j]];
-    pi[j] = static_cast<int64_t>(idx[order[j]]);
+    pv[j] = vals[j];
+    pi[j] = static_cast<int64_t>(idx[j]);
   }
   return pybind11::make_tuple(ov, oi, nan, logits ? pybind11::cast(lse) : pybind11::none());
 }
