@@ -16,7 +16,7 @@ import torch
 
 from . import _backend
 from .lm import ArpaLanguageModel, LanguageModel, load_language_model
-from .ops.decode import (GPU_MAX_BEAM, _check_int, _check_scores, _lengths, _run_checked, ctc_prefix_beam_search,
+from .ops.decode import (GPU_MAX_BEAM, _beam_search, _check_int, _check_scores, _lengths, _run_checked,
                          input_kind)
 
 DEFAULT_HOTWORD_WEIGHT = 10.0  # pyctcdecode's
@@ -128,7 +128,8 @@ class CTCBeamDecoder:
 
     @staticmethod
     def _ctcdecode_format(tokens, lengths, scores, steps):
-        return (tokens.clamp_min(0).to(torch.int32).cpu(), (-scores).float().cpu(),
+        # 0 - s, not -s: an empty hypothesis scores 0.0, not -0.0
+        return (tokens.clamp_min(0).to(torch.int32).cpu(), (0.0 - scores).float().cpu(),
                 steps.clamp_min(0).to(torch.int32).cpu(), lengths.to(torch.int32).cpu())
 
     def decode(self, probs, seq_lens=None):
@@ -137,10 +138,9 @@ class CTCBeamDecoder:
             probs = probs.cpu()  # widths above the GPU kernel's (128) run on the CPU search
             seq_lens = seq_lens.cpu() if isinstance(seq_lens, torch.Tensor) else seq_lens
         if self._native is None:
-            res = ctc_prefix_beam_search(
-                probs, seq_lens, beam_width=self._beam_width, blank=self._blank,
-                cutoff_top_n=self._cutoff_top_n, cutoff_prob=self._cutoff_prob,
-                log_probs_input=self._log_probs_input, num_threads=self._num_processes)
+            res = _beam_search(probs, seq_lens, self._beam_width, self._blank, self._cutoff_top_n,
+                               self._cutoff_prob, self._beam_width, input_kind(None, self._log_probs_input),
+                               self._num_processes, names=("probs", "seq_lens"))
             return self._ctcdecode_format(res.tokens, res.lengths, res.scores, res.timesteps)
         probs = probs.detach().cpu()
         lengths = _lengths(seq_lens, "seq_lens", B, T, probs.device)

@@ -1,4 +1,6 @@
 """CTC decoding kernels against the Python references and brute-force enumeration."""
+import math
+
 import pytest
 import torch
 
@@ -150,17 +152,22 @@ def test_ctc_beam_decoder_contract(backend):
     assert torch.all(scores[:, 1:] >= scores[:, :-1])  # best (lowest) first
     dec_log = narvl.CTCBeamDecoder(labels, beam_width=4, cutoff_top_n=V, log_probs_input=True)
     assert torch.equal(dec_log.decode(lp, seq)[0], out)
+    # a sample with no frames: one empty hypothesis scoring +0.0 (not -0.0), the rest inf
+    out, scores, steps, lens = dec.decode(lp.exp(), torch.tensor([0, 7, 3]))
+    assert lens[0].tolist() == [0] * 4 and scores[0, 0].item() == 0.0
+    assert math.copysign(1.0, scores[0, 0].item()) == 1.0 and torch.isinf(scores[0, 1:]).all()
 
 
 @pytest.mark.parametrize("probs, seq, exc, word", [
     (torch.rand(3, 6), None, ValueError, "probs"),
     (torch.rand(2, 5, 4), None, ValueError, "labels"),
-    (torch.rand(2, 5, 6), torch.tensor([6, 2]), ValueError, "lengths"),
-    (torch.rand(2, 5, 6), torch.tensor([-1, 2]), ValueError, "lengths"),
-    (torch.rand(2, 5, 6), torch.tensor([5, 2, 1]), ValueError, "lengths"),
-    (torch.full((2, 5, 6), float("nan")), None, ValueError, "NaN"),
+    (torch.rand(2, 5, 6), torch.tensor([6, 2]), ValueError, "seq_lens"),
+    (torch.rand(2, 5, 6), torch.tensor([-1, 2]), ValueError, "seq_lens"),
+    (torch.rand(2, 5, 6), torch.tensor([5, 2, 1]), ValueError, "seq_lens"),
+    (torch.rand(2, 5, 6), torch.tensor([5.0, 2.0]), TypeError, "seq_lens"),
+    (torch.full((2, 5, 6), float("nan")), None, ValueError, "probs contains NaN"),
     (torch.rand(2, 5, 6).index_put_((torch.tensor([1]), torch.tensor([3]), torch.tensor([4])),
-                                    torch.tensor(float("nan"))), None, ValueError, "NaN"),
+                                    torch.tensor(float("nan"))), None, ValueError, "probs contains NaN"),
     (torch.randint(0, 3, (2, 5, 6)), None, TypeError, "floating"),
 ])
 def test_decoder_bad_input(backend, probs, seq, exc, word):

@@ -172,7 +172,16 @@ def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, c
     prefixes survive each frame. Returns a ``BeamSearchResult`` with ``nbest`` (default
     beam_width) hypotheses per sample, best first.
     """
-    B, T, V = _check_scores(log_probs, "log_probs")
+    return _beam_search(log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest,
+                        input_kind(input, log_probs_input), num_threads)
+
+
+def _beam_search(log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, kind,
+                 num_threads, names=("log_probs", "lengths")):
+    """``ctc_prefix_beam_search`` after the input kind is known; ``names`` are the caller's
+    names of the scores and lengths arguments, which the errors name (the ctcdecode drop-in's
+    are ``probs`` and ``seq_lens``)."""
+    B, T, V = _check_scores(log_probs, names[0])
     _check_int(blank, "blank", 0, V)
     _check_int(beam_width, "beam_width", 1)
     _check_int(cutoff_top_n, "cutoff_top_n", 1)
@@ -183,11 +192,10 @@ def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, c
     cutoff_prob = float(cutoff_prob)
     if not 0.0 < cutoff_prob <= 1.0 or math.isnan(cutoff_prob):
         raise ValueError(f"cutoff_prob must be in (0, 1], got {cutoff_prob}")
-    lengths = _lengths(lengths, "lengths", B, T, log_probs.device)
-    kind = input_kind(input, log_probs_input)
+    lengths = _lengths(lengths, names[1], B, T, log_probs.device)
     args = (log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, kind)
     if _backend.resolve(log_probs.device) == "triton" and beam_width > GPU_MAX_BEAM:
         raise ValueError(f"beam_width = {beam_width} exceeds the GPU search's maximum of {GPU_MAX_BEAM}; "
                          f"decode on the CPU (log_probs.cpu()) for wider beams")
     return BeamSearchResult(*_run_checked(
-        "log_probs", lambda: _OPS.ctc_beam_search(*args, int(num_threads))))
+        names[0], lambda: _OPS.ctc_beam_search(*args, int(num_threads))))
