@@ -36,6 +36,7 @@ namespace narvl {
 namespace beam {
 
 enum Input : int64_t { kProbs = 0, kLogProbs = 1, kLogits = 2 };
+constexpr double kProbFloor = static_cast<double>(std::numeric_limits<float>::min());  // FLT_MIN
 
 // The row as float: the row itself for float input, else converted into a thread-local buffer.
 template <typename scalar_t>
@@ -73,8 +74,11 @@ void top_candidates(const scalar_t* xr, int64_t V, int64_t k, int64_t input, int
   bool nan = false;
   const int64_t n = row_topk_f32(x, V, k, vals.data(), idx.data(), &nan, input == kLogits ? &lse : nullptr);
   TORCH_CHECK(!nan, "narvl: NaN in scores");
+  // probabilities: log(p + FLT_MIN) in double, as ctcdecode, so a zero probability is
+  // log(FLT_MIN) = -87.3 (a very unlikely label, still ranked) rather than impossible
   auto to_log = [&](float f) {
-    return input == kProbs ? std::log(f) : input == kLogits ? f - lse : f;
+    return input == kProbs ? static_cast<float>(std::log(static_cast<double>(f) + kProbFloor))
+           : input == kLogits ? f - lse : f;
   };
   // the row's order (raw values descending, ties to the lower token) is the log-probabilities'
   // order, up to ties that the conversion rounds together: an insertion pass, linear on sorted

@@ -87,7 +87,7 @@ def _frame_keys(row, offs, V, INPUT: tl.constexpr):
     m = offs < V
     x = tl.load(row + offs, mask=m, other=1.0).to(tl.float32)
     if INPUT == 0:
-        x = tl.log(x)
+        x = tl.log(x + 1.1754943508222875e-38)  # log(p + FLT_MIN), as ctcdecode: 0 -> -87.3
     return x, tl.where(m, _ordered_key(x, offs, V), -9223372036854775807 - 1), m
 
 

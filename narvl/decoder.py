@@ -10,6 +10,7 @@ every streaming call, the native CPU decoder ``narvl._C.BeamDecoder`` runs the s
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -28,6 +29,17 @@ def _native_checked(probs, fn):
     return _run_checked("probs", fn)
 
 
+def ctcdecode_cutoff_mass(cutoff_prob: float) -> float:
+    """The total probability at which a frame's candidate list stops, for ctcdecode's
+    ``cutoff_prob`` as its code applies it (``get_pruned_log_probs``): labels are taken, most
+    probable first, until log(1 + their total probability) reaches ``cutoff_prob``, i.e. until
+    the total reaches e^cutoff_prob - 1. So 0 keeps one label per frame, 0.5 stops at a total
+    of 0.649, and any value of log 2 (0.693) or more prunes nothing, 0.9 and 0.99 included
+    (ctcdecode's documentation reads it as the total itself; its code, and so this drop-in,
+    do not). ``narvl.ctc_prefix_beam_search``'s ``cutoff_prob`` is the total itself."""
+    return min(math.expm1(cutoff_prob), 1.0)
+
+
 class CTCBeamDecoder:
     """Drop-in for ctcdecode's ``CTCBeamDecoder``.
 
@@ -36,6 +48,11 @@ class CTCBeamDecoder:
     ``beam_results[b, k, :out_lens[b, k]]``. ``probs`` (B, T, V) are probabilities unless
     ``log_probs_input``; the result comes back on the CPU, as ctcdecode's does.
     ``num_processes`` sets the CPU threads.
+
+    Pruning and input as ctcdecode's code: ``cutoff_prob`` stops a frame's candidates where
+    log(1 + their total probability) reaches it (``ctcdecode_cutoff_mass``: 1.0, 0.99 and 0.9
+    prune nothing), and probabilities are read as log(p + FLT_MIN), so a zero probability is a
+    very unlikely label rather than an impossible one.
 
     Scores: without a language model, the negative log-probability of the labeling summed over
     the alignments the beam kept (lower is better). With one, ctcdecode's "approximate CTC"
@@ -73,13 +90,16 @@ class CTCBeamDecoder:
         _check_int(beam_width, "beam_width", 1)
         _check_int(cutoff_top_n, "cutoff_top_n", 1)
         _check_int(num_processes, "num_processes", 1)
-        if not 0.0 < float(cutoff_prob) <= 1.0:
-            raise ValueError(f"cutoff_prob must be in (0, 1], got {cutoff_prob}")
+        if isinstance(cutoff_prob, (bool, str, bytes)) or not isinstance(cutoff_prob, numbers.Real):
+            raise TypeError(f"cutoff_prob must be a real number, got {type(cutoff_prob).__name__}")
+        if not float(cutoff_prob) >= 0.0:  # NaN fails too
+            raise ValueError(f"cutoff_prob must be >= 0, got {cutoff_prob!r}")
         for name, v in (("alpha", alpha), ("beta", beta), ("hotword_weight", hotword_weight)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
         self._beam_width, self._blank = beam_width, blank_id
         self._cutoff_top_n, self._cutoff_prob = cutoff_top_n, float(cutoff_prob)
+        self._cutoff_mass = ctcdecode_cutoff_mass(self._cutoff_prob)
         self._num_processes, self._log_probs_input = num_processes, bool(log_probs_input)
         self._alpha, self._beta = float(alpha), float(beta)
         if model_path is not None and language_model is not None:
@@ -110,7 +130,7 @@ class CTCBeamDecoder:
             try:
                 self._native = native.BeamDecoder(
                     self._labels, self._blank, self._beam_width, self._cutoff_top_n,
-                    self._cutoff_prob, input_kind(None, self._log_probs_input), lm, self._alpha,
+                    self._cutoff_mass, input_kind(None, self._log_probs_input), lm, self._alpha,
                     self._beta, self._hotwords, self._hotword_weight)
             except ValueError as exc:
                 raise ValueError(f"CTCBeamDecoder: {exc}") from None
@@ -139,7 +159,7 @@ class CTCBeamDecoder:
             seq_lens = seq_lens.cpu() if isinstance(seq_lens, torch.Tensor) else seq_lens
         if self._native is None:
             res = _beam_search(probs, seq_lens, self._beam_width, self._blank, self._cutoff_top_n,
-                               self._cutoff_prob, self._beam_width, input_kind(None, self._log_probs_input),
+                               self._cutoff_mass, self._beam_width, input_kind(None, self._log_probs_input),
                                self._num_processes, names=("probs", "seq_lens"))
             return self._ctcdecode_format(res.tokens, res.lengths, res.scores, res.timesteps)
         probs = probs.detach().cpu()

@@ -158,6 +158,66 @@ def test_ctc_beam_decoder_contract(backend):
     assert math.copysign(1.0, scores[0, 0].item()) == 1.0 and torch.isinf(scores[0, 1:]).all()
 
 
+def _ctcdecode_kept(row, cutoff_prob, top_n):
+    """How many labels ctcdecode keeps in a frame: a transcription of the loop in its
+    decoder_utils.cpp get_pruned_log_probs (cum starts at 0.0, grows by log-sum-exp with each
+    label's log-probability, most probable first, and is compared with cutoff_prob itself)."""
+    ps = sorted(row, reverse=True)
+    if not (math.log(cutoff_prob) < 0.0 if cutoff_prob > 0 else True):
+        return min(top_n, len(ps))
+    cum, n = 0.0, 0
+    for p in ps:
+        lp = math.log(p)
+        m = max(cum, lp)
+        cum = math.log(math.exp(cum - m) + math.exp(lp - m)) + m
+        n += 1
+        if cum >= cutoff_prob or n >= top_n:
+            break
+    return n
+
+
+@pytest.mark.parametrize("cutoff_prob", [0.0, 0.05, 0.2, 0.4, 0.5, 0.6, 0.69, 0.9, 0.99, 1.0, 3.0])
+def test_decoder_cutoff_prob_as_ctcdecode(backend, cutoff_prob):
+    # one frame: every label the frame keeps becomes one hypothesis (the blank the empty one),
+    # so the count of finite-score hypotheses is the count of kept labels
+    V, B = 7, 40
+    g = torch.Generator().manual_seed(int(cutoff_prob * 100))
+    probs = torch.softmax(torch.randn(B, 1, V, generator=g) * 1.5, -1)
+    for top_n in (V, 3):
+        dec = narvl.CTCBeamDecoder(list("_abcdef"), beam_width=V, cutoff_top_n=top_n,
+                                   cutoff_prob=cutoff_prob)
+        _, scores, _, _ = dec.decode(probs)
+        got = torch.isfinite(scores).sum(1).tolist()
+        want = [_ctcdecode_kept(probs[b, 0].tolist(), cutoff_prob, top_n) for b in range(B)]
+        assert got == want, (top_n, got, want)
+    if cutoff_prob >= math.log(2):  # the same as no cut at all, over several frames too
+        probs = torch.softmax(torch.randn(4, 6, V, generator=g), -1)
+        cut = narvl.CTCBeamDecoder(list("_abcdef"), beam_width=5, cutoff_prob=cutoff_prob).decode(probs)
+        ref = narvl.CTCBeamDecoder(list("_abcdef"), beam_width=5).decode(probs)
+        for a, b in zip(cut, ref):
+            assert torch.equal(a, b)
+
+
+def test_decoder_zero_probability_is_flt_min(backend):
+    # ctcdecode reads probabilities as log(p + FLT_MIN): a zero-probability label still ranks,
+    # with -log(FLT_MIN) = 87.34 added to the score
+    probs = torch.tensor([[[0.6, 0.4, 0.0, 0.0]]])
+    dec = narvl.CTCBeamDecoder(list("_abc"), beam_width=4, cutoff_top_n=4)
+    out, scores, _, lens = dec.decode(probs)
+    flt = -math.log(torch.finfo(torch.float32).tiny)
+    if backend == "cpp":
+        torch.testing.assert_close(scores[0], torch.tensor([-math.log(0.6), -math.log(0.4), flt, flt]),
+                                   rtol=1e-4, atol=1e-4)
+        assert lens[0].tolist() == [0, 1, 1, 1] and sorted(out[0, 2:, 0].tolist()) == [2, 3]
+    else:  # the GPU search's float32 probabilities cannot hold FLT_MIN relative to the best
+        torch.testing.assert_close(scores[0, :2], torch.tensor([-math.log(0.6), -math.log(0.4)]))
+        assert lens[0].tolist() == [0, 1, 0, 0] and torch.isinf(scores[0, 2:]).all()
+    # the same with log-probabilities: -inf stays impossible (ctcdecode takes them as given)
+    _, scores, _, lens = narvl.CTCBeamDecoder(list("_abc"), beam_width=4, cutoff_top_n=4,
+                                              log_probs_input=True).decode(probs.log())
+    assert torch.isinf(scores[0, 2:]).all() and lens[0, 2:].tolist() == [0, 0]
+
+
 @pytest.mark.parametrize("probs, seq, exc, word", [
     (torch.rand(3, 6), None, ValueError, "probs"),
     (torch.rand(2, 5, 4), None, ValueError, "labels"),

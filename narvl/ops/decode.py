@@ -166,8 +166,12 @@ def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, c
     probabilities (``input="probs"`` or ``log_probs_input=False``) or raw logits
     (``input="logits"``: each frame's log-sum-exp is computed in the same scan as its top-k, so
     the logits are read once and no log-softmax pass runs before the search).
+    Probabilities are read as log(p + FLT_MIN), as ctcdecode reads them: a zero probability is a
+    very unlikely label (-87.3), not an impossible one (on CUDA the search's float32
+    probabilities, rescaled per frame, cannot hold one that far below the best: it drops out).
     Each frame expands the ``cutoff_top_n`` most probable tokens, cut further to the smallest
-    set whose probability reaches ``cutoff_prob``; each prefix carries the probabilities of its
+    set whose probability reaches ``cutoff_prob`` (at least one; 0 keeps only the most probable
+    token, 1 cuts nothing); each prefix carries the probabilities of its
     alignments ending in blank and in non-blank, merged exactly; the ``beam_width`` most probable
     prefixes survive each frame. Returns a ``BeamSearchResult`` with ``nbest`` (default
     beam_width) hypotheses per sample, best first.
@@ -190,8 +194,8 @@ def _beam_search(log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_pro
     if nbest > beam_width:
         raise ValueError(f"nbest = {nbest} cannot exceed beam_width = {beam_width}")
     cutoff_prob = float(cutoff_prob)
-    if not 0.0 < cutoff_prob <= 1.0 or math.isnan(cutoff_prob):
-        raise ValueError(f"cutoff_prob must be in (0, 1], got {cutoff_prob}")
+    if not 0.0 <= cutoff_prob <= 1.0:  # NaN fails too
+        raise ValueError(f"cutoff_prob must be in [0, 1], got {cutoff_prob}")
     lengths = _lengths(lengths, names[1], B, T, log_probs.device)
     args = (log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, kind)
     if _backend.resolve(log_probs.device) == "triton" and beam_width > GPU_MAX_BEAM:

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+FLT_MIN = 1.1754943508222875e-38  # float32's smallest normal: ctcdecode adds it to probabilities
+
 
 def greedy_decode_reference(scores, lengths, blank):
     """scores (B, T, V) -> (tokens (B, T) int64 padded with -1, out_lens (B,))."""
@@ -47,12 +49,12 @@ def _candidates(row, top_n, cutoff_prob):
 
 
 def to_log_probs(scores, input_kind):
-    """(B, T, V) scores as float64 log-probabilities: input_kind 0 probabilities, 1
-    log-probabilities, 2 logits (True/False mean 1/0)."""
+    """(B, T, V) scores as float64 log-probabilities: input_kind 0 probabilities (log(p +
+    FLT_MIN)), 1 log-probabilities, 2 logits (True/False mean 1/0)."""
     x = scores.double().cpu()
     kind = int(input_kind)
     if kind == 0:
-        return x.log()
+        return (x + FLT_MIN).log()  # as ctcdecode: a zero probability is log(FLT_MIN), not -inf
     if kind == 2:
         return x.log_softmax(-1)
     return x
