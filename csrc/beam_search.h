@@ -91,7 +91,8 @@ void top_candidates(const scalar_t* xr, int64_t V, int64_t k, int64_t input, int
       heap[i] = heap[i - 1];
     heap[i] = c;
   }
-  *blank_lp = to_log(x[blank]);
+  // the blank's log-probability for ctcdecode's min_cutoff, which takes log(p) without FLT_MIN
+  *blank_lp = input == kProbs ? std::log(x[blank]) : to_log(x[blank]);
 }
 
 struct Node {
