@@ -213,6 +213,10 @@ def test_decoder_zero_probability_is_flt_min(backend):
                                    rtol=1e-4, atol=1e-4)
         assert lens[0].tolist() == [0, 1, 1, 1] and sorted(out[0, 2:, 0].tolist()) == [2, 3]
     else:  # the GPU search's float32 probabilities cannot hold FLT_MIN relative to the best
+        from narvl.kernels import decode as kd  # but its top-k reads the zeros as log(FLT_MIN)
+        vals, ids, _ = kd.frame_topk(probs, 4, 0)
+        assert sorted(ids[0, 0, 2:].tolist()) == [2, 3]
+        torch.testing.assert_close(vals[0, 0, 2:], torch.full((2,), -flt), rtol=1e-6, atol=1e-4)
         torch.testing.assert_close(scores[0, :2], torch.tensor([-math.log(0.6), -math.log(0.4)]))
         assert lens[0].tolist() == [0, 1, 0, 0] and torch.isinf(scores[0, 2:]).all()
     # the same with log-probabilities: -inf stays impossible (ctcdecode takes them as given)
