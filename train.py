@@ -77,6 +77,9 @@ def parse_args(argv=None):
                    help="sequence-level distillation: decode the training split with this AR checkpoint "
                         "(cached in OUT/distill_targets.json) and train NARVL on its outputs")
     p.add_argument("--distill-beam", type=int, default=1, help="teacher beam width for --distill-from")
+    p.add_argument("--entangle-position-embedding", action="store_true",
+                   help="OFA's option for a new model: the encoder also adds the position embeddings "
+                        "to the text and image content (off in OFA's released setups)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--train-size", type=int, default=6000, help="generated training samples (shapes data)")
@@ -309,7 +312,8 @@ def run(args):
         cfg = NARVLConfig.from_preset(args.preset, task=args.task, image_size=args.image_size,
                                       vocab_size=tok.vocab_size, num_bins=tok.num_bins,
                                       dropout=args.dropout, max_text_len=48,
-                                      max_target_len=args.max_target_len or TASK_QUERIES[args.task])
+                                      max_target_len=args.max_target_len or TASK_QUERIES[args.task],
+                                      entangle_position_embedding=args.entangle_position_embedding)
     model = model if model is not None else build_model(args.arch, cfg)
     peft = bool(args.freeze_backbone or (meta_in and json.loads(meta_in.get("peft", "false"))
                                          and not args.init))

@@ -15,6 +15,7 @@ import torch
 from narvl.checkpoint import load_model_state, read_checkpoint
 from narvl.data import Tokenizer, shapes_task
 from narvl.models import ARBaseline, NARVL, NARVLConfig, prepare_for_inference, time_generate
+from setups import cpu_model
 
 SAMPLES = 100
 RUNS = os.environ.get("NARVL_RUNS")
@@ -56,7 +57,7 @@ def test_task_latency(benchmark, task):
                        rounds=1, iterations=1)
     benchmark.group = f"task-{task}"
     benchmark.extra_info.update(
-        task=task, samples=SAMPLES, threads=torch.get_num_threads(),
+        task=task, samples=SAMPLES, threads=torch.get_num_threads(), cpu_model=cpu_model(),
         narvl_ms=out["narvl"].round_ms, ar_ms=out["ar"].round_ms,
         narvl_best_ms=out["narvl"].best_ms, ar_best_ms=out["ar"].best_ms)
 
@@ -74,5 +75,6 @@ def test_caption_linear_packing(benchmark):
                        rounds=1, iterations=1)
     benchmark.group = "task-caption-packing"
     benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
+                                cpu_model=cpu_model(),
                                 **{f"{k}_ms": v.round_ms for k, v in out.items()},
                                 **{f"{k}_best_ms": v.best_ms for k, v in out.items()})

@@ -40,13 +40,14 @@ def load():
     return importlib.import_module("_narvl_ofa_oracle.modeling_ofa"), None
 
 
-def tiny_ofa(mod, d=64, layers=(2, 2), heads=4, resnet="resnet50", vocab=120, seed=0):
+def tiny_ofa(mod, d=64, layers=(2, 2), heads=4, resnet="resnet50", vocab=120, seed=0, **config):
     """A small OFAModel (eval) with every weight perturbed, so a wrong implementation cannot
-    match by accident: norms, BatchNorm statistics, c_attn and the relative tables included."""
+    match by accident: norms, BatchNorm statistics, c_attn and the relative tables included.
+    ``config``: other ``OFAConfig`` fields (e.g. ``entangle_position_embedding``)."""
     cfg = mod.OFAConfig(vocab_size=vocab, d_model=d, encoder_layers=layers[0], decoder_layers=layers[1],
                         encoder_attention_heads=heads, decoder_attention_heads=heads,
                         encoder_ffn_dim=4 * d, decoder_ffn_dim=4 * d, resnet_type=resnet,
-                        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+                        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **config)
     torch.manual_seed(seed)
     m = mod.OFAModel(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)

@@ -118,10 +118,13 @@ def test_packed_backbone_matches_eval_backbone():
         assert packed(x).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("entangle", [False, True], ids=["biases", "entangled"])
 @pytest.mark.parametrize("arch", [NARVL, ARBaseline])
-def test_prepare_for_inference_keeps_the_function(arch):
+def test_prepare_for_inference_keeps_the_function(arch, entangle):
+    """Also with OFA's entangled positions (encoder content and decoder input), which the
+    inference copy's cached first block and bias caches must keep."""
     torch.manual_seed(1)
-    cfg = small_cfg()
+    cfg = small_cfg(entangle_position_embedding=entangle, decoder_entangle=entangle)
     model = arch(cfg)
     randomise_bn(model.encoder.backbone)
     with torch.no_grad():  # non-zero relative biases, so a mix-up of cached layers would show

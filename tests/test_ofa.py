@@ -4,6 +4,8 @@ OFA team's own port of OFA (tests/ofa_oracle.py, perturbed non-trivial weights),
 import argparse
 import os
 import pickle
+import sys
+import types
 import warnings
 
 import pytest
@@ -25,6 +27,15 @@ def ofa():
     if MOD is None:
         pytest.skip(str(WHY))
     return ofa_oracle.tiny_ofa(MOD)
+
+
+@pytest.fixture(scope="module")
+def ofa_entangled():
+    """OFA with its --entangle-position-embedding and without --disable-entangle: positions
+    also added to the encoder's text and image content and to the decoder's input."""
+    if MOD is None:
+        pytest.skip(str(WHY))
+    return ofa_oracle.tiny_ofa(MOD, seed=7, entangle_position_embedding=True, disable_entangle=False)
 
 
 def _load(source, **kw):
@@ -104,10 +115,14 @@ def test_ar_kv_cache_decoding_matches_ofa_teacher_forcing(ofa):
 
 
 @needs_oracle
-def test_narvl_decoder_is_ofas_decoder_on_queries_without_causal_mask(ofa, monkeypatch):
+@pytest.mark.parametrize("which", ["ofa", "ofa_entangled"])
+def test_narvl_decoder_is_ofas_decoder_on_queries_without_causal_mask(which, request, monkeypatch):
     """NARVL's decoder = OFA's decoder fed the query embeddings, bidirectional. The oracle gets
-    the queries as the embeddings of tokens 0..N-1 and its causal mask removed."""
-    model = _load(dict(ofa.state_dict()), arch="narvl", task="vqa", image_size=S, num_bins=20).eval()
+    the queries as the embeddings of tokens 0..N-1 and its causal mask removed. Entangled: the
+    query slots' positions 0..N-1 join the queries, as in the authors' decoder."""
+    ofa = request.getfixturevalue(which)
+    flags = dict(entangle_position_embedding=True, decoder_entangle=True) if which == "ofa_entangled" else {}
+    model = _load(dict(ofa.state_dict()), arch="narvl", task="vqa", image_size=S, num_bins=20, **flags).eval()
     N = model.cfg.num_queries
     with torch.no_grad():
         model.decoder.query_embed.weight.normal_()
@@ -245,3 +260,132 @@ def test_from_ofa_rejects_mismatched_shapes(ofa):
     state["encoder.pos_q_linear.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="pos_q_linear"):
         _load(state, image_size=S, num_bins=20)
+
+
+def _check_against(ofa, model, prev_len=6):
+    """Encoder output, teacher-forced logits and KV-cache steps of ``model`` (an ARBaseline)
+    against the oracle ``ofa`` on padded text; returns the oracle's encoder output."""
+    images, text = _inputs()
+    g = torch.Generator().manual_seed(11)
+    prev = torch.randint(4, 100, (3, prev_len), generator=g)
+    prev[:, 0] = 0
+    ref_mem, ref_logits = _ofa_forward(ofa, images, text, prev)
+    with torch.no_grad():
+        mem, _ = model.encoder(images, text)
+        logits = model.forward_logits(images, text, prev)
+        state, lengths = model._start(images, text, prev_len)
+        caches = [dict() for _ in model.decoder.layers]
+        steps = torch.stack([model._step(prev[:, t], t, state, lengths, caches) for t in range(prev_len)], 1)
+    V = ref_logits.shape[-1]
+    assert (mem - ref_mem).abs().max() <= 1e-4 * ref_mem.abs().max()
+    assert (logits[..., :V] - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
+    torch.testing.assert_close(steps[..., :V].log_softmax(-1), ref_logits.log_softmax(-1), rtol=1e-4, atol=1e-4)
+    return ref_mem
+
+
+@needs_oracle
+def test_entangled_positions_from_hugging_face_config_match_ofa(ofa_entangled, tmp_path):
+    """A Hugging Face directory whose config.json sets entangle_position_embedding (and not
+    disable_entangle): from_ofa reads the flags and computes what OFA computes; the same weights
+    loaded as a plain state dict (no flags: the released setup) do not match, so the flags matter."""
+    from safetensors.torch import save_file
+    ofa = ofa_entangled
+    save_file({k: v.contiguous().clone() for k, v in ofa.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(ofa.config.to_json_string())
+    model = _load(tmp_path, arch="ar", image_size=S, num_bins=20).eval()
+    assert model.cfg.entangle_position_embedding and model.cfg.decoder_entangle
+    ref_mem = _check_against(ofa, model)
+    plain = _load(dict(ofa.state_dict()), arch="ar", image_size=S, num_bins=20).eval()
+    assert not plain.cfg.entangle_position_embedding and not plain.cfg.decoder_entangle
+    images, text = _inputs()
+    with torch.no_grad():
+        assert (plain.encoder(images, text)[0] - ref_mem).abs().max() > 1e-2 * ref_mem.abs().max()
+
+
+def _omegaconf_like(tree, monkeypatch):
+    """``tree`` (nested dicts; leaves any picklable value, e.g. a Namespace) as a stand-in for
+    omegaconf's DictConfig, pickled under omegaconf's class names with its state layout
+    (DictConfig ``_content``, AnyNode ``_val``), as a fairseq ``cfg`` holds it (checked against
+    omegaconf 2.4's own pickles when this was written). The stand-in modules exist only while
+    the test saves; the loader never imports them."""
+    dc_mod, node_mod = types.ModuleType("omegaconf.dictconfig"), types.ModuleType("omegaconf.nodes")
+
+    class DictConfig:
+        def __init__(self, content):
+            self._metadata, self._parent, self._content = None, None, content
+
+    class AnyNode:
+        def __init__(self, val):
+            self._metadata, self._parent, self._flags_cache, self._val = None, None, None, val
+
+    for cls, mod in ((DictConfig, dc_mod), (AnyNode, node_mod)):
+        cls.__module__, cls.__qualname__ = mod.__name__, cls.__name__
+        setattr(mod, cls.__name__, cls)
+    monkeypatch.setitem(sys.modules, "omegaconf", types.ModuleType("omegaconf"))
+    monkeypatch.setitem(sys.modules, "omegaconf.dictconfig", dc_mod)
+    monkeypatch.setitem(sys.modules, "omegaconf.nodes", node_mod)
+
+    def wrap(v):
+        return DictConfig({k: wrap(x) for k, x in v.items()}) if isinstance(v, dict) else AnyNode(v)
+    return wrap(tree)
+
+
+@needs_oracle
+@pytest.mark.parametrize("where", ["args", "cfg"])
+def test_fairseq_flags_from_args_or_cfg(ofa_entangled, tmp_path, monkeypatch, where):
+    """A fairseq checkpoint records its flags in ``args`` (Namespace) or, in newer fairseq, in
+    ``cfg`` (omegaconf; a legacy model's Namespace under cfg.model, the task's fields under
+    cfg.task): image size and entangled positions are read from either, and the model matches
+    OFA. fairseq's decoder entangles whenever disable_entangle is off."""
+    ns = argparse.Namespace(arch="ofa_tiny", entangle_position_embedding=True, disable_entangle=False,
+                            scale_attn=True, scale_fc=True, scale_heads=True, no_scale_embedding=True,
+                            attn_scale_factor=2)
+    if where == "args":
+        ns.patch_image_size = S
+        ck = {"model": _fairseq_state(ofa_entangled), "args": ns}
+    else:
+        cfg = _omegaconf_like({"task": {"_name": "caption", "patch_image_size": S}, "model": ns,
+                               "common": {"fp16": True}}, monkeypatch)
+        ck = {"model": _fairseq_state(ofa_entangled), "args": None, "cfg": cfg}
+    path = tmp_path / "ofa.pt"
+    torch.save(ck, path)
+    monkeypatch.delitem(sys.modules, "omegaconf.dictconfig", raising=False)
+    monkeypatch.delitem(sys.modules, "omegaconf.nodes", raising=False)
+    model = _load(path, arch="ar", num_bins=20).eval()
+    assert model.cfg.image_size == S and model.ofa_report["format"] == "fairseq"
+    assert model.cfg.entangle_position_embedding and model.cfg.decoder_entangle
+    _check_against(ofa_entangled, model)
+    ns.entangle_position_embedding, ns.disable_entangle = False, True  # the released scripts' flags
+    ns.patch_image_size = S
+    torch.save({"model": _fairseq_state(ofa_entangled), "args": ns}, path)
+    released = _load(path, arch="ar", num_bins=20)
+    assert not released.cfg.entangle_position_embedding and not released.cfg.decoder_entangle
+
+
+@pytest.mark.parametrize("flag, value", [("scale_attn", False), ("scale_heads", False),
+                                         ("no_scale_embedding", False), ("encoder_normalize_before", False),
+                                         ("layernorm_embedding", False), ("add_type_embedding", False),
+                                         ("scale_resids", True), ("activation_fn", "relu"),
+                                         ("attn_scale_factor", "two"), ("patch_image_size", -3)])
+def test_from_ofa_rejects_flags_it_does_not_compute(tmp_path, flag, value):
+    """A checkpoint trained with a flag that changes OFA's computation in a way narvl does not
+    implement fails with the flag's name before any weight is read into a model."""
+    state = {"encoder.embed_tokens.weight": torch.zeros(10, 8)}
+    path = tmp_path / "ofa.pt"
+    torch.save({"model": state, "args": argparse.Namespace(**{flag: value})}, path)
+    with pytest.raises(ValueError, match=flag):
+        from_ofa(path)
+
+
+@pytest.mark.parametrize("flag, value", [("normformer", False), ("scale_embedding", True),
+                                         ("use_ofasys", True), ("interpolate_position", True),
+                                         ("decoder_normalize_before", False)])
+def test_from_ofa_rejects_hugging_face_config_flags(tmp_path, flag, value):
+    from safetensors.torch import save_file
+    save_file({"encoder.layers.0.self_attn_mid_layer_norm.weight": torch.ones(8)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(f'{{"{flag}": {str(value).lower()}}}')
+    with pytest.raises(ValueError, match=flag):
+        from_ofa(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        from_ofa(tmp_path)

@@ -117,7 +117,7 @@ class ARBaseline(nn.Module):
         (one dict per layer) hold the self-attention keys and values so far."""
         cross, self_b, cross_b = state
         dec = self.decoder
-        x = dec.embed(self.embed_tokens(tok[:, None]).to(cross[0][0].dtype))
+        x = dec.embed(self.embed_tokens(tok[:, None]).to(cross[0][0].dtype), start=pos)
         cb = cross_b[:, pos:pos + 1]
         for layer, (ck, cv), sb, cache in zip(dec.layers, cross, self_b, caches):
             x = layer.self_block(x, sb[:, pos:pos + 1, :pos + 1], cache)

@@ -62,6 +62,13 @@ class NARVLConfig:
     text_buckets: int = 256  # OFA's token_bucket_size
     image_buckets: int = 42  # OFA's image_bucket_size: image grids up to 42 x 42 patches
     attn_scale_factor: float = 2.0  # q scaled by (head_dim * factor) ** -0.5, as OFA
+    # OFA's --entangle-position-embedding: the encoder also adds the raw position embeddings
+    # (embed_positions, embed_image_positions) to the text and image content, before the type
+    # embedding and the embedding LayerNorms. Off in OFA's and the NARVL authors' released setups.
+    entangle_position_embedding: bool = False
+    # the decoder adds embed_positions[0..T) to its input (tokens or queries) before
+    # layernorm_embedding: fairseq OFA without --disable-entangle (every released script sets it)
+    decoder_entangle: bool = False
     dropout: float = 0.1
     label_smoothing: float = 0.1
     merge_repeats: bool = True
@@ -89,6 +96,9 @@ class NARVLConfig:
         if max(self.max_text_len + 1, self.num_queries, self.max_target_len) > self.max_positions:
             raise ValueError(f"max_text_len, num_queries and max_target_len must fit in "
                              f"max_positions = {self.max_positions}")
+        for name in ("entangle_position_embedding", "decoder_entangle"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not self.attn_scale_factor > 0:
             raise ValueError(f"attn_scale_factor must be > 0, got {self.attn_scale_factor}")
         if self.num_bins < 0:

@@ -1,6 +1,7 @@
 """OFA's decoder stack without its input, shared by NARVL's query decoder and the AR baseline.
 
-Positions enter only as attention biases (OFA's released scripts set ``--disable-entangle``):
+Positions enter as attention biases (and into the input only with ``cfg.decoder_entangle``,
+i.e. OFA without ``--disable-entangle``, which every released script sets):
     p = pos_ln(embed_positions[0..T))                                         (T, d)
     self bias of layer i = (self_pos_q_linear(p) * s) self_pos_k_linear(p)^T
                            + token_rel_pos_table_list[i][bucket(q - k)]       (H, T, T)
@@ -83,5 +84,10 @@ class DecoderStack(nn.Module):
         self._cache = ShapeCache(refs, max_bytes)
         return self
 
-    def embed(self, x):
+    def embed(self, x, start: int = 0):
+        """The decoder input x (B, T, d) of positions start..start+T-1, through
+        ``layernorm_embedding`` (``cfg.decoder_entangle``: their raw position embeddings added
+        first, as OFA's decoder without ``--disable-entangle``)."""
+        if self.cfg.decoder_entangle:
+            x = x + self.embed_positions.weight[start:start + x.shape[1]].to(x.dtype)
         return self.drop(self.layernorm_embedding(x))

@@ -4,10 +4,13 @@
         --flatten, image_proj + type_embedding[1], patch_layernorm_embedding--> (B, h*w, d)
     text (B, Lt) (OFA ids, right-padded with pad_id) --embed_tokens + type_embedding[0],
         layernorm_embedding--> (B, Lt, d)
+    (with ``cfg.entangle_position_embedding``, OFA's option, the raw image / text position
+    embeddings are added to the content before the type embedding)
     x = [image ; (soft prompt) ; text], padded positions zeroed
         --EncoderLayer x enc_layers (pre-LN + NormFormer), layer_norm--> memory (B, h*w + Lt, d)
 
-Positions are never added to the content. They enter only as attention biases:
+Positions enter as attention biases (and, only with OFA's ``--entangle-position-embedding``,
+also in the content as above):
 - absolute: p = [image_pos_ln(embed_image_positions[r * 42 + c + 1]) ; pos_ln(embed_positions[0..L))],
   bias = (pos_q_linear(p) * (d / H * 2) ** -0.5) @ pos_k_linear(p)^T per head, shared by layers;
 - per layer, relative: text x text from ``token_rel_pos_table_list[i]`` (OFA's log buckets),
@@ -139,11 +142,15 @@ class Encoder(nn.Module):
         feats = self.embed_images(images)                          # (B, 1024, h, w)
         h, w = feats.shape[-2:]
         img = self.image_proj(feats.flatten(2).transpose(1, 2))    # (B, h*w, d)
-        img = self.patch_layernorm_embedding(img + self.type_embedding.weight[1])
         tok = self.embed_tokens(text)
         if self.soft_prompt is not None:
             tok = torch.cat([self.soft_prompt.expand(B, -1, -1).to(tok.dtype), tok], 1)
         n_text = tok.shape[1]
+        if self.cfg.entangle_position_embedding:  # OFA's --entangle-position-embedding
+            ids = image_position_ids(h, w, self.cfg.image_buckets).to(img.device)
+            img = img + self.embed_image_positions(ids).to(img.dtype)
+            tok = tok + self.embed_positions.weight[:n_text].to(tok.dtype)
+        img = self.patch_layernorm_embedding(img + self.type_embedding.weight[1])
         tok = self.layernorm_embedding(tok + self.type_embedding.weight[0])
         x = self.drop(torch.cat([img, tok], 1))
         n_prompt = n_text - text.shape[1]

@@ -23,7 +23,18 @@ Key mapping (Hugging Face port -> fairseq; narvl uses the fairseq names):
 | ``encoder.embed_tokens`` (= ``decoder.embed_tokens``, ``decoder.output_projection``) | ``embed_tokens`` (tied) |
 
 Everything else keeps its name (``encoder.embed_images.*``, ``encoder.pos_q_linear``, ...).
-The configuration comes from the shapes (width, layers, heads, FFN, ResNet depth, tables). For
+The configuration comes from the shapes (width, layers, heads, FFN, ResNet depth, tables) and
+from the architecture flags the checkpoint records (``ofa_settings``): a fairseq checkpoint's
+``args`` (``argparse.Namespace``) or ``cfg.model`` / ``cfg.task`` (omegaconf, read as plain
+data), a Hugging Face directory's ``config.json`` (or the one beside the weights file). Read
+and applied: ``patch_image_size``, ``attn_scale_factor``, ``entangle_position_embedding`` and
+``disable_entangle`` (fairseq's decoder adds its positions to the input unless
+``disable_entangle``; the Hugging Face port only when ``entangle_position_embedding`` and not
+``disable_entangle``). A flag that changes OFA's computation in a way narvl does not implement
+(no NormFormer, ``scale_embedding``, post-LN layers, no embedding LayerNorms or type embedding,
+``scale_resids``, an activation other than GELU, ...) raises a ``ValueError`` naming it, rather
+than loading weights that would compute something else. A plain state dict has no flags: the
+released scripts' setup is assumed. For
 NARVL the encoder, the decoder layers and the tied embeddings come from OFA, as the authors
 fine-tune; the queries (``decoder.query_embed``) and the blank row of the embeddings are new
 unless the checkpoint is a NARVL one. Keys that are not used (versions, index buffers, the
@@ -43,7 +54,8 @@ import torch
 
 from .config import PRESETS, TASK_QUERIES, NARVLConfig
 
-__all__ = ["from_ofa", "safe_load", "read_ofa_state", "hf_to_fairseq", "infer_config", "Opaque"]
+__all__ = ["from_ofa", "safe_load", "read_ofa_state", "read_ofa_checkpoint", "ofa_settings", "hf_to_fairseq",
+           "infer_config", "Opaque"]
 
 
 # --------------------------------------------------------------------------- restricted pickle
@@ -133,7 +145,15 @@ def _is_state(d) -> bool:
 def read_ofa_state(source):
     """(state dict in fairseq names, image size hinted by the checkpoint's args or None,
     format name) of a path (file or directory) or a dict."""
+    state, settings, fmt = read_ofa_checkpoint(source)
+    return state, settings.get("image_size"), fmt
+
+
+def read_ofa_checkpoint(source):
+    """(state dict in fairseq names, ``NARVLConfig`` fields from the checkpoint's recorded
+    architecture flags (``ofa_settings``), format name) of a path (file or directory) or a dict."""
     fmt = "state dict"
+    path = None
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
@@ -158,19 +178,130 @@ def read_ofa_state(source):
         obj = source
     else:
         raise TypeError(f"source must be a path or a state dict, got {type(source).__name__}")
-    image_size = None
+    flags = None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        args = obj.get("args")
-        if isinstance(args, argparse.Namespace):
-            image_size = getattr(args, "patch_image_size", None)
+        flags = _fairseq_settings(obj)
         obj, fmt = obj["model"], "fairseq"
     if not _is_state(obj):
         raise ValueError(f"{source!r}: holds no state dict of tensors (a fairseq checkpoint keeps it under 'model')")
     hf = any(".self_attn_mid_layer_norm." in k or ".cross_attn." in k or ".ffn_layer_norm." in k for k in obj)
     if hf:
-        fmt = "hugging face" if fmt != "fairseq" else fmt
+        if fmt != "fairseq":
+            fmt = "hugging face"
+            flags = _hf_config(path) if path is not None else None
         obj = {hf_to_fairseq(k): v for k, v in obj.items()}
-    return collections.OrderedDict(obj), (int(image_size) if image_size else None), fmt
+    settings = ofa_settings(flags, "fairseq" if fmt == "fairseq" else "hugging face")
+    return collections.OrderedDict(obj), settings, fmt
+
+
+# --------------------------------------------------------------------------- architecture flags
+def _plain(obj, depth=0):
+    """omegaconf containers and nodes read through the restricted unpickler (``Opaque``
+    records holding ``_content`` / ``_val``), Namespaces and containers, as plain data."""
+    if depth > 50:
+        return None
+    if isinstance(obj, Opaque):
+        st = obj.state if isinstance(obj.state, dict) else {}
+        if "_content" in st:
+            return _plain(st["_content"], depth + 1)
+        if "_val" in st:
+            return _plain(st["_val"], depth + 1)
+        return None
+    if isinstance(obj, argparse.Namespace):
+        return {k: _plain(v, depth + 1) for k, v in vars(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _plain(v, depth + 1) for k, v in obj.items() if isinstance(k, str)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, depth + 1) for v in obj]
+    return obj
+
+
+def _fairseq_settings(ckpt: dict) -> dict | None:
+    """The architecture arguments of a fairseq checkpoint: ``args`` (Namespace), else
+    ``cfg.model`` over ``cfg.task`` (fairseq stores a legacy model's Namespace there); None
+    when it records neither."""
+    args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):
+        return _plain(args)
+    cfg = _plain(ckpt.get("cfg"))
+    if not isinstance(cfg, dict):
+        return None
+    out = {}
+    for section in ("task", "model"):  # model arguments win
+        if isinstance(cfg.get(section), dict):
+            out.update(cfg[section])
+    return out or None
+
+
+#: fairseq flag -> the value narvl's OFA architecture computes (anything else: ValueError); a
+#: flag the checkpoint does not record is taken as the released scripts set it
+_FAIRSEQ_FIXED = dict(no_scale_embedding=True, layernorm_embedding=True, patch_layernorm_embedding=True,
+                      add_type_embedding=True, encoder_normalize_before=True, decoder_normalize_before=True,
+                      scale_attn=True, scale_fc=True, scale_heads=True, scale_resids=False, activation_fn="gelu")
+#: the same for the Hugging Face port's config.json (its defaults are these values)
+_HF_FIXED = dict(scale_embedding=False, normformer=True, layernorm_embedding=True, patch_layernorm_embedding=True,
+                 add_type_embedding=True, encoder_normalize_before=True, decoder_normalize_before=True,
+                 activation_function="gelu", use_ofasys=False, use_image_feature=True, share_attn_bias=False,
+                 interpolate_position=False, share_decoder_input_output_embed=True)
+
+
+def ofa_settings(flags: dict | None, fmt: str) -> dict:
+    """``NARVLConfig`` fields (``image_size``, ``attn_scale_factor``,
+    ``entangle_position_embedding``, ``decoder_entangle``) from a checkpoint's recorded
+    architecture flags (``fmt`` "fairseq" or "hugging face"); ``ValueError`` naming a flag whose
+    value narvl does not compute. A flag not recorded counts as the released scripts set it
+    (NormFormer on, ``--disable-entangle``); no flags at all (a plain state dict): {}."""
+    if not flags:
+        return {}
+    def flag(name, default):
+        v = flags.get(name, default)
+        return default if v is None else v
+    if fmt == "fairseq":
+        for name, want in _FAIRSEQ_FIXED.items():
+            got = flag(name, want)
+            if (got != want) if isinstance(want, str) else (bool(got) != want):
+                raise ValueError(f"the checkpoint was trained with {name}={got!r}; narvl's OFA "
+                                 f"architecture computes {name}={want!r} (OFA's released setup) only")
+        entangle = bool(flag("entangle_position_embedding", False))
+        out = dict(entangle_position_embedding=entangle,
+                   decoder_entangle=not bool(flag("disable_entangle", True)))
+        size = flags.get("patch_image_size")
+    else:
+        for name, want in _HF_FIXED.items():
+            got = flag(name, want)
+            if (got != want) if isinstance(want, str) else (bool(got) != want):
+                raise ValueError(f"config.json sets {name}={got!r}; narvl's OFA architecture "
+                                 f"computes {name}={want!r} only")
+        entangle = bool(flag("entangle_position_embedding", False))
+        out = dict(entangle_position_embedding=entangle,
+                   decoder_entangle=entangle and not bool(flag("disable_entangle", False)))
+        size = None  # the port's config does not record the fine-tuning resolution
+    factor = flag("attn_scale_factor", 2)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise ValueError(f"the checkpoint's attn_scale_factor must be a positive number, got {factor!r}")
+    out["attn_scale_factor"] = float(factor)
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"the checkpoint's patch_image_size must be a positive integer, got {size!r}")
+        out["image_size"] = int(size)
+    return out
+
+
+def _hf_config(path: str) -> dict | None:
+    """The Hugging Face ``config.json`` of a directory or beside a weights file, or None."""
+    where = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    cfg = os.path.join(where, "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    import json
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg}: not a readable JSON config ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg}: expected a JSON object")
+    return d
 
 
 # --------------------------------------------------------------------------- configuration
@@ -269,9 +400,9 @@ def from_ofa(path, arch: str = "narvl", task: str | None = None, **overrides):
         raise ValueError(f"arch must be 'narvl' or 'ar', got {arch!r}")
     if task is not None and task not in TASK_QUERIES:
         raise ValueError(f"task must be one of {sorted(TASK_QUERIES)}, got {task!r}")
-    state, image_size, fmt = read_ofa_state(path)
-    image_size = overrides.pop("image_size", image_size)
-    cfg = infer_config(state, arch, task, image_size, **overrides)
+    state, settings, fmt = read_ofa_checkpoint(path)
+    image_size = overrides.pop("image_size", settings.pop("image_size", None))
+    cfg = infer_config(state, arch, task, image_size, **{**settings, **overrides})
     model = (NARVL if arch == "narvl" else ARBaseline)(cfg)
     report = load_ofa_state_(model, state)
     report["format"] = fmt
