@@ -46,6 +46,21 @@ def test_bf16_autocast_smoke(tmp_path):
     assert m["latency_ms"] > 0
 
 
+def test_entangle_position_embedding_flag(tmp_path):
+    """--entangle-position-embedding reaches the model's config and travels in the checkpoint,
+    so --eval-only rebuilds the same function."""
+    m = run(tmp_path, "--task", "caption", "--arch", "narvl", "--steps", "2", "--entangle-position-embedding")
+    from narvl.checkpoint import read_checkpoint
+    from narvl.models import NARVLConfig
+    _, meta = read_checkpoint(str(tmp_path / "last.safetensors"))
+    cfg = NARVLConfig.from_json(meta["config"])
+    assert cfg.entangle_position_embedding and not cfg.decoder_entangle
+    ev = tmp_path / "ev"
+    assert train.main([*SMALL, "--eval-only", str(tmp_path / "last.safetensors"), "--out", str(ev)]) == 0
+    with open(ev / "metrics.json") as f:
+        assert json.load(f)["metric"] == m["metric"]
+
+
 def test_resume_continues_and_eval_only(tmp_path):
     run(tmp_path, "--task", "vqa", "--steps", "2")
     m = run(tmp_path, "--task", "vqa", "--steps", "4", "--resume")
