@@ -366,6 +366,7 @@ def test_fairseq_flags_from_args_or_cfg(ofa_entangled, tmp_path, monkeypatch, wh
                                          ("no_scale_embedding", False), ("encoder_normalize_before", False),
                                          ("layernorm_embedding", False), ("add_type_embedding", False),
                                          ("scale_resids", True), ("activation_fn", "relu"),
+                                         ("interpolate_position", True),
                                          ("attn_scale_factor", "two"), ("patch_image_size", -3)])
 def test_from_ofa_rejects_flags_it_does_not_compute(tmp_path, flag, value):
     """A checkpoint trained with a flag that changes OFA's computation in a way narvl does not

@@ -32,7 +32,7 @@ and applied: ``patch_image_size``, ``attn_scale_factor``, ``entangle_position_em
 ``disable_entangle``; the Hugging Face port only when ``entangle_position_embedding`` and not
 ``disable_entangle``). A flag that changes OFA's computation in a way narvl does not implement
 (no NormFormer, ``scale_embedding``, post-LN layers, no embedding LayerNorms or type embedding,
-``scale_resids``, an activation other than GELU, ...) raises a ``ValueError`` naming it, rather
+``scale_resids``, an activation other than GELU, ``interpolate_position``, ...) raises a ``ValueError`` naming it, rather
 than loading weights that would compute something else. A plain state dict has no flags: the
 released scripts' setup is assumed. For
 NARVL the encoder, the decoder layers and the tied embeddings come from OFA, as the authors
@@ -237,7 +237,8 @@ def _fairseq_settings(ckpt: dict) -> dict | None:
 #: flag the checkpoint does not record is taken as the released scripts set it
 _FAIRSEQ_FIXED = dict(no_scale_embedding=True, layernorm_embedding=True, patch_layernorm_embedding=True,
                       add_type_embedding=True, encoder_normalize_before=True, decoder_normalize_before=True,
-                      scale_attn=True, scale_fc=True, scale_heads=True, scale_resids=False, activation_fn="gelu")
+                      scale_attn=True, scale_fc=True, scale_heads=True, scale_resids=False, activation_fn="gelu",
+                      interpolate_position=False)
 #: the same for the Hugging Face port's config.json (its defaults are these values)
 _HF_FIXED = dict(scale_embedding=False, normformer=True, layernorm_embedding=True, patch_layernorm_embedding=True,
                  add_type_embedding=True, encoder_normalize_before=True, decoder_normalize_before=True,
