@@ -32,11 +32,10 @@ and applied: ``patch_image_size``, ``attn_scale_factor``, ``entangle_position_em
 ``disable_entangle``; the Hugging Face port only when ``entangle_position_embedding`` and not
 ``disable_entangle``). A flag that changes OFA's computation in a way narvl does not implement
 (no NormFormer, ``scale_embedding``, post-LN layers, no embedding LayerNorms or type embedding,
-``scale_resids``, an activation other than GELU, ``interpolate_position``, ...) raises a ``ValueError`` naming it, rather
-than loading weights that would compute something else. A plain state dict has no flags: the
-released scripts' setup is assumed. For
-NARVL the encoder, the decoder layers and the tied embeddings come from OFA, as the authors
-fine-tune; the queries (``decoder.query_embed``) and the blank row of the embeddings are new
+``scale_resids``, an activation other than GELU, ``interpolate_position``, ...) raises a
+``ValueError`` naming it, rather than loading weights that would compute something else. A
+plain state dict has no flags: the released scripts' setup is assumed. For NARVL the encoder,
+the decoder layers and the tied embeddings come from OFA, as the authors fine-tune; the queries (``decoder.query_embed``) and the blank row of the embeddings are new
 unless the checkpoint is a NARVL one. Keys that are not used (versions, index buffers, the
 decoder's image-code tables, classification heads) and parameters left at their
 initialisation are listed in ``model.ofa_report`` and in a warning: nothing is dropped silently.
