@@ -256,26 +256,20 @@ def ofa_settings(flags: dict | None, fmt: str) -> dict:
     def flag(name, default):
         v = flags.get(name, default)
         return default if v is None else v
-    if fmt == "fairseq":
-        for name, want in _FAIRSEQ_FIXED.items():
-            got = flag(name, want)
-            if (got != want) if isinstance(want, str) else (bool(got) != want):
-                raise ValueError(f"the checkpoint was trained with {name}={got!r}; narvl's OFA "
-                                 f"architecture computes {name}={want!r} (OFA's released setup) only")
-        entangle = bool(flag("entangle_position_embedding", False))
-        out = dict(entangle_position_embedding=entangle,
-                   decoder_entangle=not bool(flag("disable_entangle", True)))
-        size = flags.get("patch_image_size")
-    else:
-        for name, want in _HF_FIXED.items():
-            got = flag(name, want)
-            if (got != want) if isinstance(want, str) else (bool(got) != want):
-                raise ValueError(f"config.json sets {name}={got!r}; narvl's OFA architecture "
-                                 f"computes {name}={want!r} only")
-        entangle = bool(flag("entangle_position_embedding", False))
-        out = dict(entangle_position_embedding=entangle,
-                   decoder_entangle=entangle and not bool(flag("disable_entangle", False)))
-        size = None  # the port's config does not record the fine-tuning resolution
+    fairseq = fmt == "fairseq"
+    where = "the checkpoint was trained with" if fairseq else "config.json sets"
+    for name, want in (_FAIRSEQ_FIXED if fairseq else _HF_FIXED).items():
+        got = flag(name, want)
+        if (got != want) if isinstance(want, str) else (bool(got) != want):
+            raise ValueError(f"{where} {name}={got!r}; narvl's OFA architecture computes "
+                             f"{name}={want!r} (OFA's released setup) only")
+    entangle = bool(flag("entangle_position_embedding", False))
+    # fairseq's decoder entangles unless --disable-entangle; the port needs entangle as well
+    disabled = bool(flag("disable_entangle", True if fairseq else False))
+    out = dict(entangle_position_embedding=entangle,
+               decoder_entangle=not disabled if fairseq else entangle and not disabled)
+    # the port's config does not record the fine-tuning resolution
+    size = flags.get("patch_image_size") if fairseq else None
     factor = flag("attn_scale_factor", 2)
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
         raise ValueError(f"the checkpoint's attn_scale_factor must be a positive number, got {factor!r}")
