@@ -380,6 +380,7 @@ def test_from_ofa_rejects_flags_it_does_not_compute(tmp_path, flag, value):
 
 @pytest.mark.parametrize("flag, value", [("normformer", False), ("scale_embedding", True),
                                          ("use_ofasys", True), ("interpolate_position", True),
+                                         ("use_gamma_feature", True),
                                          ("decoder_normalize_before", False)])
 def test_from_ofa_rejects_hugging_face_config_flags(tmp_path, flag, value):
     from safetensors.torch import save_file

@@ -242,7 +242,7 @@ _FAIRSEQ_FIXED = dict(no_scale_embedding=True, layernorm_embedding=True, patch_l
 _HF_FIXED = dict(scale_embedding=False, normformer=True, layernorm_embedding=True, patch_layernorm_embedding=True,
                  add_type_embedding=True, encoder_normalize_before=True, decoder_normalize_before=True,
                  activation_function="gelu", use_ofasys=False, use_image_feature=True, share_attn_bias=False,
-                 interpolate_position=False, share_decoder_input_output_embed=True)
+                 interpolate_position=False, share_decoder_input_output_embed=True, use_gamma_feature=False)
 
 
 def ofa_settings(flags: dict | None, fmt: str) -> dict:
