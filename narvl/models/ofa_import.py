@@ -35,7 +35,8 @@ and applied: ``patch_image_size``, ``attn_scale_factor``, ``entangle_position_em
 ``scale_resids``, an activation other than GELU, ``interpolate_position``, ...) raises a
 ``ValueError`` naming it, rather than loading weights that would compute something else. A
 plain state dict has no flags: the released scripts' setup is assumed. For NARVL the encoder,
-the decoder layers and the tied embeddings come from OFA, as the authors fine-tune; the queries (``decoder.query_embed``) and the blank row of the embeddings are new
+the decoder layers and the tied embeddings come from OFA, as the authors fine-tune; the queries
+(``decoder.query_embed``) and the blank row of the embeddings are new
 unless the checkpoint is a NARVL one. Keys that are not used (versions, index buffers, the
 decoder's image-code tables, classification heads) and parameters left at their
 initialisation are listed in ``model.ofa_report`` and in a warning: nothing is dropped silently.
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import pickle
 import re
@@ -282,12 +284,10 @@ def ofa_settings(flags: dict | None, fmt: str) -> dict:
 
 
 def _hf_config(path: str) -> dict | None:
-    """The Hugging Face ``config.json`` of a directory or beside a weights file, or None."""
-    where = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    cfg = os.path.join(where, "config.json")
+    """The Hugging Face ``config.json`` beside a weights file (in its directory), or None."""
+    cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if not os.path.isfile(cfg):
         return None
-    import json
     try:
         with open(cfg, encoding="utf-8") as f:
             d = json.load(f)
