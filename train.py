@@ -46,21 +46,35 @@ METRIC = {"caption": "CIDEr", "vqa": "VQA accuracy", "grounding": "Acc@0.5", "en
 DEFAULT_STEPS = {"caption": 600, "vqa": 500, "grounding": 600, "entailment": 400}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already state the default and X says something."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=list(METRIC), default="caption")
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--task", choices=list(METRIC), default="caption",
+                   help="what to train and evaluate: caption (CIDEr), vqa (VQA accuracy), grounding (Acc@0.5) "
+                        "or entailment (accuracy)")
     p.add_argument("--arch", choices=["narvl", "ar", "both"], default="narvl",
                    help="both: narvl then ar into OUT/narvl and OUT/ar, then OUT/comparison.json")
-    p.add_argument("--preset", choices=["tiny", "medium", "base", "large", "huge"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "medium", "base", "large", "huge"], default="tiny",
+                   help="model size: tiny (d 256, 4+4 layers, trains in minutes on 2 CPU cores) or the paper's "
+                        "medium, base, large, huge")
     p.add_argument("--out", default=None, help="output directory (default runs/{task}_{arch})")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default per task)")
     p.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (split over ranks)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay of the matrices (biases and norms: none)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout of a new model")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--fp16", action="store_true",
                    help="float16 autocast with a GradScaler (a step whose gradients overflow is skipped "
@@ -80,8 +94,11 @@ def parse_args(argv=None):
     p.add_argument("--entangle-position-embedding", action="store_true",
                    help="OFA's option for a new model: the encoder also adds the position embeddings "
                         "to the text and image content (off in OFA's released setups)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the generated shapes data (evaluation split: seed + 1000), the initial "
+                        "weights and the batch order")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="image side in pixels, a multiple of 16 (a checkpoint keeps its own)")
     p.add_argument("--train-size", type=int, default=6000, help="generated training samples (shapes data)")
     p.add_argument("--eval-size", type=int, default=500,
                    help="evaluation samples (generated; with --data, the first N of its eval split)")
@@ -91,7 +108,8 @@ def parse_args(argv=None):
                         "(narvl.data.SPEC_KEYS; paths relative to SPEC.json)")
     p.add_argument("--bpe-vocab", type=int, default=1000, help="BPE merges + bytes of a new tokenizer")
     p.add_argument("--num-bins", type=int, default=64, help="location bins of a new tokenizer")
-    p.add_argument("--latency-samples", type=int, default=100)
+    p.add_argument("--latency-samples", type=int, default=100,
+                   help="evaluation samples timed for latency_ms (batch 1, each timed 5 times, best kept)")
     p.add_argument("--beam", type=int, default=1, help="beam width at evaluation (1 = greedy)")
     p.add_argument("--freeze-backbone", action="store_true",
                    help="eP-ALM style: train only the queries, an output projection and a soft prompt")
@@ -104,11 +122,12 @@ def parse_args(argv=None):
                         "vocab.json + merges.txt)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     p.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint")
-    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--ckpt-every", type=int, default=200, help="optimizer steps between checkpoints")
     p.add_argument("--stop-after", type=int, default=None, metavar="K",
                    help="end after K optimizer steps of the --steps schedule, with a checkpoint (a time-boxed "
                         "job; --resume continues it exactly)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar; the log lines and the summary are still printed")
     a = p.parse_args(argv)
     for name in ("batch_size", "image_size", "train_size", "eval_size", "latency_samples", "beam", "ckpt_every",
                  "bpe_vocab", "num_bins", "distill_beam"):
