@@ -1,5 +1,5 @@
 // The one schema block of the narvl operator library. The kernels live in their own files
-// (ctc_cpu.cpp, decode_cpu.cpp for CPU; Triton for CUDA) and are registered on the ops from
+// (ctc_cpu.cpp, decode_cpu.cpp, forced_align_cpu.cpp for CPU; Triton for CUDA) and are registered on the ops from
 // Python (narvl/ops/*.py), one kernel per device. narvl/_schema.py mirrors these strings for builds without this extension and
 // tests/test_schema.py checks that the two agree.
 #include <torch/extension.h>
@@ -33,6 +33,13 @@ TORCH_LIBRARY(narvl, m) {
       "ctc_beam_search(Tensor scores, Tensor lengths, int beam_width, int blank, int cutoff_top_n, "
       "float cutoff_prob, int nbest, int input_kind, int num_threads) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
+  // CTC forced alignment of (B, T, C) log-probabilities (batch-first): the Viterbi path of each
+  // sample -> (alignments (B, T) int64, the label of each frame, blank past input_lengths[b];
+  // scores (B, T) the log-probability of that label, 0 past input_lengths[b]; float64 for
+  // float64 input, float32 otherwise).
+  m.def(
+      "ctc_forced_align(Tensor log_probs, Tensor targets, Tensor input_lengths, "
+      "Tensor target_lengths, int blank) -> (Tensor, Tensor)");
   // Learnable-query attention: q (B, H, Lq, D), k/v (B, H, Lk, D), keys j >= key_lengths[b]
   // masked, attn_bias (H, Lq, Lk) or (B, H, Lq, Lk) additive -> (out (B, H, Lq, D),
   // lse (B, H, Lq) float32). The backward returns (dq, dk, dv, dbias; dbias empty unless
@@ -52,6 +59,7 @@ namespace narvl {
 void register_beam_decoder(pybind11::module_& m);  // beam_decoder.cpp
 void register_ctc_kernels(pybind11::module_& m);   // ctc_cpu.cpp
 void register_decode_kernels(pybind11::module_& m);  // decode_cpu.cpp
+void register_forced_align_kernels(pybind11::module_& m);  // forced_align_cpu.cpp
 
 // The beam search's per-frame top-k (vec_math.h) on one float32 row, for the tests: (values
 // (min(k, V),) in the kernel's own order (best first, ties to the lower index), indices int64,
@@ -83,6 +91,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "narvl native CPU kernels (registered on the torch.ops.narvl operators by narvl.ops)";
   narvl::register_ctc_kernels(m);
   narvl::register_decode_kernels(m);
+  narvl::register_forced_align_kernels(m);
   narvl::register_beam_decoder(m);
   m.def("_row_topk", &narvl::row_topk, "test hook: the CPU beam search's frame top-k on one row");
   m.def("_cpu_level", &narvl::cpu_dispatch_level,

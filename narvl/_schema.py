@@ -18,6 +18,8 @@ SCHEMAS = {
     "ctc_beam_search": "(Tensor scores, Tensor lengths, int beam_width, int blank, "
     "int cutoff_top_n, float cutoff_prob, int nbest, int input_kind, int num_threads) -> "
     "(Tensor, Tensor, Tensor, Tensor)",
+    "ctc_forced_align": "(Tensor log_probs, Tensor targets, Tensor input_lengths, "
+    "Tensor target_lengths, int blank) -> (Tensor, Tensor)",
     "query_attention_fwd": "(Tensor q, Tensor k, Tensor v, Tensor key_lengths, "
     "Tensor? attn_bias, float scale) -> (Tensor, Tensor)",
     "query_attention_bwd": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "

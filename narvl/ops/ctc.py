@@ -241,7 +241,7 @@ def ctc_min_frames(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch
                          f"and {tuple(target_lengths.shape)}")
     tl_ = target_lengths.long()
     S = targets.shape[1]
-    k = torch.arange(1, S, device=targets.device)
+    k = torch.arange(1, max(S, 1), device=targets.device)
     rep = (targets[:, 1:] == targets[:, :-1]) & (k[None, :] < tl_[:, None])
     return tl_ + rep.sum(1)
 

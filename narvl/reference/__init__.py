@@ -14,3 +14,4 @@ from .decode import (  # noqa: F401
     labeling_logprobs_bruteforce,
 )
 from .attention import query_attention_reference  # noqa: F401
+from .forced_align import forced_align_reference  # noqa: F401
