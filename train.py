@@ -94,6 +94,12 @@ def parse_args(argv=None):
     p.add_argument("--entangle-position-embedding", action="store_true",
                    help="OFA's option for a new model: the encoder also adds the position embeddings "
                         "to the text and image content (off in OFA's released setups)")
+    p.add_argument("--queries", type=int, default=None,
+                   help="NARVL's query slots N (default: the task's, caption 20, VQA 6, grounding 5, entailment 3); "
+                        "targets are still cut at --max-target-len")
+    p.add_argument("--glance", type=float, default=0.0, metavar="RATIO",
+                   help="NARVL glancing training: RATIO x (first pass's errors) query inputs replaced by the "
+                        "embeddings of the labels CTC's best alignment puts there (0 = off)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the generated shapes data (evaluation split: seed + 1000), the initial "
                         "weights and the batch order")
@@ -143,6 +149,10 @@ def parse_args(argv=None):
         p.error("--stop-after must be >= 1")
     if a.max_target_len is not None and a.max_target_len < 1:
         p.error("--max-target-len must be >= 1")
+    if a.queries is not None and a.queries < 1:
+        p.error("--queries must be >= 1")
+    if not 0.0 <= a.glance <= 1.0:
+        p.error("--glance must be in [0, 1]")
     if a.bf16 and a.fp16:
         p.error("--bf16 and --fp16 exclude each other")
     if a.init_ofa and not a.ofa_bpe_dir:
@@ -153,6 +163,18 @@ def parse_args(argv=None):
         p.error("--distill-from trains NARVL (--arch narvl)")
     a.out = a.out or f"runs/{a.task}_{a.arch}"
     return a
+
+
+def lr_schedule(steps: int, warmup: int):
+    """Multiplier of --lr at step s: linear warm-up to 1 over min(warmup, steps) steps, then a
+    cosine to 0 over the remaining steps (a run shorter than the warm-up still reaches --lr)."""
+    w = max(1, min(warmup, steps))
+
+    def f(s):
+        if s < w:
+            return (s + 1) / w
+        return 0.5 * (1 + math.cos(math.pi * (s - w) / max(steps - w, 1)))
+    return f
 
 
 def dist_setup():
@@ -332,7 +354,9 @@ def run(args):
                                       vocab_size=tok.vocab_size, num_bins=tok.num_bins,
                                       dropout=args.dropout, max_text_len=48,
                                       max_target_len=args.max_target_len or TASK_QUERIES[args.task],
-                                      entangle_position_embedding=args.entangle_position_embedding)
+                                      entangle_position_embedding=args.entangle_position_embedding,
+                                      glance_ratio=args.glance,
+                                      **({} if args.queries is None else dict(num_queries=args.queries)))
     model = model if model is not None else build_model(args.arch, cfg)
     peft = bool(args.freeze_backbone or (meta_in and json.loads(meta_in.get("peft", "false"))
                                          and not args.init))
@@ -368,8 +392,7 @@ def run(args):
         no_decay = [p for p in params if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-        sched = lambda s: min(1.0, (s + 1) / max(args.warmup, 1)) * (  # noqa: E731
-            0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+        sched = lr_schedule(steps, args.warmup)
         scaler = torch.amp.GradScaler("cpu", enabled=args.fp16)
         # per-epoch counts of the samples the loss cannot use (this rank's share; summed at the end)
         counts = {"cut": {}, "infeasible": {}, "samples": {}}

@@ -2,6 +2,7 @@
 decoding against a direct argmax/collapse, KV-cache decoding against the teacher-forced pass,
 PEFT, and bad input."""
 import copy
+import math
 
 import pytest
 import torch
@@ -542,3 +543,80 @@ def test_model_with_cpu_fast_paths_forced_off(arch, monkeypatch):
     for a, b in zip(grads_off, grads_on):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert gen_off == gen_on
+
+
+def _best_path_brute_force(lp, target, blank):
+    """The highest-scoring frame labelling of log_probs lp (T, C) that CTC-collapses to target,
+    by enumerating every labelling (tiny T and C only)."""
+    import itertools
+    T, C = lp.shape
+    best, best_score = None, -float("inf")
+    for path in itertools.product(range(C), repeat=T):
+        out, prev = [], None
+        for p in path:
+            if p != blank and p != prev:
+                out.append(p)
+            prev = p
+        if out == list(target):
+            score = float(sum(lp[t, p] for t, p in enumerate(path)))
+            if score > best_score:
+                best, best_score = list(path), score
+    return best
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_glance_replaces_queries_with_the_viterbi_path(ratio):
+    """NARVL.glance: the path is the best CTC alignment of the first pass (brute force), the
+    glanced slots number round(ratio * errors) and hold exactly the path's label embeddings, the
+    other slots the learnable queries; infeasible samples are not glanced."""
+    cfg = small_cfg(num_queries=5, vocab_size=6, num_bins=0)  # labels 0..4, blank 5
+    torch.manual_seed(0)
+    model = NARVL(cfg).train()
+    images, text, _, _ = inputs(cfg, B=3)
+    targets = torch.tensor([[3, 2, 2, 0], [4, 2, 0, 0], [3, 3, 3, 3]])  # the third needs 4 + 3 = 7 frames > 5
+    lengths = torch.tensor([3, 2, 4])
+    memory, mlen = model.encoder(images, text)
+    torch.manual_seed(1)
+    g = model.glance(memory, mlen, targets, lengths, ratio)
+    torch.manual_seed(1)  # the first pass again, with the same dropout draws (dropout is 0 here anyway)
+    with torch.no_grad():
+        first = model.decode_logits(memory, mlen).float().log_softmax(-1)
+    assert g.infeasible == 1
+    for b in range(2):
+        expect = _best_path_brute_force(first[b].double(), targets[b, : lengths[b]].tolist(), cfg.blank_id)
+        assert g.path[b].tolist() == expect
+        errors = int((first[b].argmax(-1) != g.path[b]).sum())
+        assert int(g.errors[b]) == errors
+        assert int(g.mask[b].sum()) == math.floor(ratio * errors + 0.5)
+    assert not g.mask[2].any() and int(g.errors[2]) == 0
+    q = model.decoder.query_embed.weight
+    for b in range(3):
+        for n in range(cfg.num_queries):
+            want = model.embed_tokens.weight[g.path[b, n]] if g.mask[b, n] else q[n]
+            assert torch.equal(g.inputs[b, n], want)
+    # the glanced pass is differentiable into the label embeddings and the queries
+    loss = model.decode_logits(memory, mlen, g.inputs).sum()
+    loss.backward()
+    assert model.decoder.query_embed.weight.grad is not None and model.embed_tokens.weight.grad is not None
+
+
+def test_glance_ratio_drives_training_loss_and_not_inference():
+    """cfg.glance_ratio: the training loss is the glanced pass's; eval mode and generate ignore it."""
+    cfg = small_cfg(glance_ratio=1.0)
+    torch.manual_seed(0)
+    model = NARVL(cfg)
+    plain = NARVL(small_cfg())
+    plain.load_state_dict(model.state_dict())
+    images, text, targets, lengths = inputs(cfg)
+    model.eval(), plain.eval()
+    assert torch.equal(model(images, text, targets, lengths), plain(images, text, targets, lengths))
+    assert model.generate(images, text) == plain.generate(images, text)
+    model.train(), plain.train()
+    torch.manual_seed(3)
+    glanced = model(images, text, targets, lengths)
+    assert not torch.equal(glanced, plain(images, text, targets, lengths))
+    with pytest.raises(ValueError, match="glance_ratio"):
+        small_cfg(glance_ratio=1.5)
+    with pytest.raises(ValueError, match="ratio"):
+        memory, mlen = model.encoder(images, text)
+        model.glance(memory, mlen, targets, lengths, -0.1)

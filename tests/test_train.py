@@ -61,6 +61,31 @@ def test_entangle_position_embedding_flag(tmp_path):
         assert json.load(f)["metric"] == m["metric"]
 
 
+def test_queries_and_glance_flags(tmp_path):
+    """--queries and --glance reach NARVL's config and the checkpoint; --glance trains."""
+    m = run(tmp_path, "--task", "caption", "--arch", "narvl", "--steps", "2", "--queries", "24", "--glance", "0.5")
+    from narvl.checkpoint import read_checkpoint
+    from narvl.models import NARVLConfig
+    _, meta = read_checkpoint(str(tmp_path / "last.safetensors"))
+    cfg = NARVLConfig.from_json(meta["config"])
+    assert cfg.num_queries == 24 and cfg.glance_ratio == 0.5 and m["num_queries"] == 24
+    assert cfg.max_target_len == 20  # targets are still cut at the task's length
+    assert all(math.isfinite(x) for x in m["losses"])
+
+
+@pytest.mark.parametrize("steps,warmup", [(20, 50), (600, 50), (7, 1)])
+def test_lr_schedule_reaches_the_peak(steps, warmup):
+    """The warm-up reaches --lr even when the run is shorter than it; the cosine then falls to ~0."""
+    f = train.lr_schedule(steps, warmup)
+    vals = [f(s) for s in range(steps)]
+    assert max(vals) == 1.0 and vals[min(warmup, steps) - 1] == 1.0
+    assert vals[0] == 1.0 / min(warmup, steps)
+    assert all(a <= b for a, b in zip(vals[:min(warmup, steps)], vals[1:min(warmup, steps)]))
+    assert all(a >= b for a, b in zip(vals[min(warmup, steps) - 1:], vals[min(warmup, steps):]))
+    if steps - warmup > 100:
+        assert vals[-1] < 1e-4
+
+
 def test_resume_continues_and_eval_only(tmp_path):
     run(tmp_path, "--task", "vqa", "--steps", "2")
     m = run(tmp_path, "--task", "vqa", "--steps", "4", "--resume")
@@ -163,7 +188,8 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--steps", "-1"], ["--batch-size", "0"], ["--image-size", "40"],
-                                  ["--task", "ocr"], ["--lr", "0"]])
+                                  ["--task", "ocr"], ["--lr", "0"], ["--queries", "0"],
+                                  ["--glance", "1.5"]])
 def test_bad_arguments(args, tmp_path):
     with pytest.raises(SystemExit):
         train.main([*SMALL, "--out", str(tmp_path), *args])

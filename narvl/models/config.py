@@ -69,6 +69,12 @@ class NARVLConfig:
     # the decoder adds embed_positions[0..T) to its input (tokens or queries) before
     # layernorm_embedding: fairseq OFA without --disable-entangle (every released script sets it)
     decoder_entangle: bool = False
+    # Glancing training (Qian et al. 2021, GLAT; with CTC as Gu & Kong 2021): a first decoder
+    # pass without gradients, the Viterbi alignment of the target under it, and the inputs of
+    # round(glance_ratio * errors) random queries replaced by the embeddings of the labels the
+    # alignment puts there (errors: frames where the first pass's argmax differs from the
+    # alignment). Training only (NARVL); inference stays one pass. 0 turns it off.
+    glance_ratio: float = 0.0
     dropout: float = 0.1
     label_smoothing: float = 0.1
     merge_repeats: bool = True
@@ -112,6 +118,10 @@ class NARVLConfig:
                              f"{self.num_bins} bins and the blank")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.glance_ratio, (int, float)) or isinstance(self.glance_ratio, bool) \
+                or not 0.0 <= self.glance_ratio <= 1.0:
+            raise ValueError(f"glance_ratio must be in [0, 1], got {self.glance_ratio!r}")
+        self.glance_ratio = float(self.glance_ratio)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

@@ -20,16 +20,28 @@ beam search; the output stops at the first EOS.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
-from ..ops.ctc import qctc_loss
+from ..ops.ctc import ctc_min_frames, qctc_loss
 from ..ops.decode import ctc_greedy_decode, ctc_prefix_beam_search
 from .cache import DEFAULT_CACHE_BYTES, param_refs
 from .config import NARVLConfig
 from .decoder import DecoderStack
 from .encoder import Encoder
 from .layers import ofa_embedding, tied_output
+
+
+class Glance(NamedTuple):
+    """What ``NARVL.glance`` did to a batch (see there)."""
+
+    inputs: torch.Tensor
+    mask: torch.Tensor
+    path: torch.Tensor
+    errors: torch.Tensor
+    infeasible: int
 
 
 def check_targets(cfg, targets, target_lengths, batch, name="targets"):
@@ -90,14 +102,17 @@ class NARVL(nn.Module):
         x = dec.embed(dec.query_embed.weight.to(dtype)[None])
         return dec.layers[0].self_block(x, self_bias0)
 
-    def decode_logits(self, memory, memory_lengths):
-        """memory (B, Lm, d), memory_lengths (B,) -> logits (B, N, V)."""
+    def decode_logits(self, memory, memory_lengths, query_input=None):
+        """memory (B, Lm, d), memory_lengths (B,) -> logits (B, N, V). ``query_input`` (B, N, d):
+        the decoder's input in place of the learnable queries (glancing training)."""
         dec, cfg = self.decoder, self.cfg
         B, dtype = memory.shape[0], memory.dtype
         N = cfg.num_queries
         n_text = memory.shape[1] - cfg.grid ** 2
         self_b, cross_b = dec.biases(N, self.encoder, n_text, dtype)
-        if dec._cache is not None and not torch.is_grad_enabled():
+        if query_input is not None:
+            x, start = dec.embed(query_input.to(dtype)), 0
+        elif dec._cache is not None and not torch.is_grad_enabled():
             x = dec._cache.get(("first", dtype), lambda: self._first_block(self_b[0], dtype))
             x = dec.layers[0].cross_ffn_block(x.expand(B, -1, -1),
                                               *dec.layers[0].encoder_attn.project_kv(memory),
@@ -118,12 +133,56 @@ class NARVL(nn.Module):
 
     def forward(self, images, text, targets, target_lengths, weights=None):
         """Q-CTC loss (scalar). targets (B, S) answer + EOS, right-padded; target_lengths (B,);
-        weights (B,) optional per-sample weights (VQA answer confidence)."""
+        weights (B,) optional per-sample weights (VQA answer confidence). In training mode with
+        ``cfg.glance_ratio > 0`` the loss is that of the glanced pass (``glance``)."""
         check_targets(self.cfg, targets, target_lengths, images.shape[0])
-        logits = self.logits(images, text)
+        memory, lengths = self.encoder(images, text)
+        query_input = None
+        if self.training and self.cfg.glance_ratio > 0:
+            query_input = self.glance(memory, lengths, targets, target_lengths, self.cfg.glance_ratio).inputs
+        logits = self.decode_logits(memory, lengths, query_input)
         return qctc_loss(logits, targets, target_lengths, blank=self.cfg.blank_id,
                          label_smoothing=self.cfg.label_smoothing, weights=weights,
                          zero_infinity=True)
+
+    def glance(self, memory, memory_lengths, targets, target_lengths, ratio: float) -> Glance:
+        """Glancing (GLAT, Qian et al. 2021) with CTC's best alignment (Gu & Kong 2021).
+
+        A first decoder pass without gradients gives log-probabilities (B, N, V); the target's
+        Viterbi path under them (``narvl.ctc_forced_align``) puts one label or the blank on each
+        of the N query slots. In sample b, ``round(ratio * errors_b)`` slots chosen uniformly at
+        random (``errors_b``: slots whose argmax differs from the path) get the embedding of the
+        path's label there (``embed_tokens``, the blank's row for a blank) as their input in
+        place of their learnable query. Samples whose target needs more frames than there are
+        queries have no path and are not glanced (``Glance.infeasible`` counts them).
+
+        Returns a ``Glance``: ``inputs`` (B, N, d) for ``decode_logits(..., query_input=)``
+        (differentiable into ``query_embed`` and ``embed_tokens``), ``mask`` (B, N) bool of the
+        glanced slots, ``path`` (B, N) the alignment (blank where infeasible), ``errors`` (B,).
+        """
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ratio must be in [0, 1], got {ratio!r}")
+        from .. import ctc_forced_align  # noqa: PLC0415  (the package's op, registered at import)
+        cfg = self.cfg
+        B, N = memory.shape[0], cfg.num_queries
+        blank = cfg.blank_id
+        with torch.no_grad():
+            first = self.decode_logits(memory.detach(), memory_lengths).float()
+            feasible = ctc_min_frames(targets, target_lengths) <= N
+            path = torch.full((B, N), blank, dtype=torch.long, device=memory.device)
+            idx = feasible.nonzero().flatten()
+            if idx.numel():
+                lp = torch.log_softmax(first[idx], -1)
+                path[idx] = ctc_forced_align(lp, targets[idx], target_lengths=target_lengths[idx],
+                                             blank=blank)[0]
+            errors = ((first.argmax(-1) != path) & feasible[:, None]).sum(-1)
+            count = torch.floor(ratio * errors.double() + 0.5).long()
+            # the k slots of lowest random rank in each row
+            rank = torch.rand(B, N, device=memory.device).argsort(-1).argsort(-1)
+            mask = rank < count[:, None]
+        queries = self.decoder.query_embed.weight[None].expand(B, -1, -1)
+        inputs = torch.where(mask[..., None], self.embed_tokens(path), queries)
+        return Glance(inputs, mask, path, errors, int((~feasible).sum()))
 
     @torch.no_grad()
     def generate(self, images, text, beam_width: int = 1, cutoff_top_n: int = 40):
