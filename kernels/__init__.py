@@ -11,4 +11,4 @@ from . import _interpreter
 if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False"):
     _interpreter.gpu_dot()
 
-from . import attention, ctc, decode  # noqa: E402,F401
+from . import attention, ctc, decode, forced_align  # noqa: E402,F401

@@ -87,9 +87,11 @@ def ctc_forced_align(log_probs, targets, input_lengths=None, target_lengths=None
             lengths out of range, a live label outside ``[0, C)`` or equal to ``blank``, or a
             sample whose target needs more frames than it has (``target_lengths[b]`` plus the
             number of adjacent repeated labels, :func:`narvl.ctc_min_frames`, above
-            ``input_lengths[b]``): the error names the sample. The value checks follow
-            ``NARVL_CHECK`` (one host synchronisation; skipped with ``NARVL_CHECK=0`` and under
-            ``torch.compile``, where the kernels still refuse such input with a RuntimeError).
+            ``input_lengths[b]``): the error names the sample. These value checks cost one
+            host synchronisation; ``NARVL_CHECK=0`` and ``torch.compile`` skip them: a sample
+            whose target cannot fit then comes back all blank with -inf scores on its frames,
+            and out-of-range lengths or labels are undefined (the C++ kernel raises a
+            RuntimeError).
 
     An empty batch (B = 0) returns empty `(0, T)` tensors. NaN and infinite log-probabilities
     flow through the maximisation: a comparison with NaN is false, so a NaN score never wins
@@ -97,6 +99,11 @@ def ctc_forced_align(log_probs, targets, input_lengths=None, target_lengths=None
     scores -inf or NaN the result is still a path that collapses to the target.
 
     Not differentiable (as torchaudio's): the outputs carry no gradient.
+
+    Differences from torchaudio, whose native op takes one sample: the alignments are int64
+    whatever the targets' dtype (torchaudio returns the targets' dtype), and float16 input is
+    computed in float32 with float32 scores (torchaudio keeps float16 throughout, so its path
+    can differ where float16 rounding makes two paths tie).
     """
     if not isinstance(log_probs, torch.Tensor):
         raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
