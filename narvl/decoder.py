@@ -59,9 +59,10 @@ class CTCBeamDecoder:
     score: the search's score with the language-model, word-insertion and hotword terms taken
     out again (the ranking used them).
 
-    Language model (``model_path``: an ARPA file, plain or gzipped, loaded natively; or a KenLM
-    binary through the ``kenlm`` package with ``unigrams``; or ``language_model=`` any
-    ``narvl.LanguageModel``), as ctcdecode:
+    Language model (``model_path``: a KenLM binary, recognised by its magic bytes, through the
+    ``kenlm`` package with ``unigrams``; any other file is an ARPA file, plain or gzipped, loaded
+    natively, and one that does not parse raises ``ValueError`` naming the line; or
+    ``language_model=`` any ``narvl.LanguageModel``), as ctcdecode:
 
     - word-based models (words longer than one character) score each word when the space label
       (``" "``) ends it: ``alpha * ln P(word | previous words) + beta``; hypotheses are

@@ -38,17 +38,38 @@ class LanguageModel(abc.ABC):
         """ln P(word | context)."""
 
 
-def _opener(path):
-    """gzip.open for a gzipped file, else open; FileNotFoundError when it does not exist."""
+# KenLM's binary files start with these bytes (kpu/kenlm, lm/binary_format.cc: kMagicBeforeVersion,
+# then the format version; kMagicIncomplete marks a file whose build did not finish).
+KENLM_MAGIC = b"mmap lm http://kheafield.com/code format version"
+KENLM_MAGIC_INCOMPLETE = b"mmap lm http://kheafield.com/code incomplete"
+
+
+class LanguageModelNotFoundError(FileNotFoundError, ValueError):
+    """A language model (or unigrams) path that does not exist: both a ``FileNotFoundError``
+    and a ``ValueError``."""
+
+
+def _check_file(path, what="language model file"):
+    """ValueError unless ``path`` is an existing file (not a directory)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a {what}"
+                         + (" (an ARPA file, plain or gzipped, or a KenLM binary)"
+                            if what == "language model file" else ""))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"language model file not found: {path}")
+        raise LanguageModelNotFoundError(f"{what} not found: {path}")
+
+
+def _opener(path, what="language model file"):
+    """gzip.open for a gzipped file, else open; LanguageModelNotFoundError when it does not exist,
+    ValueError when it is a directory."""
+    _check_file(path, what)
     with open(path, "rb") as f:
         head = f.read(2)
     return gzip.open if head == b"\x1f\x8b" else open
 
 
-def _read_text(path):
-    opener = _opener(path)
+def _read_text(path, what="language model file"):
+    opener = _opener(path, what)
     try:
         with opener(path, "rb") as f:
             data = f.read()
@@ -60,10 +81,26 @@ def _read_text(path):
         raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
 
 
+def is_kenlm_binary(path) -> bool:
+    """Whether ``path`` starts with KenLM's binary magic bytes (``mmap lm
+    http://kheafield.com/code format version``). ValueError when it is an incomplete KenLM binary
+    (``build_binary`` did not finish), a directory or missing."""
+    _check_file(os.fspath(path))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(KENLM_MAGIC))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc})") from None
+    if head.startswith(KENLM_MAGIC_INCOMPLETE):
+        raise ValueError(f"{path} is an incomplete KenLM binary (build_binary did not finish): build it again")
+    return head == KENLM_MAGIC
+
+
 def is_arpa(path) -> bool:
-    """Whether ``path`` (plain or gzipped) is an ARPA text file (it has a ``\\data\\`` line near
-    its start)."""
-    opener = _opener(path)
+    """Whether ``path`` (plain or gzipped) looks like an ARPA text file (it has a ``\\data\\`` line
+    within its first 64 KiB). ``load_language_model`` does not need it: whatever is not a KenLM
+    binary is parsed as ARPA, and a malformed file raises ``ValueError`` naming the line."""
+    opener = _opener(os.fspath(path))
     try:
         with opener(path, "rb") as f:
             start = f.read(65536)
@@ -75,8 +112,9 @@ def is_arpa(path) -> bool:
 class ArpaLanguageModel(LanguageModel):
     """An ARPA back-off model (plain or gzipped), parsed natively (no Boost, no KenLM).
 
-    A file that does not parse raises ``ValueError`` naming the line; a missing file
-    ``FileNotFoundError``."""
+    A file that does not parse raises ``ValueError`` naming the line (an empty file, or text
+    without a ``\\data\\`` section: line 1); a missing file ``LanguageModelNotFoundError`` (a
+    ``FileNotFoundError`` and a ``ValueError``); a directory ``ValueError``."""
 
     def __init__(self, path):
         native = _backend.native_module("ARPA language models")
@@ -110,20 +148,22 @@ class KenLMLanguageModel(LanguageModel):
 
     def __init__(self, path, unigrams=None):
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"language model file not found: {path}")
+        binary = is_kenlm_binary(path)
         try:
             import kenlm
         except ImportError:
-            raise ImportError(f"{path} is a KenLM binary model: loading it needs the optional kenlm "
-                              "package (pip install 'narvl[kenlm]'), or convert it to ARPA") from None
+            if binary:
+                raise ImportError(f"{path} is a KenLM binary model: loading it needs the optional kenlm "
+                                  "package (pip install 'narvl[kenlm]'), or convert it to ARPA") from None
+            raise ImportError(f"loading {path} with KenLM needs the optional kenlm package (pip install "
+                              "'narvl[kenlm]'); narvl.ArpaLanguageModel loads ARPA files without it") from None
         if unigrams is None:
-            if not is_arpa(path):
+            if binary:
                 raise ValueError(f"{path}: KenLM binary models do not list their words; pass "
                                  "unigrams= (a list of words or a file of them)")
             unigrams = ArpaLanguageModel(path).vocabulary
         elif isinstance(unigrams, (str, os.PathLike)):
-            unigrams = _read_text(os.fspath(unigrams)).split()
+            unigrams = _read_text(os.fspath(unigrams), "unigrams file").split()
         words = [w for w in unigrams if w != "<unk>"]
         self._model = kenlm.Model(path)
         self._kenlm = kenlm
@@ -142,9 +182,12 @@ class KenLMLanguageModel(LanguageModel):
 
 
 def load_language_model(path, unigrams=None) -> LanguageModel:
-    """An ARPA file (plain or gzipped) loads natively; anything else is taken as a KenLM binary
-    (needs the ``kenlm`` package and ``unigrams``)."""
+    """A KenLM binary (recognised by its magic bytes; needs the ``kenlm`` package and
+    ``unigrams``) loads through KenLM; any other file is parsed natively as ARPA (plain or gzipped),
+    so a malformed, empty or non-ARPA file raises ``ValueError`` naming the line. A directory
+    raises ``ValueError``; a missing path ``LanguageModelNotFoundError`` (a ``FileNotFoundError``
+    and a ``ValueError``)."""
     path = os.fspath(path)
-    if is_arpa(path):
-        return ArpaLanguageModel(path)
-    return KenLMLanguageModel(path, unigrams)
+    if is_kenlm_binary(path):
+        return KenLMLanguageModel(path, unigrams)
+    return ArpaLanguageModel(path)

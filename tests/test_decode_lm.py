@@ -2,6 +2,7 @@
 logits input of the CTC beam search, against the Python references of narvl.reference.decode."""
 import gzip
 import math
+import sys
 
 import pytest
 import torch
@@ -137,6 +138,57 @@ def test_arpa_gzip_and_errors(tmp_path):
         p = tmp_path / "empty.arpa"
         p.write_text("\\data\\\n\\end\\\n")
         narvl.ArpaLanguageModel(p)
+
+
+@pytest.mark.parametrize("text, line", [
+    ("", "line 1"),                                               # empty file
+    ("\n  \n", "line 1"),                                         # blank lines only
+    ("a plain text file\nwithout a data section\n", "line 1"),   # no data section
+    (CHAR_ARPA.replace("-0.9\tb\t-0.2", "-0.9\tb\tnot-a-number"), "line 10"),
+])
+def test_load_non_arpa_text_raises_value_error_with_line(tmp_path, monkeypatch, text, line):
+    # taken as ARPA text (not a KenLM binary): the ARPA parser's ValueError, even without kenlm
+    monkeypatch.setitem(sys.modules, "kenlm", None)
+    p = tmp_path / "lm.arpa"
+    p.write_text(text)
+    assert not narvl.lm.is_kenlm_binary(p)
+    with pytest.raises(ValueError, match=line):
+        narvl.load_language_model(p)
+    with pytest.raises(ValueError, match=line):
+        narvl.CTCBeamDecoder(LABELS, model_path=str(p))
+
+
+def test_load_binary_garbage_is_not_taken_for_kenlm(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kenlm", None)
+    p = tmp_path / "lm.bin"
+    p.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="UTF-8"):
+        narvl.load_language_model(p)
+
+
+def test_load_directory_and_missing_path(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        narvl.load_language_model(tmp_path)
+    with pytest.raises(ValueError, match="is a directory"):
+        narvl.CTCBeamDecoder(LABELS, model_path=str(tmp_path))
+    missing = tmp_path / "missing.arpa"
+    for exc in (ValueError, FileNotFoundError):  # LanguageModelNotFoundError is both
+        with pytest.raises(exc, match="not found"):
+            narvl.load_language_model(missing)
+
+
+def test_kenlm_magic_bytes_take_the_kenlm_path(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kenlm", None)  # as when the optional package is absent
+    p = tmp_path / "lm.binary"
+    p.write_bytes(narvl.lm.KENLM_MAGIC + b" 5\n\0" + bytes(64))
+    assert narvl.lm.is_kenlm_binary(p) and not narvl.lm.is_arpa(p)
+    with pytest.raises(ImportError, match="KenLM binary.*kenlm"):
+        narvl.load_language_model(p)
+    with pytest.raises(ImportError, match="kenlm"):
+        narvl.CTCBeamDecoder(LABELS, model_path=str(p), unigrams=["ab", "ba"])
+    p.write_bytes(narvl.lm.KENLM_MAGIC_INCOMPLETE + b"\n" + bytes(64))
+    with pytest.raises(ValueError, match="incomplete KenLM binary"):
+        narvl.load_language_model(p)
 
 
 def _random_lp(T, V, seed, scale=2.0):
