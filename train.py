@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -100,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--glance", type=float, default=0.0, metavar="RATIO",
                    help="NARVL glancing training: RATIO x (first pass's errors) query inputs replaced by the "
                         "embeddings of the labels CTC's best alignment puts there (0 = off)")
+    p.add_argument("--refine", type=int, default=None, metavar="K",
+                   help="NARVL inference: K Mask-Predict refinement passes after the one pass (confident slots feed "
+                        "their labels back as inputs); with --eval-only it overrides the checkpoint's (default 0)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the generated shapes data (evaluation split: seed + 1000), the initial "
                         "weights and the batch order")
@@ -151,6 +155,8 @@ def parse_args(argv=None):
         p.error("--max-target-len must be >= 1")
     if a.queries is not None and a.queries < 1:
         p.error("--queries must be >= 1")
+    if a.refine is not None and a.refine < 0:
+        p.error("--refine must be >= 0")
     if not 0.0 <= a.glance <= 1.0:
         p.error("--glance must be in [0, 1]")
     if a.bf16 and a.fp16:
@@ -342,6 +348,8 @@ def run(args):
         tensors, meta_in = read_checkpoint(src)
         tok = Tokenizer.from_json(meta_in["tokenizer"])
         cfg = NARVLConfig.from_json(meta_in["config"])
+        if args.refine is not None:
+            cfg = dataclasses.replace(cfg, refine_steps=args.refine)
         arch, task = meta_in["arch"], meta_in["task"]
         if args.resume or args.init:
             if arch != args.arch or task != args.task:
@@ -355,7 +363,7 @@ def run(args):
                                       dropout=args.dropout, max_text_len=48,
                                       max_target_len=args.max_target_len or TASK_QUERIES[args.task],
                                       entangle_position_embedding=args.entangle_position_embedding,
-                                      glance_ratio=args.glance,
+                                      glance_ratio=args.glance, refine_steps=args.refine or 0,
                                       **({} if args.queries is None else dict(num_queries=args.queries)))
     model = model if model is not None else build_model(args.arch, cfg)
     peft = bool(args.freeze_backbone or (meta_in and json.loads(meta_in.get("peft", "false"))
@@ -520,6 +528,9 @@ def run(args):
                    trainable_params=n_train, trainable_fraction=round(frac, 6),
                    train_seconds=round(train_seconds, 1), beam=args.beam, image_size=cfg.image_size,
                    num_queries=cfg.num_queries if args.arch == "narvl" else None,
+                   glance_ratio=cfg.glance_ratio if args.arch == "narvl" else None,
+                   refine_steps=cfg.refine_steps if args.arch == "narvl" else None,
+                   entangle_position_embedding=cfg.entangle_position_embedding, lr=args.lr, warmup=args.warmup,
                    eval_samples=len(eval_data), threads=torch.get_num_threads(), world_size=world,
                    backend=os.environ.get("NARVL_BACKEND", "auto"),
                    precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", **extra, **report,

@@ -620,3 +620,42 @@ def test_glance_ratio_drives_training_loss_and_not_inference():
     with pytest.raises(ValueError, match="ratio"):
         memory, mlen = model.encoder(images, text)
         model.glance(memory, mlen, targets, lengths, -0.1)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_refine_keeps_confident_slots_and_repredicts_the_rest(steps):
+    """NARVL.refine against a per-slot loop: in each pass the most probable slots keep their
+    logits and feed their label's embedding; the others are the next pass's logits; generate
+    with cfg.refine_steps decodes the refined logits."""
+    cfg = small_cfg(refine_steps=steps)
+    torch.manual_seed(0)
+    model = NARVL(cfg).eval()
+    images, text, _, _ = inputs(cfg)
+    N = cfg.num_queries
+    with torch.no_grad():
+        memory, mlen = model.encoder(images, text)
+        logits = model.decode_logits(memory, mlen)
+        got = model.refine(memory, mlen, logits, steps)
+        want = logits.clone()
+        for k in range(steps):
+            probs = want.softmax(-1)
+            x = model.decoder.query_embed.weight[None].repeat(want.shape[0], 1, 1)
+            keep = torch.zeros(want.shape[:2], dtype=torch.bool)
+            n_keep = int(N * (steps - k) / (steps + 1) + 0.5)
+            for b in range(want.shape[0]):
+                conf = probs[b].max(-1).values.tolist()
+                for n in sorted(range(N), key=lambda n: -conf[n])[:n_keep]:
+                    keep[b, n] = True
+                    x[b, n] = model.embed_tokens.weight[int(probs[b, n].argmax())]
+            new = model.decode_logits(memory, mlen, x)
+            want = torch.where(keep[..., None], want, new)
+        torch.testing.assert_close(got, want)
+        assert not torch.equal(got, logits)
+        assert torch.equal(model.refine(memory, mlen, logits, 0), logits)
+        tokens, lens = narvl.ctc_greedy_decode(got.float(), blank=cfg.blank_id)
+        seqs = [tokens[b, : lens[b]].tolist() for b in range(tokens.shape[0])]
+        seqs = [s[: s.index(cfg.eos_id)] if cfg.eos_id in s else s for s in seqs]
+        assert model.generate(images, text) == seqs
+        assert prepare_for_inference(model).generate(images, text) == seqs
+    with pytest.raises(ValueError, match="refine_steps"):
+        small_cfg(refine_steps=-1)

@@ -71,6 +71,11 @@ def test_queries_and_glance_flags(tmp_path):
     assert cfg.num_queries == 24 and cfg.glance_ratio == 0.5 and m["num_queries"] == 24
     assert cfg.max_target_len == 20  # targets are still cut at the task's length
     assert all(math.isfinite(x) for x in m["losses"])
+    assert m["glance_ratio"] == 0.5 and m["refine_steps"] == 0
+    ev = tmp_path / "ev"  # --refine overrides the checkpoint's refinement passes at evaluation
+    assert train.main([*SMALL, "--eval-only", str(tmp_path / "last.safetensors"), "--refine", "1", "--out", str(ev)]) == 0
+    with open(ev / "metrics.json") as f:
+        assert json.load(f)["refine_steps"] == 1
 
 
 @pytest.mark.parametrize("steps,warmup", [(20, 50), (600, 50), (7, 1)])

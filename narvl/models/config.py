@@ -75,6 +75,11 @@ class NARVLConfig:
     # alignment puts there (errors: frames where the first pass's argmax differs from the
     # alignment). Training only (NARVL); inference stays one pass. 0 turns it off.
     glance_ratio: float = 0.0
+    # Inference: after the one pass, refine_steps more decoder passes (Mask-Predict style): the
+    # most confident slots keep their label and feed its embedding as their input, the others
+    # keep their learnable query and are predicted again (a model trained with glancing has
+    # learnt to read such inputs). 0 = one pass, the paper's decoding.
+    refine_steps: int = 0
     dropout: float = 0.1
     label_smoothing: float = 0.1
     merge_repeats: bool = True
@@ -122,6 +127,8 @@ class NARVLConfig:
                 or not 0.0 <= self.glance_ratio <= 1.0:
             raise ValueError(f"glance_ratio must be in [0, 1], got {self.glance_ratio!r}")
         self.glance_ratio = float(self.glance_ratio)
+        if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

@@ -184,14 +184,32 @@ class NARVL(nn.Module):
         inputs = torch.where(mask[..., None], self.embed_tokens(path), queries)
         return Glance(inputs, mask, path, errors, int((~feasible).sum()))
 
+    def refine(self, memory, memory_lengths, logits, steps: int):
+        """Mask-Predict style refinement of one-pass ``logits`` (B, N, V): in pass k of
+        ``steps``, the round(N * (steps - k) / (steps + 1)) slots of highest probability keep
+        their argmax label and take its embedding as their decoder input; the other slots keep
+        their learnable query and take the new pass's logits. Returns (B, N, V)."""
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        N = self.cfg.num_queries
+        queries = self.decoder.query_embed.weight[None].to(memory.dtype)
+        for k in range(steps):
+            conf, lab = logits.float().softmax(-1).max(-1)
+            n_keep = int(N * (steps - k) / (steps + 1) + 0.5)
+            keep = conf.argsort(-1, descending=True).argsort(-1) < n_keep
+            x = torch.where(keep[..., None], self.embed_tokens(lab).to(memory.dtype), queries)
+            logits = torch.where(keep[..., None], logits, self.decode_logits(memory, memory_lengths, x))
+        return logits
+
     @torch.no_grad()
     def generate(self, images, text, beam_width: int = 1, cutoff_top_n: int = 40):
-        """Decode every sample in one decoder pass. Returns a list of B token-id lists (no
-        blanks, no EOS)."""
+        """Decode every sample in one decoder pass (then ``cfg.refine_steps`` refinement passes,
+        ``refine``). Returns a list of B token-id lists (no blanks, no EOS)."""
         if not isinstance(beam_width, int) or beam_width < 1:
             raise ValueError(f"beam_width must be a positive integer, got {beam_width!r}")
         cfg = self.cfg
-        logits = self.logits(images, text).float()
+        memory, lengths = self.encoder(images, text)
+        logits = self.refine(memory, lengths, self.decode_logits(memory, lengths), cfg.refine_steps).float()
         if beam_width == 1:
             if cfg.merge_repeats:
                 tokens, lens = ctc_greedy_decode(logits, blank=cfg.blank_id)
