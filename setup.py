@@ -32,7 +32,8 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tokenizers", "tqdm"],
+    # tested with torch 2.13.0 (CPU) and 2.11.0+cu130 (GPU); older versions are not tested
+    install_requires=["torch>=2.11", "numpy", "pillow", "safetensors", "tokenizers", "tqdm"],
     extras_require={
         # the OFA oracle (tests/ofa_oracle.py): the OFA team's PyTorch port inside modelscope
         "test": ["pytest", "pytest-benchmark", "triton", "numpy", "transformers>=4.40,<4.58",

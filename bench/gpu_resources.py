@@ -125,7 +125,8 @@ def _attn(B, H, Lq, Lk, D, dtype, bias):
 
 
 def configs(subset: bool):
-    """(name, callable that runs the launchers once) at the shapes NARVL uses (issue 10's grid);
+    """(name, callable that runs the launchers once) at the shapes NARVL uses (the caption, VQA
+    and ASR shapes of the benchmarks, at every dtype, head dim and beam the kernels serve);
     ``subset`` keeps a representative few for the test suite."""
     from narvl.kernels import attention as ka
     from narvl.kernels import ctc as kc
@@ -154,8 +155,8 @@ def configs(subset: bool):
                         o, lse = ka.attention_fwd(q, k, v, lens, b, D ** -0.5)
                         ka.attention_bwd(torch.ones_like(q), q, k, v, o, lse, lens, b, D ** -0.5, bias)
                     out.append((f"attention B{B} H{H} Lq{Lq} Lk{Lk} D{D} {dn} bias={bias}", run))
-    # beams 64-128 (the GPU search's widest, MAX_BEAM) compile in 15-30 s each; issue 10 found 64
-    # compiling for 5-17 minutes and 100 not finishing in 42 (the old kernel); the subset keeps
+    # beams 64-128 (the GPU search's widest, MAX_BEAM) compile in 15-30 s each; commit 81614bc's beam
+    # kernel took 5-17 minutes to compile at 64 and did not finish in 42 at 100; the subset keeps
     # the common 10 and the widest.
     beams = [10, 128] if subset else [1, 10, 32, 64, 100, 128]
     for beam in beams:

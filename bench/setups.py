@@ -4,7 +4,7 @@ import platform
 import torch
 import torch.nn.functional as F
 
-V_OFA = 59458  # OFA's vocabulary + NARVL's blank (narvl-facts.md)
+V_OFA = 59458  # OFA's 59,457 entries + NARVL's blank (as in amazon-science/NARVL)
 
 # name: (B, N or T, V, min L, max L)
 CTC_SHAPES = {
