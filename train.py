@@ -71,8 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default per task)")
     p.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (split over ranks)")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=50,
+                   help="linear warm-up steps to --lr (at most the run's steps), then a cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW weight decay of the matrices (biases and norms: none)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout of a new model")

@@ -1,4 +1,4 @@
-"""NARVL model configuration and the paper's presets (narvl-facts.md).
+"""NARVL model configuration and the presets of the paper (Shi et al., CVPR 2024) and of OFA.
 
 | preset | d | enc layers | dec layers | heads | ResNet stages 1-3 |
 |---|---|---|---|---|---|
