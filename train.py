@@ -45,6 +45,20 @@ from narvl.models.config import TASK_QUERIES
 
 METRIC = {"caption": "CIDEr", "vqa": "VQA accuracy", "grounding": "Acc@0.5", "entailment": "accuracy"}
 DEFAULT_STEPS = {"caption": 600, "vqa": 500, "grounding": 600, "entailment": 400}
+#: The from-scratch recipe of a new model per task, where measured (docs/results.md, the caption
+#: study): OFA's entangled positions (both archs), and per arch the learning rate
+#: (``{arch}_lr``), NARVL's glancing ratio (``glance``) and refinement passes (``refine``). A task
+#: or key without an entry keeps OFA's released setup (no entangled positions, 5e-4, no
+#: glancing, one pass); the flags override it, and --init / --init-ofa keep the checkpoint's
+#: settings and 5e-4.
+TASK_RECIPE = {"caption": dict(entangle_position_embedding=True, narvl_lr=2.5e-4)}
+
+
+def recipe(args, name, off):
+    """The value of option ``name`` for a new model: the flag if given, else the task's recipe,
+    else ``off``."""
+    given = getattr(args, name)
+    return given if given is not None else TASK_RECIPE.get(args.task, {}).get(name, off)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -71,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default per task)")
     p.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (split over ranks)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak AdamW learning rate (default: the task's recipe for the arch, TASK_RECIPE, else 5e-4)")
     p.add_argument("--warmup", type=int, default=50,
                    help="linear warm-up steps to --lr (at most the run's steps), then a cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.01,
@@ -93,18 +108,24 @@ def parse_args(argv=None):
                    help="sequence-level distillation: decode the training split with this AR checkpoint "
                         "(cached in OUT/distill_targets.json) and train NARVL on its outputs")
     p.add_argument("--distill-beam", type=int, default=1, help="teacher beam width for --distill-from")
-    p.add_argument("--entangle-position-embedding", action="store_true",
+    p.add_argument("--entangle-position-embedding", action=argparse.BooleanOptionalAction, default=None,
                    help="OFA's option for a new model: the encoder also adds the position embeddings "
-                        "to the text and image content (off in OFA's released setups)")
+                        "to the text and image content (off in OFA's released setups; default: the task's "
+                        "recipe, TASK_RECIPE)")
     p.add_argument("--queries", type=int, default=None,
                    help="NARVL's query slots N (default: the task's, caption 20, VQA 6, grounding 5, entailment 3); "
                         "targets are still cut at --max-target-len")
-    p.add_argument("--glance", type=float, default=0.0, metavar="RATIO",
+    p.add_argument("--glance", type=float, default=None, metavar="RATIO",
                    help="NARVL glancing training: RATIO x (first pass's errors) query inputs replaced by the "
-                        "embeddings of the labels CTC's best alignment puts there (0 = off)")
+                        "embeddings of the labels CTC's best alignment puts there (0 = off; default: the "
+                        "task's recipe, TASK_RECIPE)")
+    p.add_argument("--glance-plain-weight", type=float, default=0.0, metavar="W",
+                   help="with --glance: the loss is (1 - W) x the glanced pass's + W x the plain pass's (0: the "
+                        "glanced pass alone, as GLAT)")
     p.add_argument("--refine", type=int, default=None, metavar="K",
                    help="NARVL inference: K Mask-Predict refinement passes after the one pass (confident slots feed "
-                        "their labels back as inputs); with --eval-only it overrides the checkpoint's (default 0)")
+                        "their labels back as inputs); with --eval-only it overrides the checkpoint's (default: the "
+                        "task's recipe for a new model, TASK_RECIPE; the checkpoint's with --eval-only)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the generated shapes data (evaluation split: seed + 1000), the initial "
                         "weights and the batch order")
@@ -146,7 +167,7 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.steps is not None and a.steps < 0:
         p.error("--steps must be >= 0")
-    if a.lr <= 0:
+    if a.lr is not None and a.lr <= 0:
         p.error("--lr must be > 0")
     if a.image_size % 16:
         p.error("--image-size must be a multiple of 16")
@@ -158,8 +179,10 @@ def parse_args(argv=None):
         p.error("--queries must be >= 1")
     if a.refine is not None and a.refine < 0:
         p.error("--refine must be >= 0")
-    if not 0.0 <= a.glance <= 1.0:
+    if a.glance is not None and not 0.0 <= a.glance <= 1.0:
         p.error("--glance must be in [0, 1]")
+    if not 0.0 <= a.glance_plain_weight <= 1.0:
+        p.error("--glance-plain-weight must be in [0, 1]")
     if a.bf16 and a.fp16:
         p.error("--bf16 and --fp16 exclude each other")
     if a.init_ofa and not a.ofa_bpe_dir:
@@ -182,6 +205,15 @@ def lr_schedule(steps: int, warmup: int):
             return (s + 1) / w
         return 0.5 * (1 + math.cos(math.pi * (s - w) / max(steps - w, 1)))
     return f
+
+
+def learning_rate(args) -> float:
+    """--lr if given, else the task's recipe for the arch (``{arch}_lr``), else 5e-4."""
+    if args.lr is not None:
+        return args.lr
+    if args.init or args.init_ofa:  # the recipe is for models trained from scratch
+        return 5e-4
+    return TASK_RECIPE.get(args.task, {}).get(f"{args.arch}_lr", 5e-4)
 
 
 def dist_setup():
@@ -363,8 +395,9 @@ def run(args):
                                       vocab_size=tok.vocab_size, num_bins=tok.num_bins,
                                       dropout=args.dropout, max_text_len=48,
                                       max_target_len=args.max_target_len or TASK_QUERIES[args.task],
-                                      entangle_position_embedding=args.entangle_position_embedding,
-                                      glance_ratio=args.glance, refine_steps=args.refine or 0,
+                                      entangle_position_embedding=recipe(args, "entangle_position_embedding", False),
+                                      glance_ratio=recipe(args, "glance", 0.0),
+                                      glance_plain_weight=args.glance_plain_weight, refine_steps=recipe(args, "refine", 0),
                                       **({} if args.queries is None else dict(num_queries=args.queries)))
     model = model if model is not None else build_model(args.arch, cfg)
     peft = bool(args.freeze_backbone or (meta_in and json.loads(meta_in.get("peft", "false"))
@@ -397,10 +430,11 @@ def run(args):
             steps = (math.ceil(args.epochs * len(data) / args.batch_size) if args.epochs
                      else DEFAULT_STEPS[args.task])
         params = [p for p in model.parameters() if p.requires_grad]
+        lr = learning_rate(args)
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr)
         sched = lr_schedule(steps, args.warmup)
         scaler = torch.amp.GradScaler("cpu", enabled=args.fp16)
         # per-epoch counts of the samples the loss cannot use (this rank's share; summed at the end)
@@ -454,7 +488,7 @@ def run(args):
                     + (f", {counts['infeasible'][epoch]} infeasible (more CTC frames needed than the "
                        f"{n_queries} queries: zero CTC loss under zero_infinity)" if n_queries else ""))
             for g in opt.param_groups:
-                g["lr"] = args.lr * sched(step)
+                g["lr"] = lr * sched(step)
             with ctx():
                 loss = ddp(images, text, targets, lengths, weights if args.task == "vqa" else None)
             opt.zero_grad(set_to_none=True)
@@ -530,8 +564,9 @@ def run(args):
                    train_seconds=round(train_seconds, 1), beam=args.beam, image_size=cfg.image_size,
                    num_queries=cfg.num_queries if args.arch == "narvl" else None,
                    glance_ratio=cfg.glance_ratio if args.arch == "narvl" else None,
+                   glance_plain_weight=cfg.glance_plain_weight if args.arch == "narvl" else None,
                    refine_steps=cfg.refine_steps if args.arch == "narvl" else None,
-                   entangle_position_embedding=cfg.entangle_position_embedding, lr=args.lr, warmup=args.warmup,
+                   entangle_position_embedding=cfg.entangle_position_embedding, lr=learning_rate(args), warmup=args.warmup,
                    eval_samples=len(eval_data), threads=torch.get_num_threads(), world_size=world,
                    backend=os.environ.get("NARVL_BACKEND", "auto"),
                    precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", **extra, **report,

@@ -659,3 +659,27 @@ def test_refine_keeps_confident_slots_and_repredicts_the_rest(steps):
         assert prepare_for_inference(model).generate(images, text) == seqs
     with pytest.raises(ValueError, match="refine_steps"):
         small_cfg(refine_steps=-1)
+
+
+def test_glance_plain_weight_mixes_the_two_passes():
+    """cfg.glance_plain_weight w: the training loss is (1 - w) * glanced + w * plain, where the
+    glance reads the plain pass's logits (same dropout draws: dropout is 0 here)."""
+    cfg = small_cfg(glance_ratio=1.0, glance_plain_weight=0.5)
+    torch.manual_seed(0)
+    model = NARVL(cfg).train()
+    images, text, targets, lengths = inputs(cfg)
+    torch.manual_seed(5)
+    got = model(images, text, targets, lengths)
+    torch.manual_seed(5)
+    memory, mlen = model.encoder(images, text)
+    first = model.decode_logits(memory, mlen)
+    g = model.glance(memory, mlen, targets, lengths, 1.0, first=first)
+
+    def loss_of(logits):
+        return narvl.qctc_loss(logits, targets, lengths, blank=cfg.blank_id, label_smoothing=cfg.label_smoothing)
+    want = 0.5 * loss_of(model.decode_logits(memory, mlen, g.inputs)) + 0.5 * loss_of(first)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert model.decoder.query_embed.weight.grad is not None
+    with pytest.raises(ValueError, match="glance_plain_weight"):
+        small_cfg(glance_plain_weight=2.0)

@@ -71,11 +71,41 @@ def test_queries_and_glance_flags(tmp_path):
     assert cfg.num_queries == 24 and cfg.glance_ratio == 0.5 and m["num_queries"] == 24
     assert cfg.max_target_len == 20  # targets are still cut at the task's length
     assert all(math.isfinite(x) for x in m["losses"])
-    assert m["glance_ratio"] == 0.5 and m["refine_steps"] == 0
+    assert m["glance_ratio"] == 0.5 and m["refine_steps"] == train.TASK_RECIPE["caption"].get("refine", 0)
     ev = tmp_path / "ev"  # --refine overrides the checkpoint's refinement passes at evaluation
     assert train.main([*SMALL, "--eval-only", str(tmp_path / "last.safetensors"), "--refine", "1", "--out", str(ev)]) == 0
     with open(ev / "metrics.json") as f:
         assert json.load(f)["refine_steps"] == 1
+
+
+def _cfg_of(out):
+    from narvl.checkpoint import read_checkpoint
+    from narvl.models import NARVLConfig
+    return NARVLConfig.from_json(read_checkpoint(str(out / "last.safetensors"))[1]["config"])
+
+
+def test_task_recipe_defaults_and_overrides(tmp_path):
+    """A new caption model takes train.TASK_RECIPE (entangled positions, the arch's learning rate,
+    NARVL's glancing and refinement); the flags override it; a task without a recipe keeps OFA's
+    released setup and 5e-4."""
+    rec = train.TASK_RECIPE["caption"]
+    m = run(tmp_path / "a", "--task", "caption", "--arch", "narvl", "--steps", "1")
+    cfg = _cfg_of(tmp_path / "a")
+    assert (cfg.entangle_position_embedding, cfg.glance_ratio, cfg.refine_steps) == (
+        rec.get("entangle_position_embedding", False), rec.get("glance", 0.0), rec.get("refine", 0))
+    assert m["lr"] == rec.get("narvl_lr", 5e-4)
+    run(tmp_path / "b", "--task", "caption", "--arch", "narvl", "--steps", "1", "--no-entangle-position-embedding",
+        "--glance", "0", "--refine", "0")
+    cfg = _cfg_of(tmp_path / "b")
+    assert (cfg.entangle_position_embedding, cfg.glance_ratio, cfg.refine_steps) == (False, 0.0, 0)
+    m = run(tmp_path / "b2", "--task", "caption", "--arch", "ar", "--steps", "1", "--lr", "3e-4")
+    assert m["lr"] == 3e-4 and _cfg_of(tmp_path / "b2").entangle_position_embedding == rec.get(
+        "entangle_position_embedding", False)
+    assert "vqa" not in train.TASK_RECIPE
+    run(tmp_path / "c", "--task", "vqa", "--arch", "narvl", "--steps", "1")
+    cfg = _cfg_of(tmp_path / "c")
+    assert (cfg.entangle_position_embedding, cfg.glance_ratio, cfg.refine_steps) == (False, 0.0, 0)
+    assert json.load(open(tmp_path / "c" / "metrics.json"))["lr"] == 5e-4
 
 
 @pytest.mark.parametrize("steps,warmup", [(20, 50), (600, 50), (7, 1)])

@@ -75,6 +75,9 @@ class NARVLConfig:
     # alignment puts there (errors: frames where the first pass's argmax differs from the
     # alignment). Training only (NARVL); inference stays one pass. 0 turns it off.
     glance_ratio: float = 0.0
+    # with glancing, the weight w of the plain (unglanced) pass's loss: (1 - w) * glanced + w * plain
+    # (0: the glanced pass alone, as GLAT; > 0 also trains the one-pass decoding used at inference)
+    glance_plain_weight: float = 0.0
     # Inference: after the one pass, refine_steps more decoder passes (Mask-Predict style): the
     # most confident slots keep their label and feed its embedding as their input, the others
     # keep their learnable query and are predicted again (a model trained with glancing has
@@ -127,6 +130,10 @@ class NARVLConfig:
                 or not 0.0 <= self.glance_ratio <= 1.0:
             raise ValueError(f"glance_ratio must be in [0, 1], got {self.glance_ratio!r}")
         self.glance_ratio = float(self.glance_ratio)
+        if not isinstance(self.glance_plain_weight, (int, float)) or isinstance(self.glance_plain_weight, bool) \
+                or not 0.0 <= self.glance_plain_weight <= 1.0:
+            raise ValueError(f"glance_plain_weight must be in [0, 1], got {self.glance_plain_weight!r}")
+        self.glance_plain_weight = float(self.glance_plain_weight)
         if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
         if not 0.0 <= self.label_smoothing < 1.0:

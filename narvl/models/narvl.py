@@ -134,18 +134,25 @@ class NARVL(nn.Module):
     def forward(self, images, text, targets, target_lengths, weights=None):
         """Q-CTC loss (scalar). targets (B, S) answer + EOS, right-padded; target_lengths (B,);
         weights (B,) optional per-sample weights (VQA answer confidence). In training mode with
-        ``cfg.glance_ratio > 0`` the loss is that of the glanced pass (``glance``)."""
+        ``cfg.glance_ratio > 0`` the loss is that of the glanced pass (``glance``), mixed with
+        the plain pass's as ``(1 - w) * glanced + w * plain`` for ``w = cfg.glance_plain_weight``."""
         check_targets(self.cfg, targets, target_lengths, images.shape[0])
+        cfg = self.cfg
         memory, lengths = self.encoder(images, text)
-        query_input = None
-        if self.training and self.cfg.glance_ratio > 0:
-            query_input = self.glance(memory, lengths, targets, target_lengths, self.cfg.glance_ratio).inputs
-        logits = self.decode_logits(memory, lengths, query_input)
-        return qctc_loss(logits, targets, target_lengths, blank=self.cfg.blank_id,
-                         label_smoothing=self.cfg.label_smoothing, weights=weights,
-                         zero_infinity=True)
 
-    def glance(self, memory, memory_lengths, targets, target_lengths, ratio: float) -> Glance:
+        def loss_of(logits):
+            return qctc_loss(logits, targets, target_lengths, blank=cfg.blank_id,
+                             label_smoothing=cfg.label_smoothing, weights=weights, zero_infinity=True)
+
+        if not (self.training and cfg.glance_ratio > 0):
+            return loss_of(self.decode_logits(memory, lengths))
+        w = cfg.glance_plain_weight
+        first = self.decode_logits(memory, lengths) if w > 0 else None  # the plain pass, trained too
+        g = self.glance(memory, lengths, targets, target_lengths, cfg.glance_ratio, first=first)
+        loss = loss_of(self.decode_logits(memory, lengths, g.inputs))
+        return loss if first is None else (1 - w) * loss + w * loss_of(first)
+
+    def glance(self, memory, memory_lengths, targets, target_lengths, ratio: float, first=None) -> Glance:
         """Glancing (GLAT, Qian et al. 2021) with CTC's best alignment (Gu & Kong 2021).
 
         A first decoder pass without gradients gives log-probabilities (B, N, V); the target's
@@ -156,7 +163,8 @@ class NARVL(nn.Module):
         place of their learnable query. Samples whose target needs more frames than there are
         queries have no path and are not glanced (``Glance.infeasible`` counts them).
 
-        Returns a ``Glance``: ``inputs`` (B, N, d) for ``decode_logits(..., query_input=)``
+        ``first``: the first pass's logits (B, N, V) if already computed (only read, without
+        gradients). Returns a ``Glance``: ``inputs`` (B, N, d) for ``decode_logits(..., query_input=)``
         (differentiable into ``query_embed`` and ``embed_tokens``), ``mask`` (B, N) bool of the
         glanced slots, ``path`` (B, N) the alignment (blank where infeasible), ``errors`` (B,).
         """
@@ -167,7 +175,7 @@ class NARVL(nn.Module):
         B, N = memory.shape[0], cfg.num_queries
         blank = cfg.blank_id
         with torch.no_grad():
-            first = self.decode_logits(memory.detach(), memory_lengths).float()
+            first = (self.decode_logits(memory.detach(), memory_lengths) if first is None else first).float()
             feasible = ctc_min_frames(targets, target_lengths) <= N
             path = torch.full((B, N), blank, dtype=torch.long, device=memory.device)
             idx = feasible.nonzero().flatten()
