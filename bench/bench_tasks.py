@@ -7,6 +7,7 @@ Each round decodes the same ``SAMPLES`` evaluation samples one at a time with ea
 (greedy, encoder included, both prepared alike by ``prepare_for_inference``); per-sample time =
 the model's part of the round / SAMPLES.
 """
+import dataclasses
 import os
 
 import pytest
@@ -21,23 +22,27 @@ SAMPLES = 100
 RUNS = os.environ.get("NARVL_RUNS")
 
 
-def load(path, pack_linear=True):
+def load(path, pack_linear=True, refine=None):
+    """The inference copy of a checkpoint; ``refine``: NARVL's refinement passes in place of the
+    checkpoint's."""
     tensors, meta = read_checkpoint(path)
     cfg = NARVLConfig.from_json(meta["config"])
+    if refine is not None:
+        cfg = dataclasses.replace(cfg, refine_steps=refine)
     model = (NARVL if meta["arch"] == "narvl" else ARBaseline)(cfg)
     load_model_state(model, tensors, meta)
     return prepare_for_inference(model, pack_linear=pack_linear), Tokenizer.from_json(meta["tokenizer"]), cfg
 
 
 def task_inputs(task, variants):
-    """{name: inference copy} for (name, arch, pack_linear) in ``variants`` and the task's
-    SAMPLES batch-1 inputs; skips when a checkpoint is missing."""
+    """{name: inference copy} for (name, arch, pack_linear[, refine]) in ``variants`` and the
+    task's SAMPLES batch-1 inputs; skips when a checkpoint is missing."""
     models = {}
-    for name, arch, pack in variants:
+    for name, arch, pack, *refine in variants:
         path = os.path.join(RUNS, task, arch, "last.safetensors")
         if not os.path.isfile(path):
             pytest.skip(f"no checkpoint at {path}")
-        models[name], tok, cfg = load(path, pack)
+        models[name], tok, cfg = load(path, pack, *refine)
     data = shapes_task(task, SAMPLES, cfg.image_size, seed=1000)  # train.py's evaluation split
     return models, [data.batch([i], tok, cfg.max_text_len)[:2] for i in range(SAMPLES)]
 
@@ -74,6 +79,24 @@ def test_caption_linear_packing(benchmark):
     benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
                        rounds=1, iterations=1)
     benchmark.group = "task-caption-packing"
+    benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
+                                cpu_model=cpu_model(),
+                                **{f"{k}_ms": v.round_ms for k, v in out.items()},
+                                **{f"{k}_best_ms": v.best_ms for k, v in out.items()})
+
+
+def test_caption_refinement_latency(benchmark):
+    """What NARVL's refinement passes cost at batch 1: the caption NARVL checkpoint with 0, 1 and
+    2 passes (``refine_steps``) and the AR baseline, taking turns (7 rounds). extra_info: per
+    copy the per-round ms per sample and the best-of-rounds mean."""
+    if RUNS is None:
+        pytest.skip("set NARVL_RUNS to a directory of trained runs (RUNS/caption/{narvl,ar}/last.safetensors)")
+    models, inputs = task_inputs("caption", [("narvl_r0", "narvl", True, 0), ("narvl_r1", "narvl", True, 1),
+                                             ("narvl_r2", "narvl", True, 2), ("ar", "ar", True)])
+    out = {}
+    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
+                       rounds=1, iterations=1)
+    benchmark.group = "task-caption-refinement"
     benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
                                 cpu_model=cpu_model(),
                                 **{f"{k}_ms": v.round_ms for k, v in out.items()},
