@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ..ops.ctc import ctc_min_frames, qctc_loss
 from ..ops.decode import ctc_greedy_decode, ctc_prefix_beam_search
+from ..ops.forced_align import ctc_forced_align
 from .cache import DEFAULT_CACHE_BYTES, param_refs
 from .config import NARVLConfig
 from .decoder import DecoderStack
@@ -170,7 +171,6 @@ class NARVL(nn.Module):
         """
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ratio must be in [0, 1], got {ratio!r}")
-        from .. import ctc_forced_align  # noqa: PLC0415  (the package's op, registered at import)
         cfg = self.cfg
         B, N = memory.shape[0], cfg.num_queries
         blank = cfg.blank_id
