@@ -174,7 +174,8 @@ def backbone_variants(image_size=MODEL_IMAGE_SIZE, seed=0):
     (``fold_batchnorm_``), and folded + packed for fused oneDNN (``pack_for_cpu_``)."""
     import copy
 
-    from narvl.models.resnet import ResNetStages, fold_batchnorm_, pack_for_cpu_
+    from narvl.models.inference import fold_batchnorm_, pack_for_cpu_
+    from narvl.models.resnet import ResNetStages
 
     torch.manual_seed(seed)
     net = ResNetStages((3, 4, 6)).eval()

@@ -26,18 +26,19 @@ path whose op is missing or raises falls back to ATen by itself, once, with a lo
 * ``0``: no value checks, no synchronisation;
 * ``strict``: as ``1``, and NaN/inf in the input raises a ``ValueError`` (for debugging).
 
-Shape, dtype and device checks always run.
+Shape, dtype and device checks always run. Every switch is read in ``narvl.settings``.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import warnings
 
 import torch
 
-BACKENDS = ("auto", "cpp", "triton")
+from . import settings
+
+BACKENDS = settings.BACKENDS
 
 _native_error: str | None = None
 try:  # registers torch.ops.narvl.* and their CPU kernels
@@ -63,27 +64,20 @@ def native_module(feature: str):
 
 
 def checks_enabled() -> bool:
-    return os.environ.get("NARVL_CHECK", "1").strip() not in ("0", "false", "False", "off")
+    return settings.checks_enabled()
 
 
 def strict_checks() -> bool:
     """``NARVL_CHECK=strict``: non-finite loss inputs raise instead of propagating."""
-    return os.environ.get("NARVL_CHECK", "1").strip().lower() == "strict"
+    return settings.strict_checks()
 
 
 def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
+    return settings.triton_interpret()
 
 
 def requested_backend() -> str:
-    name = os.environ.get("NARVL_BACKEND", "auto").strip().lower() or "auto"
-    if name == "reference":
-        raise ValueError("NARVL_BACKEND=reference is not a backend: the float64 references in "
-                         "narvl.reference are test oracles; call them directly "
-                         "(e.g. narvl.reference.qctc_loss_reference)")
-    if name not in BACKENDS:
-        raise ValueError(f"NARVL_BACKEND={name!r} is not one of {BACKENDS}")
-    return name
+    return settings.backend()
 
 
 def resolve(device: torch.device) -> str:
@@ -135,7 +129,7 @@ _failed_fastpaths: dict = {}  # name -> the error that turned it off
 def cpu_fastpath_enabled(name: str) -> bool:
     """Whether the CPU fast path ``name`` ("onednn_linear", "packed_resnet") may run: not forced
     off by ``NARVL_CPU_FASTPATH=0`` and not turned off by an earlier failure."""
-    if os.environ.get("NARVL_CPU_FASTPATH", "1").strip() in ("0", "false", "False", "off"):
+    if not settings.cpu_fastpath():
         return False
     return name not in _failed_fastpaths
 

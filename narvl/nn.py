@@ -49,41 +49,26 @@ class QCTCLoss(torch.nn.Module):
 
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` (same parameters and state-dict keys) computed by ``narvl.ops.linear``:
-    oneDNN on CPU inference with 8 or more rows, ATen otherwise.
+    oneDNN on CPU with 8 or more rows where it is faster, ATen otherwise. ``forward(x,
+    activation=None)``; ``activation="gelu"`` gives gelu(x W^T + b), fused on the oneDNN route.
+    Serving copies (``narvl.models.prepare_for_inference``) swap in ``PackedLinear``, which keeps
+    a oneDNN-blocked copy of the weight."""
 
-    ``pack_for_inference_()`` (``prepare_for_inference`` calls it on its copy) keeps a
-    oneDNN-blocked copy of the weight for calls without gradients, so the matmul no longer
-    reorders the weight at each call (at batch 1 that reorder costs as much as the product). The
-    copy is packed again whenever the parameters change; with gradients on, the layer is plain."""
-
-    _pack = None  # narvl.models.cache.PackedWeight, set by pack_for_inference_
-
-    def pack_for_inference_(self):
-        from .models.cache import PackedWeight  # narvl.models imports this module
-        self._pack = PackedWeight(self, "weight")
-        return self
-
-    def packed_weight(self) -> torch.Tensor | None:
-        """The packed weight for a call without gradients, else None."""
-        return None if self._pack is None else self._pack.get()
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias, packed=self.packed_weight())
+    def forward(self, x, activation=None):
+        return linear(x, self.weight, self.bias, activation=activation)
 
 
 class FeedForward(torch.nn.Sequential):
     """Linear(d, ffn) -> GELU -> Dropout -> Linear(ffn, d), as ``nn.Sequential`` (same state-dict
-    keys ``0.*`` and ``3.*``). In eval mode the first Linear and the GELU run as one fused
-    ``narvl.ops.linear(..., activation="gelu")``."""
+    keys ``0.*`` and ``3.*``). The first Linear and the GELU run as one
+    ``narvl.ops.linear(..., activation="gelu")`` (fused on oneDNN's inference route)."""
 
     def __init__(self, d_model: int, ffn_dim: int, dropout: float = 0.0):
         super().__init__(Linear(d_model, ffn_dim), torch.nn.GELU(), torch.nn.Dropout(dropout),
                          Linear(ffn_dim, d_model))
 
     def forward(self, x):
-        if self.training:
-            return super().forward(x)
-        return self[3](linear(x, self[0].weight, self[0].bias, activation="gelu", packed=self[0].packed_weight()))
+        return self[3](self[2](self[0](x, activation="gelu")))
 
 
 def split_heads(x, heads):

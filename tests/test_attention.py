@@ -64,6 +64,25 @@ def test_inference_path_matches_reference(backend, shape, mode):
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7, 16), (1, 2, 1, 9, 32), (2, 2, 5, 12, 8)])
+@pytest.mark.parametrize("bias", ["shared", "batch", None])
+def test_causal_matches_reference(backend, shape, bias):
+    """causal=True (the AR baseline's teacher-forced decoder; Lq <= Lk, query i sees keys
+    j <= i + Lk - Lq): values and gradients, also for the bias, against the float64 oracle."""
+    q, k, v, _, b = make(*shape, bias=bias, lengths=False)
+    g = torch.randn(q.shape)
+    got = run(lambda *a: narvl.query_attention(*a, causal=True), q, k, v, None, b, g)
+    want = run(lambda *a: query_attention_reference(*a, causal=True), *dbl(q, k, v), None, *dbl(b), g.double())
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.double(), y, rtol=2e-4, atol=2e-4)
+    # the mask matters: without it the output differs (Lq > 1)
+    if shape[2] > 1:
+        assert not torch.allclose(narvl.query_attention(q, k, v, attn_bias=b), got[0], atol=1e-3)
+    with pytest.raises(ValueError, match="causal"):  # more queries than keys
+        narvl.query_attention(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
+                              causal=True)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_full_key_lengths_equal_no_lengths(backend, grad):
     """All keys valid (the mask-free shortcut) gives what key_lengths=None and the reference give."""

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from narvl.models.inference import PackedLinear
 from narvl.nn import FeedForward, Linear
 from narvl.ops import linear as lin
 
@@ -340,7 +341,7 @@ def test_packed_weight_rules(monkeypatch):
 @needs_onednn
 def test_linear_module_packs_and_follows_its_weight(monkeypatch):
     torch.manual_seed(3)
-    layer = Linear(20, 13).pack_for_inference_()
+    layer = PackedLinear.from_linear(Linear(20, 13))
     x = torch.randn(2, 9, 20)
     calls = spy_linear_pointwise(monkeypatch)
     with torch.no_grad():
@@ -360,9 +361,9 @@ def test_linear_module_packs_and_follows_its_weight(monkeypatch):
 def test_feedforward_uses_its_packed_weights(monkeypatch):
     torch.manual_seed(4)
     ff = FeedForward(24, 40).eval()
-    for m in ff.modules():
+    for m in list(ff.modules()):
         if isinstance(m, Linear):
-            m.pack_for_inference_()
+            PackedLinear.from_linear(m)
     x = torch.randn(11, 24)
     calls = spy_linear_pointwise(monkeypatch)
     with torch.no_grad():

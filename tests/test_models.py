@@ -16,7 +16,10 @@ from narvl.ops import linear as lin
 from narvl.reference import qctc_loss_reference, query_attention_reference
 from narvl.models import (ARBaseline, NARVL, NARVLConfig, PRESETS, enable_peft, prepare_for_inference,
                           trainable_fraction)
-from narvl.models.resnet import ResNetStages, fold_batchnorm_, mkldnn_fusion_available, pack_for_cpu_
+from narvl.models.inference import (FusedAttention, PackedLinear, fold_batchnorm_, mkldnn_fusion_available,
+                                    pack_for_cpu_)
+from narvl.models.layers import TiedOutput
+from narvl.models.resnet import ResNetStages
 
 
 def small_cfg(**kw):
@@ -147,28 +150,31 @@ def test_prepare_for_inference_keeps_the_function(arch, entangle):
                                        rtol=1e-4, atol=1e-4)
     assert infer.generate(images, text) == model.generate(images, text)
     attns = [m for m in infer.modules() if hasattr(m, "c_attn")]
-    assert attns and all(len(m._fused) == 1 for m in attns)  # every attention ran on its fused weights
+    assert attns and all(isinstance(m, FusedAttention) and len(m._fused) == 1 for m in attns)  # all ran fused
     if lin.onednn_linear_available():  # every fused and Linear weight has its packed copy
         layers = [m for m in infer.modules() if isinstance(m, Linear)]
         with torch.no_grad():
-            assert all(m._weights()[3] and all(p is not None for p in m._weights()[3].values()) for m in attns)
-            assert layers and all(m.packed_weight() is not None for m in layers)
-            assert infer.out_pack.get() is not None
+            assert all(m.fused_weights().packed and all(p is not None for p in m.fused_weights().packed.values())
+                       for m in attns)
+            assert layers and all(isinstance(m, PackedLinear) and m.packed_weight() is not None for m in layers)
+            assert infer.output.packed_weight() is not None
         plain = prepare_for_inference(model, pack_linear=False)  # the same function, nothing packed
         with torch.no_grad():
-            assert all(m.packed_weight() is None for m in plain.modules() if isinstance(m, Linear))
-            assert plain.out_pack is None
+            assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+            assert type(plain.output) is TiedOutput
             torch.testing.assert_close(plain.encoder(images, text)[0], infer.encoder(images, text)[0],
                                        rtol=1e-4, atol=1e-4)
         assert plain.generate(images, text) == infer.generate(images, text)
         with torch.no_grad():  # every attention ran, on unpacked weights
-            assert all(m._weights()[3] and all(p is None for p in m._weights()[3].values())
+            assert all(m.fused_weights().packed and all(p is None for p in m.fused_weights().packed.values())
                        for m in plain.modules() if hasattr(m, "c_attn"))
     with torch.no_grad():  # a copy of the copy computes the same (it packs again, lazily)
         twin = copy.deepcopy(infer)
         torch.testing.assert_close(twin.encoder(images, text)[0], infer.encoder(images, text)[0])
-        assert twin.encoder.backbone._packed is not None or infer.encoder.backbone._packed is None
-    assert all(m._fused is None for m in model.modules() if hasattr(m, "c_attn"))
+        assert getattr(twin.encoder.backbone, "_packed", None) is not None or getattr(infer.encoder.backbone, "_packed", None) is None
+    # the model itself is untouched: plain modules only
+    assert not any(isinstance(m, (FusedAttention, PackedLinear)) for m in model.modules())
+    assert type(model.output) is TiedOutput and type(model.encoder.backbone) is ResNetStages
     with torch.no_grad():  # the cached biases are per text length: a second length, then the first
         for t in (text[:, :3], text):
             torch.testing.assert_close(infer.encoder(images, t)[0], model.encoder(images, t)[0],
@@ -371,6 +377,77 @@ def test_peft_trains_under_one_percent():
     assert m.encoder.soft_prompt.grad.abs().sum() > 0 and m.queries.grad.abs().sum() > 0
     ar = enable_peft(ARBaseline(cfg), soft_prompt=False)
     assert 0 < trainable_fraction(ar)[2] < 0.01
+    # the constructor option builds the same model as enable_peft on a built one
+    for arch, sp in ((NARVL, True), (ARBaseline, False)):
+        torch.manual_seed(5)
+        a = enable_peft(arch(cfg), soft_prompt=sp)
+        torch.manual_seed(5)
+        b = arch(cfg, peft=True, soft_prompt=sp)
+        assert [(n, p.requires_grad) for n, p in a.named_parameters()] == \
+            [(n, p.requires_grad) for n, p in b.named_parameters()]
+        for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), n
+    with pytest.raises(TypeError, match="NARVL or ARBaseline"):
+        enable_peft(torch.nn.Linear(2, 2))
+
+
+MODEL_MODULES = ("layers", "encoder", "decoder", "narvl", "ar", "resnet", "config", "peft")
+
+
+@pytest.mark.parametrize("name", MODEL_MODULES)
+def test_model_modules_compute_only(name):
+    """The plain model modules import nothing from the serving layer (narvl.models.inference,
+    narvl.models.cache), never branch on the grad mode, and keep no caches: prepare_for_inference
+    swaps in the serving modules instead."""
+    import ast
+    import importlib
+    import inspect
+    mod = importlib.import_module(f"narvl.models.{name}")
+    tree = ast.parse(inspect.getsource(mod))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.module not in ("inference", "cache", "narvl.models.inference", "narvl.models.cache"), \
+                (name, node.module)
+        if isinstance(node, ast.Attribute):
+            assert node.attr not in ("is_grad_enabled", "_cache", "_bias_cache", "_fused", "_packed"), \
+                (name, node.attr)
+
+
+def test_serving_copy_is_safe_to_share_between_threads():
+    """One serving copy, four threads decoding different inputs (two text lengths, so the bias
+    caches fill and hit concurrently): every thread gets what a serial run gives."""
+    import threading
+    torch.manual_seed(2)
+    cfg = small_cfg()
+    infer = prepare_for_inference(_perturbed_model(cfg))
+    jobs = []
+    for seed in range(8):
+        images, text, _, _ = inputs(cfg, B=2, Lt=5 - seed % 2, seed=seed)
+        jobs.append((images, text))
+    want = [infer.generate(i, t) for i, t in jobs]
+    with torch.no_grad():
+        want_logits = [infer.logits(i, t) for i, t in jobs]
+    fresh = prepare_for_inference(_perturbed_model(cfg))  # empty caches: filled by the threads
+    got, errors = {}, []
+
+    def work(k):
+        try:
+            for r in range(3):
+                for j in range(k, len(jobs), 4):
+                    with torch.no_grad():
+                        got[(j, r)] = (fresh.generate(*jobs[j]), fresh.logits(*jobs[j]))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (j, _), (seqs, logits) in got.items():
+        assert seqs == want[j]
+        torch.testing.assert_close(logits, want_logits[j], rtol=1e-5, atol=1e-5)
+    assert len(got) == 3 * len(jobs)
 
 
 @pytest.mark.parametrize("arch", [NARVL, ARBaseline])
@@ -538,7 +615,7 @@ def test_model_with_cpu_fast_paths_forced_off(arch, monkeypatch):
         monkeypatch.setattr(torch.ops.mkldnn, name,
                             lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     loss_off, grads_off, gen_off, infer_off = run()
-    assert calls == [] and infer_off.encoder.backbone._packed is None
+    assert calls == [] and getattr(infer_off.encoder.backbone, "_packed", None) is None
     torch.testing.assert_close(loss_off, loss_on, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads_off, grads_on):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -18,19 +18,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import DEFAULT_CACHE_BYTES
 from .config import NARVLConfig
 from .decoder import DecoderStack
 from .encoder import Encoder
-from .layers import ofa_embedding, tied_output
-from .narvl import check_targets
+from .layers import TiedOutput, ofa_embedding
+from .narvl import add_adapters, check_targets
 
 
 class ARBaseline(nn.Module):
     """See the module docstring. ``cfg``: a ``NARVLConfig`` (``num_queries`` unused;
-    ``max_target_len`` bounds the output length)."""
+    ``max_target_len`` bounds the output length); ``peft``, ``soft_prompt``: as ``NARVL``'s."""
 
-    def __init__(self, cfg: NARVLConfig):
+    def __init__(self, cfg: NARVLConfig, peft: bool = False, soft_prompt: bool = True):
         super().__init__()
         if not isinstance(cfg, NARVLConfig):
             raise TypeError(f"cfg must be a NARVLConfig, got {type(cfg).__name__}")
@@ -38,20 +37,21 @@ class ARBaseline(nn.Module):
         self.embed_tokens = ofa_embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = Encoder(cfg, self.embed_tokens)
         self.decoder = DecoderStack(cfg)
+        self.output = TiedOutput()
         self.out_adapter = None
-        self.out_pack = None  # PackedWeight of the tied output (inference copies)
+        if peft:
+            self.add_adapters_(soft_prompt)
 
-    @torch.no_grad()
-    def cache_first_self_attention_(self, max_bytes: int = DEFAULT_CACHE_BYTES):
-        """Inference only: keep the decoder's position biases per shape."""
-        self.decoder.cache_biases_(self.encoder, (), max_bytes)
+    def add_adapters_(self, soft_prompt: bool = True):
+        """Switches to the parameter-efficient mode (``narvl.models.narvl.add_adapters``), in place."""
+        add_adapters(self, soft_prompt)
         return self
 
-    def _out(self, x):
-        x = self.decoder.layer_norm(x)
+    def project_out(self, x):
+        """Decoder states (..., d) after ``layer_norm`` -> logits (..., V)."""
         if self.out_adapter is not None:
             x = self.out_adapter(x)
-        return tied_output(x, self.embed_tokens, self.out_pack)
+        return self.output(x, self.embed_tokens.weight)
 
     def _n_text(self, memory):
         return memory.shape[1] - self.cfg.grid ** 2
@@ -62,9 +62,7 @@ class ARBaseline(nn.Module):
         T = prev_tokens.shape[1]
         self_b, cross_b = dec.biases(T, self.encoder, self._n_text(memory), memory.dtype)
         x = dec.embed(self.embed_tokens(prev_tokens).to(memory.dtype))
-        for layer, sb in zip(dec.layers, self_b):
-            x = layer(x, memory, lengths, sb, cross_b, causal=True)
-        return self._out(x)
+        return self.project_out(dec.run_layers(x, memory, lengths, self_b, cross_b, causal=True))
 
     def forward_logits(self, images, text, prev_tokens):
         """Teacher-forced logits (B, T, V) of ``prev_tokens`` (B, T) (BOS first, right-padded
@@ -122,7 +120,7 @@ class ARBaseline(nn.Module):
         for layer, (ck, cv), sb, cache in zip(dec.layers, cross, self_b, caches):
             x = layer.self_block(x, sb[:, pos:pos + 1, :pos + 1], cache)
             x = layer.cross_ffn_block(x, ck, cv, lengths, cb)
-        return F.log_softmax(self._out(x[:, 0]).float(), -1)
+        return F.log_softmax(self.project_out(dec.layer_norm(x[:, 0])).float(), -1)
 
     @torch.no_grad()
     def generate(self, images, text, beam_width: int = 1, max_len: int | None = None,

@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections import OrderedDict
 
 import torch
@@ -30,6 +32,8 @@ def _nbytes(value) -> int:
         return value.numel() * value.element_size()
     if isinstance(value, dict):
         return sum(_nbytes(v) for v in value.values())
+    if dataclasses.is_dataclass(value):
+        return sum(_nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
     return sum(_nbytes(v) for v in value)
 
 
@@ -116,24 +120,41 @@ class ShapeCache:
     def __init__(self, refs, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.lru = LRUCache(max_bytes)
         self.stamp = ParamStamp(refs)
+        self._lock = threading.Lock()
 
     def __len__(self):
         return len(self.lru)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def get(self, key, compute):
-        if self.stamp.stale():
-            self.lru.clear()
-            self.stamp = ParamStamp(self.stamp.refs)
-        value = self.lru.get(key)
+        """The value kept under ``key``, else ``compute()`` (stored). Safe to call from several
+        threads: the bookkeeping runs under a lock, ``compute`` outside it (two threads missing
+        the same key both compute it; the values are equal)."""
+        with self._lock:
+            if self.stamp.stale():
+                self.lru.clear()
+                self.stamp = ParamStamp(self.stamp.refs)
+            value = self.lru.get(key)
         if value is None:
-            value = self.lru.put(key, compute())
+            value = compute()
+            with self._lock:
+                self.lru.put(key, value)
         return value
 
 
 class PackedWeight:
     """A oneDNN-blocked snapshot (``narvl.ops.linear.pack_weight``) of the weight
     ``getattr(module, name)``, packed again whenever that weight changes. ``get()`` returns it
-    for a call without gradients, None with gradients on or where packing is unavailable."""
+    for a call without gradients, None with gradients on or where packing is unavailable
+    (the serving modules of ``narvl.models.inference`` hold these)."""
 
     def __init__(self, module: torch.nn.Module, name: str = "weight"):
         self.module, self.name = module, name

@@ -8,14 +8,14 @@ i.e. OFA without ``--disable-entangle``, which every released script sets):
     cross bias           = (cross_pos_q_linear(p) * s) cross_pos_k_linear(p_enc)^T   (H, T, Lm)
 with s = (d / H * attn_scale_factor) ** -0.5 and p_enc the encoder's ``position_embeddings``.
 The input x (B, T, d) goes through ``layernorm_embedding``, the ``DecoderLayer``s and the final
-``layer_norm``. Module names are OFA's fairseq names (``decoder.*``).
+``layer_norm``. Module names are OFA's fairseq names (``decoder.*``). Serving copies
+(``narvl.models.prepare_for_inference``) keep the biases per shape.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from .cache import DEFAULT_CACHE_BYTES, ShapeCache, param_refs
 from .config import NARVLConfig
 from .layers import DecoderLayer, ofa_embedding, pos_bias, token_rel_buckets, zero_tables
 from ..nn import Linear
@@ -39,7 +39,6 @@ class DecoderStack(nn.Module):
                                     for _ in range(cfg.dec_layers))
         self.layer_norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
-        self._cache = None  # ShapeCache of the position biases, inference only
 
     def position_modules(self):
         return [self.embed_positions, self.pos_ln, self.self_pos_q_linear, self.self_pos_k_linear,
@@ -62,27 +61,18 @@ class DecoderStack(nn.Module):
                         self.pos_scaling).to(dtype)
 
     def biases(self, T: int, encoder, n_text: int, dtype):
-        """(self biases per layer, cross bias) for T positions and an encoder output holding
-        ``n_text`` text positions after the image grid; kept per shape after ``cache_biases_``."""
-        def compute():
-            g = self.cfg.grid
-            src = encoder.position_embeddings(g, g, n_text)
-            return [b.contiguous() for b in self.self_biases(T, dtype)] + \
-                [self.cross_bias(T, src, dtype).contiguous()]
-        if self._cache is not None and not torch.is_grad_enabled():
-            out = self._cache.get(("bias", T, n_text, dtype), compute)
-        else:
-            out = compute()
-        return out[:-1], out[-1]
+        """(self biases per layer, cross bias), contiguous, for T positions and an encoder
+        output holding ``n_text`` text positions after the image grid."""
+        g = self.cfg.grid
+        src = encoder.position_embeddings(g, g, n_text)
+        return ([b.contiguous() for b in self.self_biases(T, dtype)],
+                self.cross_bias(T, src, dtype).contiguous())
 
-    def cache_biases_(self, encoder, extra_refs=(), max_bytes: int = DEFAULT_CACHE_BYTES):
-        """Inference only: keep the position biases per shape (and whatever the owner stores
-        under its own keys), recomputed when these parameters, the encoder's positions or
-        ``extra_refs`` change."""
-        mods = self.position_modules() + encoder.position_modules()
-        refs = [r for m in mods for r in param_refs(m)] + list(extra_refs)
-        self._cache = ShapeCache(refs, max_bytes)
-        return self
+    def run_layers(self, x, memory, memory_lengths, self_biases, cross_bias, start: int = 0, causal=False):
+        """Layers ``start``.. on x (B, T, d) (already through ``embed``), then ``layer_norm``."""
+        for i in range(start, len(self.layers)):
+            x = self.layers[i](x, memory, memory_lengths, self_biases[i], cross_bias, causal=causal)
+        return self.layer_norm(x)
 
     def embed(self, x, start: int = 0):
         """The decoder input x (B, T, d) of positions start..start+T-1, through

@@ -15,8 +15,8 @@ also in the content as above):
   bias = (pos_q_linear(p) * (d / H * 2) ** -0.5) @ pos_k_linear(p)^T per head, shared by layers;
 - per layer, relative: text x text from ``token_rel_pos_table_list[i]`` (OFA's log buckets),
   image x image from ``image_rel_pos_table_list[i]`` (dr, dc); none between text and image.
-Both depend only on (h, w, text length): at inference (``cache_biases_``) they are computed once
-per shape and kept in a bounded LRU cache that follows the parameters. ``position_embeddings``
+Both depend only on (h, w, text length): serving copies (``narvl.models.prepare_for_inference``)
+keep them per shape in a bounded LRU cache that follows the parameters. ``position_embeddings``
 gives the decoders the same p for their cross-attention bias.
 Attention runs through ``narvl.query_attention`` with the keys past ``lengths`` masked.
 """
@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 
 from ..nn import Linear
-from .cache import DEFAULT_CACHE_BYTES, ShapeCache, param_refs
 from .config import NARVLConfig
 from .layers import (EncoderLayer, image_position_ids, image_rel_buckets, ofa_embedding, pos_bias,
                      token_rel_buckets, zero_tables)
@@ -34,10 +33,12 @@ from .resnet import ResNetStages
 
 
 class Encoder(nn.Module):
-    """See the module docstring. ``embed_tokens`` is shared with the decoder's tied output.
+    """See the module docstring. ``embed_tokens`` is shared with the decoder's tied output;
+    ``soft_prompt``: one trainable token (1, 1, d) prepended to the text (parameter-efficient
+    mode, ``narvl.models.enable_peft``).
     forward(images (B, 3, S, S), text (B, Lt)) -> (memory (B, h*w + P + Lt, d), lengths (B,))."""
 
-    def __init__(self, cfg: NARVLConfig, embed_tokens: nn.Embedding):
+    def __init__(self, cfg: NARVLConfig, embed_tokens: nn.Embedding, soft_prompt: bool = False):
         super().__init__()
         d, H = cfg.d_model, cfg.heads
         self.cfg = cfg
@@ -61,7 +62,14 @@ class Encoder(nn.Module):
         self.layer_norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.soft_prompt = None  # (1, P, d) parameter in the parameter-efficient mode
-        self._bias_cache = None  # ShapeCache, inference only (cache_biases_)
+        if soft_prompt:
+            self.add_soft_prompt_()
+
+    def add_soft_prompt_(self):
+        """Adds the trainable soft-prompt token (1, 1, d), N(0, 0.02^2)."""
+        w = self.embed_positions.weight
+        self.soft_prompt = nn.Parameter(torch.randn(1, 1, w.shape[1], device=w.device) * 0.02)
+        return self
 
     @property
     def backbone(self) -> ResNetStages:
@@ -98,19 +106,8 @@ class Encoder(nn.Module):
         return out
 
     def layer_biases(self, h: int, w: int, n_text: int, dtype):
-        """Each layer's attention bias (H, L, L), absolute + relative. Kept per shape after
-        ``cache_biases_()`` when gradients are off."""
-        if self._bias_cache is not None and not torch.is_grad_enabled():
-            return self._bias_cache.get((h, w, n_text, dtype),
-                                        lambda: [b.contiguous() for b in self._compute_biases(h, w, n_text, dtype)])
-        return self._compute_biases(h, w, n_text, dtype)
-
-    def cache_biases_(self, max_bytes: int = DEFAULT_CACHE_BYTES):
-        """Inference only: keep each shape's biases, at most ``max_bytes`` of them (least
-        recently used first out), recomputed when the position parameters change."""
-        refs = [r for m in self.position_modules() for r in param_refs(m)]
-        self._bias_cache = ShapeCache(refs, max_bytes)
-        return self
+        """Each layer's attention bias (H, L, L), absolute + relative, contiguous."""
+        return [b.contiguous() for b in self._compute_biases(h, w, n_text, dtype)]
 
     def check_inputs(self, images, text):
         cfg = self.cfg

@@ -1,59 +1,396 @@
-"""Inference copies of a model: the same function, arranged for batch-1 serving on CPU.
+"""Serving copies of a model: the same function, arranged for batch-1 serving on CPU.
 
-``prepare_for_inference(model)`` returns a deep copy in eval mode with gradients off, every
-BatchNorm of the ResNet stages folded into its conv (``fold_batchnorm_``) and, for float32 CPU
-weights, the folded convs pre-packed for fused oneDNN primitives (``pack_for_cpu_``). Every
-attention keeps fused weights (``OFAAttention.fuse_for_inference_``: q/k/v in one matmul, k/v of
-the cross-attention memory in one, NormFormer's ``c_attn`` folded into ``out_proj``). Every
-linear weight (``narvl.nn.Linear``, the fused attention weights, the tied output projection) is
-pre-packed once into oneDNN's blocked layout, so calls of 8 or more rows run one oneDNN matmul
-(+GELU) without reordering the weight each time; calls of 1-7 rows (an AR step) keep ATen's
-``addmm`` (``narvl.ops.linear``). The encoder keeps its position biases (absolute + relative, OFA's) per
-text length (``Encoder.cache_biases_``) and the decoders theirs. The shared encoder gets the same
-treatment in ``NARVL`` and ``ARBaseline``, so latency comparisons between them stay like for like
-(``train.py``, ``bench/``). NARVL also computes its first decoder layer's self-attention block
-once (``NARVL.cache_first_self_attention_``): that block sees only the learnable queries, so its
-output is a constant at inference.
+``prepare_for_inference(model)`` returns a deep copy in eval mode with gradients off, in which
+the plain modules of ``narvl.models`` are swapped, in place and keeping their parameters, for the
+inference-only modules below. These own all packing, fusing and caching; the plain modules
+compute and nothing else.
+
+- the ResNet: every BatchNorm folded into its conv (``fold_batchnorm_``) and, for float32 CPU
+  weights, ``PackedResNetStages`` (``pack_for_cpu_``): each folded conv pre-packed into oneDNN's
+  blocked layout and each bottleneck run as fused oneDNN primitives (conv+ReLU,
+  conv+residual-add+ReLU), about half the backbone's time at batch 1 (bench/bench_model.py);
+  inputs that are not float32 CPU without grad or autocast run the folded modules;
+- ``FusedAttention``: q/k/v in one (3d, d) matmul (self-attention), k/v of the cross-attention
+  memory in one (2d, d), NormFormer's ``c_attn`` folded into ``out_proj`` (out_proj(a * c) =
+  (W diag(c)) a), each with a oneDNN-packed copy;
+- ``PackedLinear`` (every ``narvl.nn.Linear``) and ``PackedTiedOutput`` (the tied output
+  projection): a oneDNN-blocked copy of the weight, so calls of 8 or more rows run one oneDNN
+  matmul (+GELU) without reordering the weight; 1-7 rows (an AR step) keep ATen's ``addmm``
+  (``narvl.ops.linear``);
+- ``CachedEncoder``, ``CachedDecoderStack``: the position biases (absolute + relative, OFA's)
+  kept per shape in a bounded LRU cache; ``CachedQueryDecoder`` also keeps NARVL's first decoder
+  self-attention block, which sees only the learnable queries and so is a constant.
+
+The encoder gets the same treatment in ``NARVL`` and ``ARBaseline``, so latency comparisons
+between them stay like for like (``train.py``, ``bench/``). Every snapshot (packed weights, fused
+weights, biases, the first block) is recomputed when the copy's own parameters change in place
+(``narvl.models.cache.ParamStamp``). The caches hold no per-call state and take a lock around
+their bookkeeping, so one copy can serve several threads.
 """
 from __future__ import annotations
 
 import copy
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..nn import Linear
-from .cache import DEFAULT_CACHE_BYTES, PackedWeight
-from .layers import OFAAttention
-from .resnet import fold_batchnorm_, pack_for_cpu_
+from .. import _backend
+from ..nn import Linear, merge_heads, split_heads
+from ..ops.linear import linear, pack_weight
+from .cache import DEFAULT_CACHE_BYTES, PackedWeight, ParamStamp, ShapeCache, param_refs
+from .decoder import DecoderStack
+from .encoder import Encoder
+from .layers import OFAAttention, TiedOutput
+from .narvl import QueryDecoder
+from .resnet import ResNetStages, fold_batchnorm_
+
+__all__ = ["prepare_for_inference", "time_generate", "Timing", "pack_for_cpu_", "fold_batchnorm_",
+           "mkldnn_fusion_available", "PackedLinear", "PackedTiedOutput", "FusedAttention",
+           "FusedWeights", "CachedEncoder", "CachedDecoderStack", "CachedQueryDecoder",
+           "PackedResNetStages"]
+
+
+def _become(module: nn.Module, cls: type) -> nn.Module:
+    """Swaps ``module``'s class for ``cls`` (a subclass adding inference-only behaviour), in
+    place: the parameters, buffers and state-dict keys stay those of the plain module."""
+    if not isinstance(module, cls.__mro__[1]):
+        raise TypeError(f"{cls.__name__} is built from a {cls.__mro__[1].__name__}, got {type(module).__name__}")
+    module.__class__ = cls
+    return module
+
+
+# ------------------------------------------------------------------------------ linear layers
+
+
+class PackedLinear(Linear):
+    """A ``narvl.nn.Linear`` with a oneDNN-blocked copy of its weight (``PackedWeight``), packed
+    again whenever the weight changes. ``from_linear(m)`` converts ``m`` in place."""
+
+    @classmethod
+    def from_linear(cls, m: Linear) -> PackedLinear:
+        _become(m, cls)
+        m._pack = PackedWeight(m, "weight")
+        return m
+
+    def packed_weight(self) -> torch.Tensor | None:
+        """The packed weight for a call without gradients, else None."""
+        return self._pack.get()
+
+    def forward(self, x, activation=None):
+        return linear(x, self.weight, self.bias, activation=activation, packed=self._pack.get())
+
+
+class PackedTiedOutput(TiedOutput):
+    """``TiedOutput`` with a oneDNN-blocked copy of the token embedding's weight."""
+
+    def __init__(self, embed_tokens: nn.Embedding):
+        super().__init__()
+        self._pack = PackedWeight(embed_tokens, "weight")
+
+    def packed_weight(self) -> torch.Tensor | None:
+        return self._pack.get()
+
+    def forward(self, x, weight):
+        return linear(x, weight.to(x.dtype), packed=self._pack.get())
+
+
+# --------------------------------------------------------------------------------- attention
+
+
+@dataclass
+class FusedWeights:
+    """An attention's fused weights: ``w_qkv`` (3d, d) and ``b_qkv`` (3d,) of q, k, v stacked,
+    ``w_out`` (d, d) = out_proj.weight diag(c_attn); ``packed``: the oneDNN-packed copy of each
+    part used so far ("q", "kv", "qkv", "out"; None where packing is off or unavailable)."""
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor
+    w_out: torch.Tensor
+    packed: dict = field(default_factory=dict)
+
+
+class FusedAttention(OFAAttention):
+    """``OFAAttention`` on fused weights (``FusedWeights``, recomputed when a parameter changes):
+    one matmul for q, k, v (self-attention), one for k, v (cross-attention memory), ``c_attn``
+    folded into ``out_proj``. ``from_attention(m, pack=True)`` converts ``m`` in place; ``pack``:
+    also keep oneDNN-packed copies of the fused weights."""
+
+    @classmethod
+    def from_attention(cls, m: OFAAttention, pack: bool = True) -> FusedAttention:
+        _become(m, cls)
+        m._fused = ShapeCache(param_refs(m), max_bytes=1 << 62)
+        m._pack_fused = bool(pack)
+        return m
+
+    def _fuse(self):
+        d = self.out_proj.weight.shape[0]
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        with torch.no_grad():
+            w = torch.cat([p.weight for p in projs])
+            b = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(d) for p in projs])
+            c = self.c_attn.to(w.dtype).repeat_interleave(d // self.heads)
+            return FusedWeights(w, b, (self.out_proj.weight * c[None, :]).contiguous())
+
+    def fused_weights(self) -> FusedWeights:
+        return self._fused.get("w", self._fuse)
+
+    def _packed(self, fw: FusedWeights, part: str):
+        """The packed copy of ``part`` of ``fw``, packed at its first use (a self-attention
+        packs only qkv and out, a cross-attention q, kv and out)."""
+        got = fw.packed.get(part, False)
+        if got is False:
+            d = fw.w_out.shape[0]
+            src = {"q": fw.w_qkv[:d], "kv": fw.w_qkv[d:], "qkv": fw.w_qkv, "out": fw.w_out}[part]
+            got = fw.packed[part] = pack_weight(src) if self._pack_fused else None
+        return got
+
+    def project_q(self, x):
+        fw, d = self.fused_weights(), x.shape[-1]
+        return split_heads(linear(x, fw.w_qkv[:d], fw.b_qkv[:d], packed=self._packed(fw, "q")), self.heads)
+
+    def _split(self, y, parts):
+        """(B, L, parts * d) -> ``parts`` tensors (B, H, L, Dh) (views)."""
+        B, L, _ = y.shape
+        return y.view(B, L, parts, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def project_kv(self, kv):
+        fw, d = self.fused_weights(), kv.shape[-1]
+        return tuple(self._split(linear(kv, fw.w_qkv[d:], fw.b_qkv[d:], packed=self._packed(fw, "kv")), 2))
+
+    def project_qkv(self, x):
+        fw = self.fused_weights()
+        return tuple(self._split(linear(x, fw.w_qkv, fw.b_qkv, packed=self._packed(fw, "qkv")), 3))
+
+    def attend(self, q, k, v, key_lengths=None, bias=None, causal=False):
+        a = self.attention(q, k, v, key_lengths, bias, causal)
+        fw = self.fused_weights()
+        packed = self._packed(fw, "out") if a.dtype == fw.w_out.dtype else None
+        return linear(merge_heads(a), fw.w_out.to(a.dtype), self.out_proj.bias, packed=packed)
+
+
+# ------------------------------------------------------------------------ position biases
+
+
+class CachedEncoder(Encoder):
+    """``Encoder`` keeping each shape's layer biases (at most ``max_bytes`` of them, least
+    recently used first out), recomputed when the position parameters change."""
+
+    @classmethod
+    def from_encoder(cls, m: Encoder, max_bytes: int = DEFAULT_CACHE_BYTES) -> CachedEncoder:
+        _become(m, cls)
+        m._bias_cache = ShapeCache([r for p in m.position_modules() for r in param_refs(p)], max_bytes)
+        return m
+
+    def layer_biases(self, h, w, n_text, dtype):
+        with torch.no_grad():
+            return self._bias_cache.get((h, w, n_text, dtype),
+                                        lambda: Encoder.layer_biases(self, h, w, n_text, dtype))
+
+
+def _decoder_cache(dec, encoder, extra_refs, max_bytes):
+    mods = dec.position_modules() + encoder.position_modules()
+    return ShapeCache([r for m in mods for r in param_refs(m)] + list(extra_refs), max_bytes)
+
+
+class CachedDecoderStack(DecoderStack):
+    """``DecoderStack`` (the AR baseline's) keeping its position biases per shape."""
+
+    @classmethod
+    def from_decoder(cls, m: DecoderStack, encoder: Encoder, max_bytes: int = DEFAULT_CACHE_BYTES):
+        _become(m, cls)
+        m._cache = _decoder_cache(m, encoder, (), max_bytes)
+        return m
+
+    def biases(self, T, encoder, n_text, dtype):
+        with torch.no_grad():
+            return self._cache.get(("bias", T, n_text, dtype),
+                                   lambda: DecoderStack.biases(self, T, encoder, n_text, dtype))
+
+
+class CachedQueryDecoder(QueryDecoder):
+    """NARVL's ``QueryDecoder`` keeping its position biases per shape and layer 0's
+    self-attention block over the learnable queries, x1 (1, N, d): a constant at inference, so
+    a pass on the queries starts from x1 (``query_input`` passes run every layer)."""
+
+    @classmethod
+    def from_decoder(cls, m: QueryDecoder, encoder: Encoder, max_bytes: int = DEFAULT_CACHE_BYTES):
+        _become(m, cls)
+        extra = param_refs(m.query_embed) + param_refs(m.layernorm_embedding) + param_refs(m.layers[0])
+        m._cache = _decoder_cache(m, encoder, extra, max_bytes)
+        return m
+
+    def biases(self, T, encoder, n_text, dtype):
+        with torch.no_grad():
+            return self._cache.get(("bias", T, n_text, dtype),
+                                   lambda: QueryDecoder.biases(self, T, encoder, n_text, dtype))
+
+    def _first_block(self, self_bias0, dtype):
+        with torch.no_grad():
+            return self.layers[0].self_block(self.embed(self.query_embed.weight.to(dtype)[None]), self_bias0)
+
+    def forward(self, memory, memory_lengths, encoder, query_input=None):
+        if query_input is not None:
+            return QueryDecoder.forward(self, memory, memory_lengths, encoder, query_input)
+        B, dtype = memory.shape[0], memory.dtype
+        N = self.query_embed.weight.shape[0]
+        self_b, cross_b = self.biases(N, encoder, memory.shape[1] - self.cfg.grid ** 2, dtype)
+        x = self._cache.get(("first", dtype), lambda: self._first_block(self_b[0], dtype))
+        l0 = self.layers[0]
+        x = l0.cross_ffn_block(x.expand(B, -1, -1), *l0.encoder_attn.project_kv(memory), memory_lengths, cross_b)
+        return self.run_layers(x, memory, memory_lengths, self_b, cross_b, start=1)
+
+
+# ----------------------------------------------------------------------------- the ResNet
+
+_FASTPATH = "packed_resnet"
+
+
+def mkldnn_fusion_available() -> bool:
+    """True when torch's oneDNN fused-conv ops (``torch.ops.mkldnn._convolution_pointwise``,
+    used by inductor's CPU backend) exist in this build."""
+    return _backend.mkldnn_ops_available("_convolution_pointwise", "_reorder_convolution_weight")
+
+
+def _pack(conv: nn.Conv2d, input_size):
+    """(oneDNN-blocked weight, bias, padding, stride) of a folded conv; ``input_size`` is the
+    (B, C, H, W) it is packed for (any other size still runs; oneDNN reorders)."""
+    pad, stride = list(conv.padding), list(conv.stride)
+    w = torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach().float().contiguous(), pad,
+                                                      stride, [1, 1], 1, list(input_size))
+    return w, conv.bias.detach().float().contiguous(), pad, stride
+
+
+def _conv(x, p, unary):
+    w, b, pad, stride = p
+    return torch.ops.mkldnn._convolution_pointwise(x, w, b, pad, stride, [1, 1], 1, unary, [], "")
+
+
+def _run_packed(plan, x):
+    stem, blocks = plan
+    x = F.max_pool2d(_conv(x, stem, "relu"), 3, 2, 1)
+    for c1, c2, c3, ds in blocks:
+        idt = x if ds is None else _conv(x, ds, "none")
+        y = _conv(_conv(x, c1, "relu"), c2, "relu")
+        w, b, pad, stride = c3
+        # relu(conv3(y) + idt) as one primitive (sum post-op, then ReLU)
+        x = torch.ops.mkldnn._convolution_pointwise.binary(y, idt, w, b, pad, stride, [1, 1], 1,
+                                                             "add", 1.0, "relu", [], "")
+    return x
+
+
+def _plan(backbone: ResNetStages, s: int):
+    stem = _pack(backbone.conv1, (1, 3, s, s))
+    s = (s + 1) // 2  # 7x7/2 conv, then 3x3/2 max-pool
+    s = (s + 1) // 2
+    blocks = []
+    c = 64
+    for stage in (backbone.layer1, backbone.layer2, backbone.layer3):
+        for m in stage:
+            s2 = (s + 1) // 2 if m.conv2.stride[0] == 2 else s
+            blocks.append((_pack(m.conv1, (1, c, s, s)), _pack(m.conv2, (1, m.conv1.out_channels, s, s)),
+                           _pack(m.conv3, (1, m.conv2.out_channels, s2, s2)),
+                           _pack(m.downsample, (1, c, s, s)) if m.downsample is not None else None))
+            s, c = s2, m.conv3.out_channels
+    return stem, blocks
+
+
+class PackedResNetStages(ResNetStages):
+    """A BN-folded ``ResNetStages`` run as fused oneDNN primitives on pre-packed weights for
+    float32 CPU inputs without grad or autocast (other inputs: the folded modules). Built by
+    ``pack_for_cpu_``; packs again at the next call when the folded weights change, or in a copy
+    (oneDNN's packed weights are opaque tensors that cannot be copied)."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_packed"] = state["_pack_stamp"] = None
+        state.pop("_lock", None)
+        return state
+
+    def _repack(self):
+        with self._lock:
+            if self._packed is None or self._pack_stamp.stale():
+                self._packed, self._pack_stamp = _plan(self, self._pack_size), ParamStamp(param_refs(self))
+        return self._packed
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
+    def forward(self, x):
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and _backend.cpu_fastpath_enabled(_FASTPATH)):
+            try:
+                plan = self._packed
+                if plan is None or self._pack_stamp.stale():  # a copy, or weights changed
+                    plan = self._repack()
+                return _run_packed(plan, x)
+            except RuntimeError as e:  # a private op that raises: the folded modules from now on
+                _backend.cpu_fastpath_failed(_FASTPATH, e)
+        return super().forward(x)
+
+
+@torch.no_grad()
+def pack_for_cpu_(backbone: ResNetStages, image_size: int = 224) -> bool:
+    """Turns a BN-folded backbone (``fold_batchnorm_``) into a ``PackedResNetStages``, in place.
+    Returns False (and leaves plain modules) when the ops are absent or the weights are not
+    float32 CPU tensors. ``image_size`` only picks the packed layout (batch 1, S x S)."""
+    if not isinstance(backbone.bn1, nn.Identity):
+        raise ValueError("pack_for_cpu_ needs a BN-folded backbone: call fold_batchnorm_ first")
+    w = backbone.conv1.weight
+    ok = (mkldnn_fusion_available() and w.device.type == "cpu" and w.dtype == torch.float32
+          and _backend.cpu_fastpath_enabled(_FASTPATH))
+    plan = None
+    if ok:
+        try:
+            plan = _plan(backbone, int(image_size))
+        except RuntimeError as e:
+            _backend.cpu_fastpath_failed(_FASTPATH, e)
+    if plan is None:
+        if isinstance(backbone, PackedResNetStages):
+            backbone.__class__ = ResNetStages
+        return False
+    if not isinstance(backbone, PackedResNetStages):
+        _become(backbone, PackedResNetStages)
+    backbone._lock = threading.Lock()
+    backbone._packed, backbone._pack_stamp = plan, ParamStamp(param_refs(backbone))
+    backbone._pack_size = int(image_size)
+    return True
+
+
+# ------------------------------------------------------------------------- the serving copy
 
 
 def prepare_for_inference(model: nn.Module, image_size: int | None = None,
                           cache_bytes: int = DEFAULT_CACHE_BYTES, pack_linear: bool = True) -> nn.Module:
-    """A prepared copy of ``model`` (a ``NARVL`` or ``ARBaseline``); ``model`` is unchanged.
+    """A serving copy of ``model`` (a ``NARVL`` or ``ARBaseline``); ``model`` is unchanged.
     ``image_size`` (default ``model.cfg.image_size``) picks the packed conv layout only;
-    ``cache_bytes`` caps the encoder's per-text-length bias cache (LRU); ``pack_linear=False``
-    keeps the linear weights unpacked (the packed copies add about the linear weights' size
-    in memory). Every snapshot of the copy (packed convs and weights, bias caches, NARVL's first
-    block) is recomputed when the copy's own parameters change in place
-    (``narvl.models.cache.ParamStamp``)."""
-    if not hasattr(model, "encoder") or not hasattr(model, "cfg"):
+    ``cache_bytes`` caps each per-shape bias cache (LRU); ``pack_linear=False`` keeps the linear
+    weights unpacked (the packed copies add about the linear weights' size in memory)."""
+    if not hasattr(model, "encoder") or not hasattr(model, "cfg") or not hasattr(model, "decoder"):
         raise TypeError(f"expected a NARVL or ARBaseline model, got {type(model).__name__}")
     infer = copy.deepcopy(model).eval()
     backbone = infer.encoder.backbone
     fold_batchnorm_(backbone)
     pack_for_cpu_(backbone, image_size or model.cfg.image_size)
-    for m in infer.modules():
-        if isinstance(m, OFAAttention):
-            m.fuse_for_inference_(pack=pack_linear)  # q/k/v in one matmul, c_attn folded into out_proj
-        elif isinstance(m, Linear) and pack_linear:
-            m.pack_for_inference_()  # oneDNN-blocked weight, no reorder per call
+    for m in list(infer.modules()):
+        if isinstance(m, OFAAttention) and not isinstance(m, FusedAttention):
+            FusedAttention.from_attention(m, pack=pack_linear)
+        elif isinstance(m, Linear) and pack_linear and not isinstance(m, PackedLinear):
+            PackedLinear.from_linear(m)
     if pack_linear:
-        infer.out_pack = PackedWeight(infer.embed_tokens, "weight")  # the tied output projection
-    infer.encoder.cache_biases_(cache_bytes)  # position biases: constants per text length
-    infer.cache_first_self_attention_(cache_bytes)  # decoder position biases (+ NARVL's first block)
+        infer.output = PackedTiedOutput(infer.embed_tokens)
+    enc = infer.encoder
+    if not isinstance(enc, CachedEncoder):
+        CachedEncoder.from_encoder(enc, cache_bytes)
+    dec = infer.decoder
+    if isinstance(dec, QueryDecoder) and not isinstance(dec, CachedQueryDecoder):
+        CachedQueryDecoder.from_decoder(dec, enc, cache_bytes)
+    elif not isinstance(dec, (QueryDecoder, CachedDecoderStack)):
+        CachedDecoderStack.from_decoder(dec, enc, cache_bytes)
     for p in infer.parameters():
         p.requires_grad_(False)
     return infer

@@ -6,7 +6,10 @@ these modules key for key (``narvl.models.ofa_import``).
 - ``OFAAttention``: q/k/v/out projections, q scaled by ``(head_dim * attn_scale_factor) ** -0.5``
   (OFA's factor 2), an additive bias (positions), key padding by lengths, then NormFormer's
   per-head scale ``c_attn`` before ``out_proj``. The attention itself is
-  ``narvl.query_attention`` (Triton on CUDA, oneDNN/SDPA or the C++ kernel on CPU).
+  ``narvl.query_attention`` (Triton on CUDA, SDPA or the C++ kernel on CPU).
+
+These modules compute and nothing else: no caches, no packed weights, no branches on the grad
+mode. ``narvl.models.prepare_for_inference`` builds serving copies from them.
 - ``EncoderLayer``: pre-LN self-attention + NormFormer ``attn_ln``, then pre-LN FFN with
   NormFormer's ``ffn_layernorm`` between GELU and ``fc2``.
 - ``DecoderLayer``: the same with a cross-attention block (``encoder_attn``, ``cross_attn_ln``).
@@ -20,12 +23,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .cache import PackedWeight, ShapeCache, param_refs
 from ..nn import Linear, merge_heads, split_heads
 from ..ops.attention import query_attention
-from ..ops.linear import linear, pack_weight
+from ..ops.linear import linear
 
 
 def token_rel_buckets(n: int, bucket_size: int = 256, max_position: int = 1024) -> torch.Tensor:
@@ -69,12 +70,9 @@ def pos_bias(q_lin: nn.Module, k_lin: nn.Module, pq: torch.Tensor, pk: torch.Ten
 
 class OFAAttention(nn.Module):
     """See the module docstring. forward(x (B, Lq, d), kv (B, Lk, d) = x, key_lengths (B,) =
-    None, bias (H, Lq, Lk) = None, causal=False) -> (B, Lq, d).
-
-    ``fuse_for_inference_()`` (called by ``prepare_for_inference`` on its copy) keeps fused
-    weights for calls without gradients: one (3d, d) matmul for q, k, v (self-attention), one
-    (2d, d) for k, v (cross-attention memory), and ``c_attn`` folded into ``out_proj``'s columns
-    (out_proj(a * c) = (W diag(c)) a), recomputed whenever a parameter changes (``ShapeCache``)."""
+    None, bias (H, Lq, Lk) = None, causal=False) -> (B, Lq, d). The steps are public so that the
+    decoders can reuse keys and values: ``project_q``, ``project_kv``, ``project_qkv``, ``attend``.
+    Serving copies swap in ``narvl.models.inference.FusedAttention`` (fused, packed weights)."""
 
     def __init__(self, d: int, heads: int, scale_factor: float = 2.0):
         super().__init__()
@@ -83,88 +81,28 @@ class OFAAttention(nn.Module):
         self.q_proj, self.k_proj = Linear(d, d), Linear(d, d)
         self.v_proj, self.out_proj = Linear(d, d), Linear(d, d)
         self.c_attn = nn.Parameter(torch.ones(heads))
-        self._fused = None
-        self._pack_fused = True
-        self._fw_call = None  # the fused weights a projection read, reused by the attend after it
-
-    def fuse_for_inference_(self, pack: bool = True):
-        """``pack``: also keep oneDNN-packed copies of the fused weights."""
-        self._fused = ShapeCache(param_refs(self), max_bytes=1 << 62)
-        self._pack_fused = pack
-        return self
-
-    def _fuse(self):
-        d = self.out_proj.weight.shape[0]
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        w = torch.cat([p.weight for p in projs])
-        b = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(d) for p in projs])
-        c = self.c_attn.to(w.dtype).repeat_interleave(d // self.heads)
-        w_out = (self.out_proj.weight * c[None, :]).contiguous()
-        return [w, b, w_out, {}]  # {} fills with the packed copies the calls use (_packed)
-
-    def _weights(self):
-        """[w_qkv (3d, d), b_qkv (3d,), w_out (d, d), {part: packed copy}] for a call without
-        gradients, else None."""
-        if self._fused is None or torch.is_grad_enabled():
-            return None
-        return self._fused.get("w", self._fuse)
-
-    def _packed(self, fw, part):
-        """The oneDNN-packed copy (``narvl.ops.linear.pack_weight``) of the fused weight ``part``
-        ("q", "kv", "qkv" or "out") of ``fw``, packed at its first use, so a self-attention packs
-        only q/k/v and out, a cross-attention q, k/v and out; None where unavailable or unwanted."""
-        got = fw[3]
-        if part not in got:
-            d = fw[2].shape[0]
-            src = {"q": fw[0][:d], "kv": fw[0][d:], "qkv": fw[0], "out": fw[2]}[part]
-            got[part] = pack_weight(src) if self._pack_fused else None
-        return got[part]
-
-    def _split(self, y, parts):
-        """(B, L, parts * d) -> ``parts`` tensors (B, H, L, Dh) (views)."""
-        B, L, _ = y.shape
-        return y.view(B, L, parts, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
     def project_q(self, x):
         """(B, H, Lq, Dh) queries of x (B, Lq, d)."""
-        fw = self._fw_call = self._weights()
-        if fw is None:
-            return split_heads(self.q_proj(x), self.heads)
-        d = x.shape[-1]
-        return split_heads(linear(x, fw[0][:d], fw[1][:d], packed=self._packed(fw, "q")), self.heads)
+        return split_heads(self.q_proj(x), self.heads)
 
     def project_kv(self, kv):
         """(B, H, Lk, Dh) keys and values of kv (B, Lk, d)."""
-        fw = self._weights()
-        if fw is None:
-            return split_heads(self.k_proj(kv), self.heads), split_heads(self.v_proj(kv), self.heads)
-        d = kv.shape[-1]
-        return tuple(self._split(linear(kv, fw[0][d:], fw[1][d:], packed=self._packed(fw, "kv")), 2))
+        return split_heads(self.k_proj(kv), self.heads), split_heads(self.v_proj(kv), self.heads)
 
     def project_qkv(self, x):
         """Queries, keys and values (B, H, L, Dh) of x (B, L, d) (self-attention)."""
-        fw = self._fw_call = self._weights()
-        if fw is None:
-            return (self.project_q(x),) + self.project_kv(x)
-        return tuple(self._split(linear(x, fw[0], fw[1], packed=self._packed(fw, "qkv")), 3))
+        return (self.project_q(x),) + self.project_kv(x)
+
+    def attention(self, q, k, v, key_lengths=None, bias=None, causal=False):
+        """Projected q (B, H, Lq, Dh), k / v (B, H, Lk, Dh) -> per-head output (B, H, Lq, Dh)."""
+        return query_attention(q, k, v, key_lengths=key_lengths,
+                               attn_bias=None if bias is None else bias.to(q.dtype), scale=self.scaling,
+                               causal=causal)
 
     def attend(self, q, k, v, key_lengths=None, bias=None, causal=False):
         """Projected q (B, H, Lq, Dh), k / v (B, H, Lk, Dh) -> output (B, Lq, d)."""
-        if causal:  # training-time AR self-attention: the mask joins the bias
-            Lq, Lk = q.shape[2], k.shape[2]
-            mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
-            b = torch.zeros((), dtype=q.dtype, device=q.device) if bias is None else bias.to(q.dtype)
-            b = torch.where(mask, b, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=b.expand(q.shape[1], Lq, Lk),
-                                               scale=self.scaling)
-        else:
-            a = query_attention(q, k, v, key_lengths=key_lengths,
-                                attn_bias=None if bias is None else bias.to(q.dtype), scale=self.scaling)
-        # the weights the query projection just read (one staleness check per attention call)
-        fw, self._fw_call = self._fw_call, None
-        if fw is not None and not torch.is_grad_enabled():
-            packed = self._packed(fw, "out") if a.dtype == fw[2].dtype else None
-            return linear(merge_heads(a), fw[2].to(a.dtype), self.out_proj.bias, packed=packed)
+        a = self.attention(q, k, v, key_lengths, bias, causal)
         a = a * self.c_attn.to(a.dtype)[None, :, None, None]
         return self.out_proj(merge_heads(a))
 
@@ -185,11 +123,7 @@ class _FFN(nn.Module):
         self.ffn_layernorm = nn.LayerNorm(ffn)
 
     def ffn(self, x):
-        h = self.final_layer_norm(x)
-        if self.training:
-            h = F.gelu(self.fc1(h))
-        else:  # oneDNN's fused matmul + GELU on CPU inference
-            h = linear(h, self.fc1.weight, self.fc1.bias, activation="gelu", packed=self.fc1.packed_weight())
+        h = self.fc1(self.final_layer_norm(x), activation="gelu")
         return x + self.drop(self.fc2(self.ffn_layernorm(h)))
 
 
@@ -264,7 +198,10 @@ def ofa_embedding(rows: int, d: int) -> nn.Embedding:
     return e
 
 
-def tied_output(x: torch.Tensor, embed_tokens: nn.Embedding, packed: PackedWeight | None = None) -> torch.Tensor:
-    """Logits (..., V) = x (..., d) @ embed_tokens.weight^T, the output projection tied to the
-    token embedding; ``packed``: a ``PackedWeight`` of that weight (inference copies)."""
-    return linear(x, embed_tokens.weight.to(x.dtype), packed=None if packed is None else packed.get())
+class TiedOutput(nn.Module):
+    """The output projection tied to the token embedding, without parameters of its own:
+    forward(x (..., d), weight (V, d)) -> logits (..., V) = x @ weight^T. Serving copies swap in
+    ``narvl.models.inference.PackedTiedOutput``."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return linear(x, weight.to(x.dtype))

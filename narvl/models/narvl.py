@@ -28,11 +28,11 @@ import torch.nn as nn
 from ..ops.ctc import ctc_min_frames, qctc_loss
 from ..ops.decode import ctc_greedy_decode, ctc_prefix_beam_search
 from ..ops.forced_align import ctc_forced_align
-from .cache import DEFAULT_CACHE_BYTES, param_refs
 from .config import NARVLConfig
 from .decoder import DecoderStack
 from .encoder import Encoder
-from .layers import ofa_embedding, tied_output
+from .layers import TiedOutput, ofa_embedding
+from ..nn import Linear
 
 
 class Glance(NamedTuple):
@@ -61,17 +61,47 @@ def check_targets(cfg, targets, target_lengths, batch, name="targets"):
 class QueryDecoder(DecoderStack):
     """NARVL's decoder (the authors' ``CMLMNATransformerDecoder`` with query input): OFA's
     decoder stack fed N learnable queries ``query_embed`` (N, d) instead of tokens, with
-    self-attention among all queries (no causal mask)."""
+    self-attention among all queries (no causal mask).
+    forward(memory (B, Lm, d), memory_lengths (B,), encoder, query_input (B, N, d) = None) ->
+    hidden states (B, N, d) after ``layer_norm``; ``query_input`` replaces the queries."""
 
     def __init__(self, cfg: NARVLConfig):
         super().__init__(cfg)
         self.query_embed = nn.Embedding(cfg.num_queries, cfg.d_model)  # N(0, 1), as DETR's
 
+    def forward(self, memory, memory_lengths, encoder, query_input=None):
+        B, dtype = memory.shape[0], memory.dtype
+        N = self.query_embed.weight.shape[0]
+        self_b, cross_b = self.biases(N, encoder, memory.shape[1] - self.cfg.grid ** 2, dtype)
+        x = self.query_embed.weight[None].expand(B, -1, -1) if query_input is None else query_input
+        return self.run_layers(self.embed(x.to(dtype)), memory, memory_lengths, self_b, cross_b)
+
+
+def add_adapters(model: nn.Module, soft_prompt: bool):
+    """The parameter-efficient mode of ``NARVL`` and ``ARBaseline`` (after eP-ALM): every
+    parameter so far frozen, then trainable: an output-side projection ``out_adapter`` (d -> d,
+    the identity at first), optionally the encoder's soft-prompt token, and NARVL's queries."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    d = model.cfg.d_model
+    dev = model.embed_tokens.weight.device
+    adapter = Linear(d, d).to(dev)
+    with torch.no_grad():
+        adapter.weight.copy_(torch.eye(d))
+        adapter.bias.zero_()
+    model.out_adapter = adapter
+    if soft_prompt:
+        model.encoder.add_soft_prompt_()
+    if hasattr(model, "queries"):
+        model.queries.requires_grad_(True)
+
 
 class NARVL(nn.Module):
-    """See the module docstring. ``cfg``: a ``NARVLConfig``."""
+    """See the module docstring. ``cfg``: a ``NARVLConfig``; ``peft``: the parameter-efficient
+    mode (``add_adapters``; the soft prompt when ``soft_prompt``). ``narvl.models.enable_peft``
+    switches a built model to it."""
 
-    def __init__(self, cfg: NARVLConfig):
+    def __init__(self, cfg: NARVLConfig, peft: bool = False, soft_prompt: bool = True):
         super().__init__()
         if not isinstance(cfg, NARVLConfig):
             raise TypeError(f"cfg must be a NARVLConfig, got {type(cfg).__name__}")
@@ -79,54 +109,32 @@ class NARVL(nn.Module):
         self.embed_tokens = ofa_embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = Encoder(cfg, self.embed_tokens)
         self.decoder = QueryDecoder(cfg)
+        self.output = TiedOutput()
         self.out_adapter = None  # (d, d) linear in the parameter-efficient mode
-        self.out_pack = None  # PackedWeight of the tied output (inference copies)
+        if peft:
+            self.add_adapters_(soft_prompt)
+
+    def add_adapters_(self, soft_prompt: bool = True):
+        """Switches to the parameter-efficient mode (``add_adapters``), in place."""
+        add_adapters(self, soft_prompt)
+        return self
 
     @property
     def queries(self) -> nn.Parameter:
         """The N learnable query embeddings (N, d)."""
         return self.decoder.query_embed.weight
 
-    @torch.no_grad()
-    def cache_first_self_attention_(self, max_bytes: int = DEFAULT_CACHE_BYTES):
-        """Inference only: keep the decoder's position biases per shape and, since layer 0's
-        self-attention block sees only the learnable queries, its output x1 (a constant): the
-        decoder then starts from x1. Ignored whenever gradients are on; recomputed when the
-        parameters it depends on change (``prepare_for_inference`` calls this on its copy)."""
-        dec = self.decoder
-        extra = param_refs(dec.query_embed) + param_refs(dec.layernorm_embedding) + param_refs(dec.layers[0])
-        dec.cache_biases_(self.encoder, extra, max_bytes)
-        return self
-
-    def _first_block(self, self_bias0, dtype):
-        dec = self.decoder
-        x = dec.embed(dec.query_embed.weight.to(dtype)[None])
-        return dec.layers[0].self_block(x, self_bias0)
+    def project_out(self, x):
+        """Decoder states (..., d) -> logits (..., V): ``out_adapter`` (if any), then the tied
+        output projection."""
+        if self.out_adapter is not None:
+            x = self.out_adapter(x)
+        return self.output(x, self.embed_tokens.weight)
 
     def decode_logits(self, memory, memory_lengths, query_input=None):
         """memory (B, Lm, d), memory_lengths (B,) -> logits (B, N, V). ``query_input`` (B, N, d):
         the decoder's input in place of the learnable queries (glancing training)."""
-        dec, cfg = self.decoder, self.cfg
-        B, dtype = memory.shape[0], memory.dtype
-        N = cfg.num_queries
-        n_text = memory.shape[1] - cfg.grid ** 2
-        self_b, cross_b = dec.biases(N, self.encoder, n_text, dtype)
-        if query_input is not None:
-            x, start = dec.embed(query_input.to(dtype)), 0
-        elif dec._cache is not None and not torch.is_grad_enabled():
-            x = dec._cache.get(("first", dtype), lambda: self._first_block(self_b[0], dtype))
-            x = dec.layers[0].cross_ffn_block(x.expand(B, -1, -1),
-                                              *dec.layers[0].encoder_attn.project_kv(memory),
-                                              memory_lengths, cross_b)
-            start = 1
-        else:
-            x, start = dec.embed(dec.query_embed.weight.to(dtype)[None].expand(B, -1, -1)), 0
-        for i in range(start, len(dec.layers)):
-            x = dec.layers[i](x, memory, memory_lengths, self_b[i], cross_b)
-        x = dec.layer_norm(x)
-        if self.out_adapter is not None:
-            x = self.out_adapter(x)
-        return tied_output(x, self.embed_tokens, self.out_pack)
+        return self.project_out(self.decoder(memory, memory_lengths, self.encoder, query_input))
 
     def logits(self, images, text):
         memory, lengths = self.encoder(images, text)

@@ -9,27 +9,15 @@ For the tiny preset that is under 1% of the parameters.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
-
-from ..nn import Linear
 
 
 def enable_peft(model: nn.Module, soft_prompt: bool = True) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    d = model.cfg.d_model
-    dev = next(model.parameters()).device
-    adapter = Linear(d, d).to(dev)
-    with torch.no_grad():
-        adapter.weight.copy_(torch.eye(d))
-        adapter.bias.zero_()
-    model.out_adapter = adapter
-    if soft_prompt:
-        model.encoder.soft_prompt = nn.Parameter(torch.randn(1, 1, d, device=dev) * 0.02)
-    if hasattr(model, "queries"):
-        model.queries.requires_grad_(True)
-    return model
+    """Freezes ``model`` (a ``NARVL`` or ``ARBaseline``) and adds its trainable modules, through
+    the model's own ``add_adapters_`` (what ``NARVL(cfg, peft=True)`` builds)."""
+    if not hasattr(model, "add_adapters_"):
+        raise TypeError(f"expected a NARVL or ARBaseline model, got {type(model).__name__}")
+    return model.add_adapters_(soft_prompt)
 
 
 def trainable_fraction(model: nn.Module) -> tuple[int, int, float]:

@@ -8,7 +8,9 @@ TRITON_INTERPRET=1; registered here) -> ``query_attention`` (validation) ->
 On CPU the functional path picks what measured faster (bench/bench_attention.py): the op's
 explicit CPU kernel when training with short key axes (self-attention among the queries), torch's
 SDPA with the bias and the key-length mask folded into its float mask for long ones
-(cross-attention) and for every call that needs no gradient (inference).
+(cross-attention) and for every call that needs no gradient (inference). Causal calls (the AR
+baseline's teacher-forced decoder) take SDPA on every device: the kernels have no causal mask.
+These are the only exceptions to the op route, and they live here.
 """
 from __future__ import annotations
 
@@ -102,10 +104,10 @@ def _bwd_kernel(grad_out, q, k, v, out, lse, key_lengths, attn_bias, scale, bias
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db
 
 
-def _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full_lengths):
+def _sdpa(q, k, v, key_lengths, attn_bias, scale, full_lengths):
     mask = None
     if not full_lengths:
-        keep = torch.arange(k.shape[2])[None, :] < key_lengths[:, None]
+        keep = torch.arange(k.shape[2], device=q.device)[None, :] < key_lengths[:, None]
         mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))[:, None, None, :]
     if attn_bias is not None:
         mask = attn_bias if mask is None else attn_bias + mask
@@ -117,12 +119,13 @@ def _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full_lengths):
 GPU_MAX_HEAD_DIM = 128
 
 
-def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
+def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None, causal=False):
     """Attention of a few learnable queries into long padded keys, with a trainable bias.
 
     q: (B, H, Lq, D); k, v: (B, H, Lk, D); key_lengths: (B,) in [1, Lk] (keys j >= key_lengths[b]
     are masked; default all); attn_bias: (H, Lq, Lk) shared over the batch or (B, H, Lq, Lk),
-    additive, differentiable; scale: default D**-0.5. No causal mask.
+    additive, differentiable; scale: default D**-0.5; causal: query i sees keys j <= i + Lk - Lq
+    (Lq <= Lk; the AR baseline's teacher-forced decoder).
         out = softmax(q k^T * scale + attn_bias + mask) v
     Returns (B, H, Lq, D) in q's dtype (fp32 / fp16 / bf16); gradients for q, k, v and attn_bias.
     """
@@ -173,6 +176,15 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
                              f"got {tuple(attn_bias.shape)}")
         attn_bias = attn_bias.to(q.device)
     scale = D ** -0.5 if scale is None else float(scale)
+    if causal:
+        if Lq > Lk:
+            raise ValueError(f"causal attention needs Lq <= Lk, got Lq = {Lq}, Lk = {Lk}")
+        # narvl's kernels have no causal mask (NARVL's queries never need one): causal calls take
+        # PyTorch's SDPA on every device, the mask joined to the bias
+        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
+        b = torch.zeros((), dtype=q.dtype, device=q.device) if attn_bias is None else attn_bias.to(q.dtype)
+        b = torch.where(keep, b, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+        return _sdpa(q, k, v, key_lengths, b, scale, full)
     backend = _backend.resolve(q.device)
     if backend == "triton":  # the GPU kernels' limits (compiled and checked for sm_80 / sm_90)
         if D > GPU_MAX_HEAD_DIM:
@@ -188,6 +200,6 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None):
         # Training with short keys: the op's explicit CPU kernel (fwd + bwd) is faster. Inference,
         # or long keys: SDPA (2-3.5x faster forward at the NARVL shapes, batch 1 to 16).
         if not (needs_grad and Lk <= _CPU_OP_MAX_KEYS):
-            return _sdpa_cpu(q, k, v, key_lengths, attn_bias, scale, full)
+            return _sdpa(q, k, v, key_lengths, attn_bias, scale, full)
     out, _ = _OPS.query_attention_fwd(q, k, v, key_lengths, attn_bias, scale)
     return out

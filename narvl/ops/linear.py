@@ -31,19 +31,16 @@ ATen (``narvl._backend.cpu_fastpath_failed`` logs it once).
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _backend, settings
 
 ONEDNN_MIN_ROWS = 8
 _ACTIVATIONS = (None, "gelu")
 _FASTPATH = "onednn_linear"
-_ROUTE_ENV = "NARVL_LINEAR_ROUTE"
-_ROUTE_MODES = ("auto", "onednn", "aten")
 _TRIALS = 7
 _MARGIN = 0.95  # oneDNN must beat ATen by 5%: ATen is the plain route, and timings this short are noisy
 _MAX_CHOICES = 4096
@@ -56,10 +53,7 @@ def route_choices() -> dict:
 
 
 def _route_mode() -> str:
-    mode = os.environ.get(_ROUTE_ENV, "auto").strip().lower() or "auto"
-    if mode not in _ROUTE_MODES:
-        raise ValueError(f"{_ROUTE_ENV}={mode!r} is not one of {_ROUTE_MODES}")
-    return mode
+    return settings.linear_route()
 
 
 def _rows_key(rows: int) -> int:
