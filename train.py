@@ -36,6 +36,7 @@ import time
 import torch
 
 import narvl
+from narvl import settings
 from narvl.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_checkpoint
 from narvl.data import TaskData, Tokenizer, load_spec, metrics, sample_texts, shapes, shapes_task
 from narvl.data.ofa import OFATokenizer
@@ -225,8 +226,8 @@ def dist_setup():
     return 0, 1
 
 
-def build_model(arch, cfg):
-    return (NARVL if arch == "narvl" else ARBaseline)(cfg)
+def build_model(arch, cfg, **options):
+    return (NARVL if arch == "narvl" else ARBaseline)(cfg, **options)
 
 
 def make_tokenizer(train_data=None, vocab_size=1000, num_bins=64):
@@ -356,13 +357,22 @@ def main(argv=None):
     return 0
 
 
-def run(args):
-    rank, world = dist_setup()
-    torch.manual_seed(args.seed + rank)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "last.safetensors")
+@dataclasses.dataclass
+class Setup:
+    """What ``build`` gives ``run``: the model and how it was made."""
+    model: torch.nn.Module
+    tok: object
+    cfg: NARVLConfig
+    meta: dict | None  # the checkpoint's metadata (--eval-only, --resume, --init)
+    tensors: dict | None  # the checkpoint's tensors (optimizer state for --resume)
+    train_data: TaskData | None  # --data's training split, when already read
+    peft: bool
 
-    meta_in, train_data, model = None, None, None
+
+def build(args) -> Setup:
+    """The model, tokenizer and config: from an OFA checkpoint (--init-ofa), from one of ours
+    (--eval-only, --resume, --init), or new (the task's recipe)."""
+    meta, tensors, train_data, model = None, None, None, None
     if args.init_ofa:
         train_data = load_data(args, "train", args.image_size) if args.data else None
         try:
@@ -377,16 +387,15 @@ def run(args):
             sys.exit(f"error: --ofa-bpe-dir gives {tok.vocab_size - 1} OFA entries, the checkpoint "
                      f"{cfg.vocab_size - 1}: not the same vocabulary")
     elif args.eval_only or args.resume or args.init:
-        src = args.eval_only or args.init or ckpt_path
-        tensors, meta_in = read_checkpoint(src)
-        tok = Tokenizer.from_json(meta_in["tokenizer"])
-        cfg = NARVLConfig.from_json(meta_in["config"])
+        src = args.eval_only or args.init or os.path.join(args.out, "last.safetensors")
+        tensors, meta = read_checkpoint(src)
+        tok = Tokenizer.from_json(meta["tokenizer"])
+        cfg = NARVLConfig.from_json(meta["config"])
         if args.refine is not None:
             cfg = dataclasses.replace(cfg, refine_steps=args.refine)
-        arch, task = meta_in["arch"], meta_in["task"]
-        if args.resume or args.init:
-            if arch != args.arch or task != args.task:
-                sys.exit(f"error: {src} holds a {task}/{arch} model, not {args.task}/{args.arch}")
+        arch, task = meta["arch"], meta["task"]
+        if (args.resume or args.init) and (arch != args.arch or task != args.task):
+            sys.exit(f"error: {src} holds a {task}/{arch} model, not {args.task}/{args.arch}")
         args.arch, args.task = arch, task
     else:
         train_data = load_data(args, "train", args.image_size) if args.data else None
@@ -399,187 +408,258 @@ def run(args):
                                       glance_ratio=recipe(args, "glance", 0.0),
                                       glance_plain_weight=args.glance_plain_weight, refine_steps=recipe(args, "refine", 0),
                                       **({} if args.queries is None else dict(num_queries=args.queries)))
-    model = model if model is not None else build_model(args.arch, cfg)
-    peft = bool(args.freeze_backbone or (meta_in and json.loads(meta_in.get("peft", "false"))
-                                         and not args.init))
-    if meta_in is not None and not args.init and peft:
-        enable_peft(model, soft_prompt=json.loads(meta_in.get("soft_prompt", "true")))
-    if meta_in is not None:
-        load_model_state(model, tensors, meta_in)
-    if args.freeze_backbone and not (meta_in is not None and not args.init and peft):
+    # a checkpoint trained parameter-efficiently (and not used as --init) is rebuilt that way
+    saved_peft = bool(meta and json.loads(meta.get("peft", "false")) and not args.init)
+    if model is None:
+        soft_prompt = json.loads(meta.get("soft_prompt", "true")) if saved_peft else True
+        model = build_model(args.arch, cfg, peft=saved_peft, soft_prompt=soft_prompt)
+    if meta is not None:
+        load_model_state(model, tensors, meta)
+    if args.freeze_backbone and not saved_peft:
         enable_peft(model, soft_prompt=not args.no_soft_prompt)
-    n_train, n_all, frac = trainable_fraction(model)
+    return Setup(model, tok, cfg, meta, tensors, train_data, saved_peft or bool(args.freeze_backbone))
 
-    eval_data = load_data(args, "eval", cfg.image_size)
-    train_seconds = 0.0
-    report = {}  # what training could not use, and the loss curve (metrics.json)
-    if not args.eval_only:
-        data = train_data if train_data is not None else load_data(args, "train", cfg.image_size)
-        if args.distill_from:
-            from narvl.models.distill import distill_data
-            if rank == 0:
-                data, report["distillation"] = distill_data(args.distill_from, data, tok, cfg, args.task,
-                                                            args.out, args.distill_beam)
-            if world > 1:
-                torch.distributed.barrier()
-            if rank != 0:
-                data, _ = distill_data(args.distill_from, data, tok, cfg, args.task, args.out,
-                                       args.distill_beam, log=lambda *_: None)
-        steps = args.steps
-        if steps is None:
-            steps = (math.ceil(args.epochs * len(data) / args.batch_size) if args.epochs
-                     else DEFAULT_STEPS[args.task])
-        params = [p for p in model.parameters() if p.requires_grad]
-        lr = learning_rate(args)
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-        sched = lr_schedule(steps, args.warmup)
-        scaler = torch.amp.GradScaler("cpu", enabled=args.fp16)
-        # per-epoch counts of the samples the loss cannot use (this rank's share; summed at the end)
-        counts = {"cut": {}, "infeasible": {}, "samples": {}}
-        losses, skipped_steps = [], 0
-        start = 0
-        if args.resume:
-            load_optimizer_state(opt, tensors)
-            start = int(meta_in["step"])
-            train_seconds = float(meta_in.get("train_seconds", 0.0))
-            state = json.loads(meta_in.get("train_state", "{}"))
-            counts = state.get("counts", counts)
-            losses, skipped_steps = state.get("losses", []), state.get("skipped_steps", 0)
-            if "scaler" in state and args.fp16:
-                scaler.load_state_dict(state["scaler"])
-        ddp = model
-        if world > 1:
-            ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=peft)
 
-        def set_train_mode():
-            model.train()
-            if peft or args.freeze_bn:  # frozen BatchNorm: running statistics, not the batch's
-                for m in model.encoder.backbone.modules():
-                    if isinstance(m, torch.nn.BatchNorm2d):
-                        m.eval()
-        set_train_mode()
-        bar = None
-        if rank == 0 and not args.no_progress:
-            from tqdm import tqdm
-            bar = tqdm(total=steps, initial=start, desc=f"{args.task}/{args.arch}", dynamic_ncols=True)
-        log = bar.write if bar is not None else print
-        t0 = time.time()
-        amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        ctx = (lambda: torch.autocast("cpu", amp)) if amp else (lambda: torch.autocast("cpu", enabled=False))
-        loss_ema = None
-        n_queries = cfg.num_queries if args.arch == "narvl" else None
-        end = steps if args.stop_after is None else min(steps, args.stop_after)
-        for step in range(start, end):
-            idx = batch_indices(step, args.batch_size, len(data), args.seed)[rank::world]
-            stats = {}
-            images, text, targets, lengths, weights = data.batch(idx, tok, cfg.max_text_len, cfg.max_target_len,
-                                                                 stats=stats)
-            epoch = str(step * args.batch_size // len(data))
-            infeasible = int((narvl.ctc_min_frames(targets, lengths) > n_queries).sum()) if n_queries else 0
-            for k, v in (("cut", stats.get("cut", 0)), ("infeasible", infeasible), ("samples", len(idx))):
-                counts[k][epoch] = counts[k].get(epoch, 0) + v
-            prev = str((step + 1) * args.batch_size // len(data))
-            if rank == 0 and (prev != epoch or step + 1 == end):  # an epoch ends (or training does)
-                log(f"[narvl] epoch {epoch}: {counts['samples'][epoch]} samples, {counts['cut'][epoch]} targets "
-                    f"cut at {cfg.max_target_len} tokens"
-                    + (f", {counts['infeasible'][epoch]} infeasible (more CTC frames needed than the "
-                       f"{n_queries} queries: zero CTC loss under zero_infinity)" if n_queries else ""))
-            for g in opt.param_groups:
-                g["lr"] = lr * sched(step)
-            with ctx():
-                loss = ddp(images, text, targets, lengths, weights if args.task == "vqa" else None)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if world > 1:  # log the global batch's loss: the mean of the ranks' (equal-sized) shards
-                lt = loss.detach().clone()
-                torch.distributed.all_reduce(lt)
-                lv = lt.item() / world
-            else:
-                lv = loss.item()
-            if args.fp16:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                scale = scaler.get_scale()
-                scaler.step(opt)  # skipped when the gradients hold inf/NaN
-                scaler.update()
-                if scaler.get_scale() < scale:
-                    skipped_steps += 1
-                    log(f"[narvl] step {step}: fp16 gradients overflowed (loss {lv}); step skipped, "
-                        f"scale {scale:g} -> {scaler.get_scale():g}")
-            else:
-                if not math.isfinite(lv):
-                    sys.exit(f"error: loss is {lv} at step {step} (no optimizer step was taken; "
-                             f"the last checkpoint is {ckpt_path})")
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-            losses.append(round(lv, 5) if math.isfinite(lv) else None)  # JSON has no inf/NaN
-            if math.isfinite(lv):
-                loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_ema:.3f}" if loss_ema is not None else "-",
-                                lr=f"{opt.param_groups[0]['lr']:.1e}")
-            done = step + 1
-            if rank == 0 and (done % args.ckpt_every == 0 or done == end):
-                train_state = dict(counts=counts, losses=losses, skipped_steps=skipped_steps)
-                if args.fp16:
-                    train_state["scaler"] = scaler.state_dict()
-                save_checkpoint(ckpt_path, model, opt, meta=dict(
-                    config=cfg.to_json(), tokenizer=tok.to_json(), arch=args.arch, task=args.task,
-                    step=str(done), peft=json.dumps(peft), soft_prompt=json.dumps(not args.no_soft_prompt),
-                    train_seconds=str(train_seconds + time.time() - t0), train_state=json.dumps(train_state)))
-        if bar is not None:
-            bar.close()
-        train_seconds += time.time() - t0
-        if world > 1:  # every rank counted its own shard
-            for k in counts:
-                keys = sorted(counts[k], key=int)
-                t = torch.tensor([counts[k][e] for e in keys], dtype=torch.long)
-                torch.distributed.all_reduce(t)
-                counts[k] = dict(zip(keys, t.tolist()))
-            torch.distributed.barrier()
-        report.update(
-            max_target_len=cfg.max_target_len,
-            targets_cut=sum(counts["cut"].values()), targets_cut_per_epoch=counts["cut"],
-            infeasible=sum(counts["infeasible"].values()) if n_queries else None,
-            infeasible_per_epoch=counts["infeasible"] if n_queries else None,
-            trained_samples_per_epoch=counts["samples"], skipped_steps=skipped_steps,
-            train_set=dict(samples=len(data), cut=data.count_cut(tok, cfg.max_target_len), skipped=data.skipped),
-            losses=losses)
-        if rank == 0:
-            print(f"[narvl] training used {sum(counts['samples'].values())} samples: "
-                  f"{report['targets_cut']} targets cut at {cfg.max_target_len} tokens"
-                  + (f", {report['infeasible']} infeasible for {n_queries} queries" if n_queries else "")
-                  + (f", {skipped_steps} fp16 steps skipped" if args.fp16 else ""))
-
+def training_data(args, s: Setup, rank, world):
+    """The training split; with --distill-from, its targets replaced by the AR teacher's outputs
+    (decoded by rank 0, cached in OUT, read by the other ranks)."""
+    data = s.train_data if s.train_data is not None else load_data(args, "train", s.cfg.image_size)
+    if not args.distill_from:
+        return data, None
+    from narvl.models.distill import distill_data
+    info = None
     if rank == 0:
-        metric, latency, extra, examples = evaluate(model, eval_data, tok, args.task, args.beam,
-                                                    args.latency_samples, args.bf16)
-        out = dict(task=args.task, arch=args.arch, preset=cfg.preset, metric_name=METRIC[args.task],
-                   metric=round(metric, 2), latency_ms=round(latency, 2), params=n_all,
-                   trainable_params=n_train, trainable_fraction=round(frac, 6),
-                   train_seconds=round(train_seconds, 1), beam=args.beam, image_size=cfg.image_size,
-                   num_queries=cfg.num_queries if args.arch == "narvl" else None,
-                   glance_ratio=cfg.glance_ratio if args.arch == "narvl" else None,
-                   glance_plain_weight=cfg.glance_plain_weight if args.arch == "narvl" else None,
-                   refine_steps=cfg.refine_steps if args.arch == "narvl" else None,
-                   entangle_position_embedding=cfg.entangle_position_embedding, lr=learning_rate(args), warmup=args.warmup,
-                   eval_samples=len(eval_data), threads=torch.get_num_threads(), world_size=world,
-                   backend=os.environ.get("NARVL_BACKEND", "auto"),
-                   precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", **extra, **report,
-                   examples=examples)
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump(out, f, indent=2)
-        trainable = f" trainable {100 * frac:.2f}%" if peft else ""
-        print(f"[narvl] task={args.task} arch={args.arch} {METRIC[args.task]}={metric:.2f} "
-              f"latency={latency:.2f} ms/sample params={n_all / 1e6:.1f}M{trainable} "
-              f"train={train_seconds:.0f}s -> {os.path.join(args.out, 'metrics.json')}")
+        data_0, info = distill_data(args.distill_from, data, s.tok, s.cfg, args.task, args.out, args.distill_beam)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        data_0, _ = distill_data(args.distill_from, data, s.tok, s.cfg, args.task, args.out,
+                                 args.distill_beam, log=lambda *_: None)
+    return data_0, info
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a run has done so far (kept in checkpoints for --resume): per-epoch counts of the
+    samples the loss cannot use (this rank's share until ``reduce_counts``), the loss per step,
+    the fp16 steps skipped, and the training time."""
+    counts: dict = dataclasses.field(default_factory=lambda: {"cut": {}, "infeasible": {}, "samples": {}})
+    losses: list = dataclasses.field(default_factory=list)
+    skipped_steps: int = 0
+    train_seconds: float = 0.0
+    start: int = 0
+
+    def count(self, epoch: str, cut: int, infeasible: int, samples: int):
+        for k, v in (("cut", cut), ("infeasible", infeasible), ("samples", samples)):
+            self.counts[k][epoch] = self.counts[k].get(epoch, 0) + v
+
+    def reduce_counts(self, world):
+        """Sums every rank's counts (DDP: each rank counted its own shard)."""
+        if world > 1:
+            for k in self.counts:
+                keys = sorted(self.counts[k], key=int)
+                t = torch.tensor([self.counts[k][e] for e in keys], dtype=torch.long)
+                torch.distributed.all_reduce(t)
+                self.counts[k] = dict(zip(keys, t.tolist()))
+            torch.distributed.barrier()
+
+
+def make_optimizer(args, model):
+    """AdamW at the recipe's learning rate, weight decay on the matrices only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate(args))
+    return opt, params
+
+
+def resume_progress(args, s: Setup, opt, scaler) -> Progress:
+    """--resume: the optimizer, the scaler and the progress of the checkpoint; else a new start."""
+    if not args.resume:
+        return Progress()
+    load_optimizer_state(opt, s.tensors)
+    state = json.loads(s.meta.get("train_state", "{}"))
+    if "scaler" in state and args.fp16:
+        scaler.load_state_dict(state["scaler"])
+    fresh = Progress()
+    return Progress(counts=state.get("counts", fresh.counts), losses=state.get("losses", []),
+                    skipped_steps=state.get("skipped_steps", 0),
+                    train_seconds=float(s.meta.get("train_seconds", 0.0)), start=int(s.meta["step"]))
+
+
+def set_train_mode(args, s: Setup):
+    s.model.train()
+    if s.peft or args.freeze_bn:  # frozen BatchNorm: running statistics, not the batch's
+        for m in s.model.encoder.backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+
+
+def log_epoch(log, cfg, prog: Progress, epoch: str, n_queries):
+    c = prog.counts
+    log(f"[narvl] epoch {epoch}: {c['samples'][epoch]} samples, {c['cut'][epoch]} targets "
+        f"cut at {cfg.max_target_len} tokens"
+        + (f", {c['infeasible'][epoch]} infeasible (more CTC frames needed than the "
+           f"{n_queries} queries: zero CTC loss under zero_infinity)" if n_queries else ""))
+
+
+def optimizer_step(args, loss_value, step, opt, scaler, params, prog: Progress, log, ckpt_path):
+    """Clips and steps (fp16: through the GradScaler, which skips a step whose gradients
+    overflow; the skip is counted). A non-finite fp32/bf16 loss stops the run before stepping."""
+    if args.fp16:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scale = scaler.get_scale()
+        scaler.step(opt)  # skipped when the gradients hold inf/NaN
+        scaler.update()
+        if scaler.get_scale() < scale:
+            prog.skipped_steps += 1
+            log(f"[narvl] step {step}: fp16 gradients overflowed (loss {loss_value}); step skipped, "
+                f"scale {scale:g} -> {scaler.get_scale():g}")
+        return
+    if not math.isfinite(loss_value):
+        sys.exit(f"error: loss is {loss_value} at step {step} (no optimizer step was taken; "
+                 f"the last checkpoint is {ckpt_path})")
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def save(args, s: Setup, opt, scaler, prog: Progress, done: int, t0: float, ckpt_path: str):
+    train_state = dict(counts=prog.counts, losses=prog.losses, skipped_steps=prog.skipped_steps)
+    if args.fp16:
+        train_state["scaler"] = scaler.state_dict()
+    save_checkpoint(ckpt_path, s.model, opt, meta=dict(
+        config=s.cfg.to_json(), tokenizer=s.tok.to_json(), arch=args.arch, task=args.task,
+        step=str(done), peft=json.dumps(s.peft), soft_prompt=json.dumps(not args.no_soft_prompt),
+        train_seconds=str(prog.train_seconds + time.time() - t0), train_state=json.dumps(train_state)))
+
+
+def train(args, s: Setup, rank: int, world: int) -> tuple[float, dict]:
+    """The training loop. Returns (training seconds, the report of what training could not use
+    and the loss curve, for metrics.json)."""
+    data, distill_info = training_data(args, s, rank, world)
+    cfg, ckpt_path = s.cfg, os.path.join(args.out, "last.safetensors")
+    steps = args.steps
+    if steps is None:
+        steps = (math.ceil(args.epochs * len(data) / args.batch_size) if args.epochs
+                 else DEFAULT_STEPS[args.task])
+    opt, params = make_optimizer(args, s.model)
+    lr, sched = learning_rate(args), lr_schedule(steps, args.warmup)
+    scaler = torch.amp.GradScaler("cpu", enabled=args.fp16)
+    prog = resume_progress(args, s, opt, scaler)
+    ddp = s.model if world == 1 else torch.nn.parallel.DistributedDataParallel(s.model, find_unused_parameters=s.peft)
+    set_train_mode(args, s)
+    bar = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=prog.start, desc=f"{args.task}/{args.arch}", dynamic_ncols=True)
+    log = bar.write if bar is not None else print
+    amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    n_queries = cfg.num_queries if args.arch == "narvl" else None
+    end = steps if args.stop_after is None else min(steps, args.stop_after)
+    t0, loss_ema = time.time(), None
+    for step in range(prog.start, end):
+        idx = batch_indices(step, args.batch_size, len(data), args.seed)[rank::world]
+        stats = {}
+        images, text, targets, lengths, weights = data.batch(idx, s.tok, cfg.max_text_len, cfg.max_target_len,
+                                                             stats=stats)
+        epoch = str(step * args.batch_size // len(data))
+        infeasible = int((narvl.ctc_min_frames(targets, lengths) > n_queries).sum()) if n_queries else 0
+        prog.count(epoch, stats.get("cut", 0), infeasible, len(idx))
+        if rank == 0 and (str((step + 1) * args.batch_size // len(data)) != epoch or step + 1 == end):
+            log_epoch(log, cfg, prog, epoch, n_queries)  # an epoch ends (or training does)
+        for g in opt.param_groups:
+            g["lr"] = lr * sched(step)
+        with torch.autocast("cpu", amp, enabled=amp is not None):
+            loss = ddp(images, text, targets, lengths, weights if args.task == "vqa" else None)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        lv = loss.item()
+        if world > 1:  # log the global batch's loss: the mean of the ranks' (equal-sized) shards
+            lt = loss.detach().clone()
+            torch.distributed.all_reduce(lt)
+            lv = lt.item() / world
+        optimizer_step(args, lv, step, opt, scaler, params, prog, log, ckpt_path)
+        prog.losses.append(round(lv, 5) if math.isfinite(lv) else None)  # JSON has no inf/NaN
+        if math.isfinite(lv):
+            loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.3f}" if loss_ema is not None else "-",
+                            lr=f"{opt.param_groups[0]['lr']:.1e}")
+        if rank == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == end):
+            save(args, s, opt, scaler, prog, step + 1, t0, ckpt_path)
+    if bar is not None:
+        bar.close()
+    prog.train_seconds += time.time() - t0
+    prog.reduce_counts(world)
+    return prog.train_seconds, training_report(args, s, data, prog, n_queries, rank, distill_info)
+
+
+def training_report(args, s: Setup, data, prog: Progress, n_queries, rank, distill_info):
+    """metrics.json's account of what training could not use (printed on one line too)."""
+    c, cfg = prog.counts, s.cfg
+    report = {} if distill_info is None else {"distillation": distill_info}
+    report.update(
+        max_target_len=cfg.max_target_len,
+        targets_cut=sum(c["cut"].values()), targets_cut_per_epoch=c["cut"],
+        infeasible=sum(c["infeasible"].values()) if n_queries else None,
+        infeasible_per_epoch=c["infeasible"] if n_queries else None,
+        trained_samples_per_epoch=c["samples"], skipped_steps=prog.skipped_steps,
+        train_set=dict(samples=len(data), cut=data.count_cut(s.tok, cfg.max_target_len), skipped=data.skipped),
+        losses=prog.losses)
+    if rank == 0:
+        print(f"[narvl] training used {sum(c['samples'].values())} samples: "
+              f"{report['targets_cut']} targets cut at {cfg.max_target_len} tokens"
+              + (f", {report['infeasible']} infeasible for {n_queries} queries" if n_queries else "")
+              + (f", {prog.skipped_steps} fp16 steps skipped" if args.fp16 else ""))
+    return report
+
+
+def write_metrics(args, s: Setup, eval_data, train_seconds, report, world):
+    """Evaluates, writes OUT/metrics.json and prints the one-line summary."""
+    cfg, model = s.cfg, s.model
+    n_train, n_all, frac = trainable_fraction(model)
+    metric, latency, extra, examples = evaluate(model, eval_data, s.tok, args.task, args.beam,
+                                                args.latency_samples, args.bf16)
+    narvl_only = (lambda v: v) if args.arch == "narvl" else (lambda v: None)
+    out = dict(task=args.task, arch=args.arch, preset=cfg.preset, metric_name=METRIC[args.task],
+               metric=round(metric, 2), latency_ms=round(latency, 2), params=n_all,
+               trainable_params=n_train, trainable_fraction=round(frac, 6),
+               train_seconds=round(train_seconds, 1), beam=args.beam, image_size=cfg.image_size,
+               num_queries=narvl_only(cfg.num_queries), glance_ratio=narvl_only(cfg.glance_ratio),
+               glance_plain_weight=narvl_only(cfg.glance_plain_weight),
+               refine_steps=narvl_only(cfg.refine_steps),
+               entangle_position_embedding=cfg.entangle_position_embedding, lr=learning_rate(args),
+               warmup=args.warmup, eval_samples=len(eval_data), threads=torch.get_num_threads(),
+               world_size=world, backend=settings.current()["NARVL_BACKEND"],
+               precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", **extra, **report,
+               examples=examples)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    trainable = f" trainable {100 * frac:.2f}%" if s.peft else ""
+    print(f"[narvl] task={args.task} arch={args.arch} {METRIC[args.task]}={metric:.2f} "
+          f"latency={latency:.2f} ms/sample params={n_all / 1e6:.1f}M{trainable} "
+          f"train={train_seconds:.0f}s -> {os.path.join(args.out, 'metrics.json')}")
+
+
+def run(args):
+    """One architecture: build, train (unless --eval-only), evaluate. Returns (model, tokenizer)
+    on rank 0."""
+    rank, world = dist_setup()
+    torch.manual_seed(args.seed + rank)
+    os.makedirs(args.out, exist_ok=True)
+    s = build(args)
+    eval_data = load_data(args, "eval", s.cfg.image_size)
+    train_seconds, report = 0.0, {}
+    if not args.eval_only:
+        train_seconds, report = train(args, s, rank, world)
+    if rank == 0:
+        write_metrics(args, s, eval_data, train_seconds, report, world)
     if world > 1:
         torch.distributed.destroy_process_group()
-    return (model, tok) if rank == 0 else None
+    return (s.model, s.tok) if rank == 0 else None
 
 
 if __name__ == "__main__":

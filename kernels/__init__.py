@@ -4,11 +4,10 @@ Each module holds the ``@triton.jit`` kernels of one op family and their launche
 grid, block sizes). Launchers take and return torch tensors; they run on CUDA tensors, and on CPU
 tensors under ``TRITON_INTERPRET=1``.
 """
-import os
-
+from .. import settings
 from . import _interpreter
 
-if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False"):
+if settings.triton_interpret():
     _interpreter.gpu_dot()
 
 from . import attention, ctc, decode, forced_align  # noqa: E402,F401

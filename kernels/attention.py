@@ -15,11 +15,11 @@ block): dQ = dS K * scale), with dS = P * (dO V^T - delta), delta = rowsum(dO * 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .. import settings
 
 
 @triton.jit
@@ -216,7 +216,7 @@ def _blocks(Lq, D):
 
 
 # Triton picks interpreter or compiler when the kernels are defined, from the same variable.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0", "false", "False")
+_INTERPRET = settings.triton_interpret()
 
 
 def _prec(x):
