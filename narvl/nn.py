@@ -98,7 +98,7 @@ class QueryDecoderLayer(torch.nn.Module):
     forward(x (B, N, d), memory (B, Lk, d), memory_lengths (B,) = None, self_bias (H, N, N) or
     (B, H, N, N) = None, cross_bias (H, N, Lk) or (B, H, N, Lk) = None) -> (B, N, d).
     Attention runs through narvl.query_attention (Triton on CUDA); the projections and the FFN
-    through ``Linear``/``FeedForward`` (oneDNN's fused matmul + GELU on CPU inference).
+    through ``Linear``/``FeedForward`` (oneDNN's fused matmul + GELU where faster on CPU).
     """
 
     def __init__(self, d_model: int, n_heads: int, ffn_dim: int | None = None, dropout: float = 0.0):

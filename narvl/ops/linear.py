@@ -166,7 +166,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's blocked copy of a float32 CPU ``weight`` (N, K) for inference calls
     ``linear(x, weight, bias, packed=pack_weight(weight))``, or None where the op is missing,
     the fast path is off or the weight is not float32 on CPU. The copy is a snapshot: the caller
-    packs again when ``weight`` changes (``narvl.nn.Linear.pack_for_inference_``)."""
+    packs again when ``weight`` changes (``narvl.models.inference.PackedLinear``)."""
     if (weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype != torch.float32
             or not _backend.mkldnn_ops_available("_linear_pointwise", "_reorder_linear_weight")
             or not _backend.cpu_fastpath_enabled(_FASTPATH)):
