@@ -17,7 +17,7 @@ import torch
 
 from . import _backend
 from .lm import ArpaLanguageModel, LanguageModel, load_language_model
-from .ops.decode import (GPU_MAX_BEAM, _beam_search, _check_int, _check_scores, _lengths, _run_checked,
+from .ops.decode import (_beam_search, _check_int, _check_scores, _lengths, _run_checked, gpu_search_fits,
                          input_kind)
 
 DEFAULT_HOTWORD_WEIGHT = 10.0  # pyctcdecode's
@@ -155,7 +155,7 @@ class CTCBeamDecoder:
 
     def decode(self, probs, seq_lens=None):
         B, T, _ = self._check_probs(probs)
-        if self._native is None and probs.device.type == "cuda" and self._beam_width > GPU_MAX_BEAM:
+        if self._native is None and probs.device.type == "cuda" and not gpu_search_fits(probs.device, self._beam_width):
             probs = probs.cpu()  # widths above the GPU kernel's (128) run on the CPU search
             seq_lens = seq_lens.cpu() if isinstance(seq_lens, torch.Tensor) else seq_lens
         if self._native is None:

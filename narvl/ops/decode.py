@@ -180,6 +180,12 @@ def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, c
                         input_kind(input, log_probs_input), num_threads)
 
 
+def gpu_search_fits(device, beam_width: int) -> bool:
+    """False where the Triton search serves ``device`` and ``beam_width`` exceeds its
+    ``GPU_MAX_BEAM``: the one place that limit is checked."""
+    return not (_backend.resolve(device) == "triton" and beam_width > GPU_MAX_BEAM)
+
+
 def _beam_search(log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, kind,
                  num_threads, names=("log_probs", "lengths")):
     """``ctc_prefix_beam_search`` after the input kind is known; ``names`` are the caller's
@@ -198,7 +204,7 @@ def _beam_search(log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_pro
         raise ValueError(f"cutoff_prob must be in [0, 1], got {cutoff_prob}")
     lengths = _lengths(lengths, names[1], B, T, log_probs.device)
     args = (log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, kind)
-    if _backend.resolve(log_probs.device) == "triton" and beam_width > GPU_MAX_BEAM:
+    if not gpu_search_fits(log_probs.device, beam_width):
         raise ValueError(f"beam_width = {beam_width} exceeds the GPU search's maximum of {GPU_MAX_BEAM}; "
                          f"decode on the CPU (log_probs.cpu()) for wider beams")
     return BeamSearchResult(*_run_checked(
