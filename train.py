@@ -48,11 +48,12 @@ METRIC = {"caption": "CIDEr", "vqa": "VQA accuracy", "grounding": "Acc@0.5", "en
 DEFAULT_STEPS = {"caption": 600, "vqa": 500, "grounding": 600, "entailment": 400}
 #: The from-scratch recipe of a new model per task, where measured (docs/results.md, the caption
 #: study): OFA's entangled positions (both archs), and per arch the learning rate
-#: (``{arch}_lr``), NARVL's glancing ratio (``glance``) and refinement passes (``refine``). A task
-#: or key without an entry keeps OFA's released setup (no entangled positions, 5e-4, no
-#: glancing, one pass); the flags override it, and --init / --init-ofa keep the checkpoint's
-#: settings and 5e-4.
-TASK_RECIPE = {"caption": dict(entangle_position_embedding=True, narvl_lr=2.5e-4)}
+#: (``{arch}_lr``), NARVL's glancing ratio (``glance``) with the plain pass's share of the loss
+#: (``glance_plain_weight``) and refinement passes (``refine``). A task or key without an entry
+#: keeps OFA's released setup (no entangled positions, 5e-4, no glancing, one pass); the flags
+#: override it, and --init / --init-ofa keep the checkpoint's settings and 5e-4.
+TASK_RECIPE = {"caption": dict(entangle_position_embedding=True, narvl_lr=2.5e-4, glance=0.5,
+                               glance_plain_weight=0.5)}
 
 
 def recipe(args, name, off):
@@ -120,9 +121,9 @@ def parse_args(argv=None):
                    help="NARVL glancing training: RATIO x (first pass's errors) query inputs replaced by the "
                         "embeddings of the labels CTC's best alignment puts there (0 = off; default: the "
                         "task's recipe, TASK_RECIPE)")
-    p.add_argument("--glance-plain-weight", type=float, default=0.0, metavar="W",
+    p.add_argument("--glance-plain-weight", type=float, default=None, metavar="W",
                    help="with --glance: the loss is (1 - W) x the glanced pass's + W x the plain pass's (0: the "
-                        "glanced pass alone, as GLAT)")
+                        "glanced pass alone, as GLAT; default: the task's recipe, TASK_RECIPE, else 0)")
     p.add_argument("--refine", type=int, default=None, metavar="K",
                    help="NARVL inference: K Mask-Predict refinement passes after the one pass (confident slots feed "
                         "their labels back as inputs); with --eval-only it overrides the checkpoint's (default: the "
@@ -182,7 +183,7 @@ def parse_args(argv=None):
         p.error("--refine must be >= 0")
     if a.glance is not None and not 0.0 <= a.glance <= 1.0:
         p.error("--glance must be in [0, 1]")
-    if not 0.0 <= a.glance_plain_weight <= 1.0:
+    if a.glance_plain_weight is not None and not 0.0 <= a.glance_plain_weight <= 1.0:
         p.error("--glance-plain-weight must be in [0, 1]")
     if a.bf16 and a.fp16:
         p.error("--bf16 and --fp16 exclude each other")
@@ -406,7 +407,7 @@ def build(args) -> Setup:
                                       max_target_len=args.max_target_len or TASK_QUERIES[args.task],
                                       entangle_position_embedding=recipe(args, "entangle_position_embedding", False),
                                       glance_ratio=recipe(args, "glance", 0.0),
-                                      glance_plain_weight=args.glance_plain_weight, refine_steps=recipe(args, "refine", 0),
+                                      glance_plain_weight=recipe(args, "glance_plain_weight", 0.0), refine_steps=recipe(args, "refine", 0),
                                       **({} if args.queries is None else dict(num_queries=args.queries)))
     # a checkpoint trained parameter-efficiently (and not used as --init) is rebuilt that way
     saved_peft = bool(meta and json.loads(meta.get("peft", "false")) and not args.init)

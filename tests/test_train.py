@@ -91,13 +91,15 @@ def test_task_recipe_defaults_and_overrides(tmp_path):
     rec = train.TASK_RECIPE["caption"]
     m = run(tmp_path / "a", "--task", "caption", "--arch", "narvl", "--steps", "1")
     cfg = _cfg_of(tmp_path / "a")
-    assert (cfg.entangle_position_embedding, cfg.glance_ratio, cfg.refine_steps) == (
-        rec.get("entangle_position_embedding", False), rec.get("glance", 0.0), rec.get("refine", 0))
-    assert m["lr"] == rec.get("narvl_lr", 5e-4)
+    assert (cfg.entangle_position_embedding, cfg.glance_ratio, cfg.glance_plain_weight, cfg.refine_steps) == (
+        rec.get("entangle_position_embedding", False), rec.get("glance", 0.0), rec.get("glance_plain_weight", 0.0),
+        rec.get("refine", 0))
+    assert m["lr"] == rec.get("narvl_lr", 5e-4) and m["glance_plain_weight"] == rec.get("glance_plain_weight", 0.0)
     run(tmp_path / "b", "--task", "caption", "--arch", "narvl", "--steps", "1", "--no-entangle-position-embedding",
-        "--glance", "0", "--refine", "0")
+        "--glance", "0", "--glance-plain-weight", "0", "--refine", "0")
     cfg = _cfg_of(tmp_path / "b")
-    assert (cfg.entangle_position_embedding, cfg.glance_ratio, cfg.refine_steps) == (False, 0.0, 0)
+    assert (cfg.entangle_position_embedding, cfg.glance_ratio, cfg.glance_plain_weight, cfg.refine_steps) == (
+        False, 0.0, 0.0, 0)
     m = run(tmp_path / "b2", "--task", "caption", "--arch", "ar", "--steps", "1", "--lr", "3e-4")
     assert m["lr"] == 3e-4 and _cfg_of(tmp_path / "b2").entangle_position_embedding == rec.get(
         "entangle_position_embedding", False)
