@@ -576,11 +576,12 @@ def train(args, s: Setup, rank: int, world: int) -> tuple[float, dict]:
             loss = ddp(images, text, targets, lengths, weights if args.task == "vqa" else None)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        lv = loss.item()
         if world > 1:  # log the global batch's loss: the mean of the ranks' (equal-sized) shards
             lt = loss.detach().clone()
             torch.distributed.all_reduce(lt)
             lv = lt.item() / world
+        else:
+            lv = loss.item()
         optimizer_step(args, lv, step, opt, scaler, params, prog, log, ckpt_path)
         prog.losses.append(round(lv, 5) if math.isfinite(lv) else None)  # JSON has no inf/NaN
         if math.isfinite(lv):

@@ -72,8 +72,8 @@ def triton_interpret() -> bool:
 
 
 def cpu_fastpath() -> bool:
-    """``NARVL_CPU_FASTPATH`` is not ``0``."""
-    return _flag("NARVL_CPU_FASTPATH")
+    """``NARVL_CPU_FASTPATH`` is not ``0`` (an empty value leaves the fast paths on)."""
+    return _raw("NARVL_CPU_FASTPATH").lower() not in _OFF
 
 
 def linear_route() -> str:

@@ -54,11 +54,13 @@ __all__ = ["prepare_for_inference", "time_generate", "Timing", "pack_for_cpu_", 
            "PackedResNetStages"]
 
 
-def _become(module: nn.Module, cls: type) -> nn.Module:
-    """Swaps ``module``'s class for ``cls`` (a subclass adding inference-only behaviour), in
-    place: the parameters, buffers and state-dict keys stay those of the plain module."""
-    if not isinstance(module, cls.__mro__[1]):
-        raise TypeError(f"{cls.__name__} is built from a {cls.__mro__[1].__name__}, got {type(module).__name__}")
+def _become(module: nn.Module, cls: type, base: type | None = None) -> nn.Module:
+    """Swaps ``module``'s class for ``cls`` (a subclass of ``base``, default its first base,
+    adding inference-only behaviour), in place: the parameters, buffers and state-dict keys stay
+    those of the plain module."""
+    base = cls.__mro__[1] if base is None else base
+    if not isinstance(module, base):
+        raise TypeError(f"{cls.__name__} is built from a {base.__name__}, got {type(module).__name__}")
     module.__class__ = cls
     return module
 
@@ -190,42 +192,42 @@ class CachedEncoder(Encoder):
                                         lambda: Encoder.layer_biases(self, h, w, n_text, dtype))
 
 
-def _decoder_cache(dec, encoder, extra_refs, max_bytes):
-    mods = dec.position_modules() + encoder.position_modules()
-    return ShapeCache([r for m in mods for r in param_refs(m)] + list(extra_refs), max_bytes)
+class _CachedBiases:
+    """Mixin of the serving decoders: the position biases kept per shape in ``self._cache``
+    (a ``ShapeCache`` over the decoder's and the encoder's position parameters and
+    ``extra_refs``)."""
 
-
-class CachedDecoderStack(DecoderStack):
-    """``DecoderStack`` (the AR baseline's) keeping its position biases per shape."""
-
-    @classmethod
-    def from_decoder(cls, m: DecoderStack, encoder: Encoder, max_bytes: int = DEFAULT_CACHE_BYTES):
-        _become(m, cls)
-        m._cache = _decoder_cache(m, encoder, (), max_bytes)
-        return m
+    def _init_cache(self, encoder, extra_refs, max_bytes):
+        mods = self.position_modules() + encoder.position_modules()
+        self._cache = ShapeCache([r for m in mods for r in param_refs(m)] + list(extra_refs), max_bytes)
 
     def biases(self, T, encoder, n_text, dtype):
         with torch.no_grad():
             return self._cache.get(("bias", T, n_text, dtype),
-                                   lambda: DecoderStack.biases(self, T, encoder, n_text, dtype))
+                                   lambda: super(_CachedBiases, self).biases(T, encoder, n_text, dtype))
 
 
-class CachedQueryDecoder(QueryDecoder):
+class CachedDecoderStack(_CachedBiases, DecoderStack):
+    """``DecoderStack`` (the AR baseline's) keeping its position biases per shape."""
+
+    @classmethod
+    def from_decoder(cls, m: DecoderStack, encoder: Encoder, max_bytes: int = DEFAULT_CACHE_BYTES):
+        _become(m, cls, DecoderStack)
+        m._init_cache(encoder, (), max_bytes)
+        return m
+
+
+class CachedQueryDecoder(_CachedBiases, QueryDecoder):
     """NARVL's ``QueryDecoder`` keeping its position biases per shape and layer 0's
     self-attention block over the learnable queries, x1 (1, N, d): a constant at inference, so
     a pass on the queries starts from x1 (``query_input`` passes run every layer)."""
 
     @classmethod
     def from_decoder(cls, m: QueryDecoder, encoder: Encoder, max_bytes: int = DEFAULT_CACHE_BYTES):
-        _become(m, cls)
-        extra = param_refs(m.query_embed) + param_refs(m.layernorm_embedding) + param_refs(m.layers[0])
-        m._cache = _decoder_cache(m, encoder, extra, max_bytes)
+        _become(m, cls, QueryDecoder)
+        m._init_cache(encoder, param_refs(m.query_embed) + param_refs(m.layernorm_embedding)
+                      + param_refs(m.layers[0]), max_bytes)
         return m
-
-    def biases(self, T, encoder, n_text, dtype):
-        with torch.no_grad():
-            return self._cache.get(("bias", T, n_text, dtype),
-                                   lambda: QueryDecoder.biases(self, T, encoder, n_text, dtype))
 
     def _first_block(self, self_bias0, dtype):
         with torch.no_grad():
