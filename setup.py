@@ -36,7 +36,7 @@ setup(
     install_requires=["torch>=2.11", "numpy", "pillow", "safetensors", "tokenizers", "tqdm"],
     extras_require={
         # the OFA oracle (tests/ofa_oracle.py): the OFA team's PyTorch port inside modelscope
-        "test": ["pytest", "pytest-benchmark", "triton", "numpy", "transformers>=4.40,<4.58",
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "triton", "numpy", "transformers>=4.40,<4.58",
                  "modelscope==1.40.2"],
         "oracle": ["transformers>=4.40,<4.58", "modelscope==1.40.2"],
         "triton": ["triton"],

@@ -10,4 +10,4 @@ from . import _interpreter
 if settings.triton_interpret():
     _interpreter.gpu_dot()
 
-from . import attention, ctc, decode, forced_align  # noqa: E402,F401
+from . import attention, checks, ctc, decode, forced_align  # noqa: E402,F401

@@ -208,6 +208,29 @@ def _dq_kernel(Q, K, V, BIAS, LENS, DO, LSE, DELTA, DQ,
              mask=mm[:, None] & dm[None, :])
 
 
+@triton.jit
+def _bwd_prep_kernel(GO, O, DO, DELTA, sgb, sgh, sgm, sgd, sob, soh, som, H, Lq, D,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # the backward's inputs in one pass: dO copied into a zero-padded (Lq, BLOCK_D) tile per
+    # head in q's dtype (the dots' operand), and delta = rowsum(dO * O) in fp32; dO is read with
+    # its own strides (an expanded gradient is not copied first)
+    bh = tl.program_id(0).to(tl.int64)
+    mb = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mm = offs_m < Lq
+    m2 = mm[:, None] & (offs_d < D)[None, :]
+    go = tl.load(GO + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd, mask=m2,
+                 other=0.0)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=m2, other=0.0)
+    delta = tl.sum(go.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DO + bh * Lq * BLOCK_D + offs_m[:, None] * BLOCK_D + offs_d[None, :],
+             go.to(DO.dtype.element_ty), mask=mm[:, None])
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=mm)
+
+
 # ----------------------------------------------------------------------------------- launchers
 
 
@@ -318,9 +341,12 @@ def attention_bwd(grad_out, q, k, v, out, lse, key_lengths, bias, scale, bias_gr
     dev = q.device
     BLOCK_M, BLOCK_D = _blocks(Lq, D)
     BLOCK_M_KV, BLOCK_N = _bwd_blocks(q, BLOCK_M, BLOCK_D)
-    do = torch.zeros(B, H, Lq, BLOCK_D, dtype=q.dtype, device=dev)  # the dots' operands: q's dtype
-    do[..., :D] = grad_out
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    do = torch.empty(B, H, Lq, BLOCK_D, dtype=q.dtype, device=dev)  # the dots' operands: q's dtype
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=dev)
+    out = _last_contig(out)
+    _bwd_prep_kernel[(B * H, triton.cdiv(Lq, BLOCK_M))](
+        grad_out, out, do, delta, *grad_out.stride(), out.stride(0), out.stride(1), out.stride(2),
+        H, Lq, D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=4)
     dq = torch.empty(B, H, Lq, D, dtype=q.dtype, device=dev)
     dk = torch.empty(B, H, Lk, D, dtype=k.dtype, device=dev)
     dv = torch.empty(B, H, Lk, D, dtype=v.dtype, device=dev)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import settings
+
 
 def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -30,13 +32,19 @@ def _out_dtype(dtype):
 
 @triton.jit
 def _row_kernel(X, stride_b, stride_n, N, V, TGT, stride_tb, TL, QL, LSE, ROWSUM, EM, K, blank,
-                NORMALIZED: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                ACC: tl.constexpr):
+                NORMALIZED: tl.constexpr, HAS_QL: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    # every output entry is written here (inactive rows: lse = rowsum = 0, em = -inf), so the
+    # launcher allocates without filling. Lengths are clamped to their ranges and labels outside
+    # [0, V) gather nothing, so out-of-range values (reported by the checks) never read outside
+    # the tensors.
     r = tl.program_id(0).to(tl.int64)
     b = r // N
     n = r % N
-    nb = tl.load(QL + b)
-    L = tl.load(TL + b)
+    nb = N
+    if HAS_QL:
+        nb = tl.minimum(tl.maximum(tl.load(QL + b), 0), N)
+    L = tl.minimum(tl.maximum(tl.load(TL + b), 0), K - 1)
     row = X + b * stride_b + n * stride_n
     ks = tl.arange(0, BLOCK_K)
     if n < nb:
@@ -61,12 +69,17 @@ def _row_kernel(X, stride_b, stride_n, N, V, TGT, stride_tb, TL, QL, LSE, ROWSUM
             tl.store(LSE + r, lse)
             tl.store(ROWSUM + r, tl.sum(rs, 0))
         is_blank = ks == K - 1
-        valid = (ks < L) | is_blank
         lab = tl.load(TGT + b * stride_tb + ks, mask=ks < L, other=0)
+        valid = ((ks < L) & (lab >= 0) & (lab < V)) | is_blank
         col = tl.where(is_blank, blank, lab)
         xv = tl.load(row + col, mask=valid, other=float("-inf")).to(ACC)
         em = tl.where(valid, xv - lse, float("-inf"))
         tl.store(EM + r * K + ks, em, mask=ks < K)
+    else:
+        if not NORMALIZED:
+            tl.store(LSE + r, tl.zeros((), dtype=ACC))
+            tl.store(ROWSUM + r, tl.zeros((), dtype=ACC))
+        tl.store(EM + r * K + ks, tl.full((BLOCK_K,), float("-inf"), ACC), mask=ks < K)
 
 
 @triton.jit
@@ -81,11 +94,26 @@ def _lse3(a, b, c):
 
 @triton.jit
 def _lattice_kernel(EM, TGT, stride_tb, TL, QL, NLL, POST, ALPHA, BETA, T, K, LSE, ROWSUM, SMOOTH,
-                    V, SMOOTH_ON: tl.constexpr, NEED_POST: tl.constexpr, BLOCK_W: tl.constexpr,
+                    V, FLAGS, blank, SMOOTH_ON: tl.constexpr, NEED_POST: tl.constexpr,
+                    HAS_QL: tl.constexpr, CHECK: tl.constexpr, BLOCK_W: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    tb = tl.load(QL + b).to(tl.int64)
-    L = tl.load(TL + b).to(tl.int64)
+    tb_raw = T
+    if HAS_QL:
+        tb_raw = tl.load(QL + b).to(tl.int64)
+    L_raw = tl.load(TL + b).to(tl.int64)
+    # clamped: out-of-range lengths (reported by CHECK) never index outside the tensors
+    tb = tl.minimum(tl.maximum(tb_raw, 0), T).to(tl.int64)
+    L = tl.minimum(tl.maximum(L_raw, 0), K - 1).to(tl.int64)
+    if CHECK:  # this sample's faults as bits: 1 target length, 2 query length, 4 label, 8 blank
+        kc = tl.arange(0, BLOCK_K)
+        labc = tl.load(TGT + b * stride_tb + kc, mask=kc < L, other=0)
+        live = kc < L
+        oob = tl.sum((live & ((labc < 0) | (labc >= V))).to(tl.int32), 0)
+        isb = tl.sum((live & (labc == blank)).to(tl.int32), 0)
+        fl = tl.where((L_raw < 0) | (L_raw > K - 1), 1, 0) + tl.where((tb_raw < 0) | (tb_raw > T), 2, 0)
+        fl = fl + tl.where(oob > 0, 4, 0) + tl.where(isb > 0, 8, 0)
+        tl.store(FLAGS + b, fl.to(tl.int32))
     W = 2 * L + 1
     s = tl.arange(0, BLOCK_W)
     odd = (s % 2) == 1
@@ -175,25 +203,52 @@ def _lattice_kernel(EM, TGT, stride_tb, TL, QL, NLL, POST, ALPHA, BETA, T, K, LS
 
 @triton.jit
 def _qctc_grad_kernel(X, stride_b, stride_n, G, N, V, LSE, POST, NLL, K, TGT, stride_tb, TL, QL, GN,
-                      GS, blank, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+                      GS, blank, B, gl_stride, eps, HAS_QL: tl.constexpr, FUSED: tl.constexpr,
+                      REDUCTION: tl.constexpr, ZERO_INF: tl.constexpr, HAS_W: tl.constexpr,
+                      SMOOTH_ON: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                      ACC: tl.constexpr):
     # one program per (b, n) row: grad = A * softmax + C over V chunks, then the label / blank
     # columns get their exact value minus gn * post. Non-finite input follows F.ctc_loss (after
     # log_softmax): a sample with a NaN nll, or an infinite one under a non-zero gn, is NaN
     # throughout; a row holding a -inf is NaN, unless zero_infinity zeroed the sample (nll = inf,
     # gn = 0).
+    # The per-sample gradients gn = dloss/dnll_b and gs = dloss/dsmooth_b are read from GN / GS,
+    # or with FUSED derived here from the loss's gradient (GN, scalar or (B,) with gl_stride 1)
+    # and the reduction of qctc_loss: loss_b = w_b ((1 - eps) c_b - eps smooth_b), c_b = nll_b,
+    # divided by max(L_b, 1) for 'mean' (REDUCTION 1; 0 'none', 2 'sum'), 0 for an infinite nll_b
+    # under ZERO_INF; GS then holds the weights w_b (HAS_W).
     r = tl.program_id(0).to(tl.int64)
     b = r // N
     n = r % N
-    nb = tl.load(QL + b)
-    L = tl.load(TL + b)
+    nb = N
+    if HAS_QL:
+        nb = tl.minimum(tl.maximum(tl.load(QL + b), 0), N)
+    L = tl.minimum(tl.maximum(tl.load(TL + b), 0), K - 1)
     active = n < nb
-    gn = tl.load(GN + b).to(ACC)
-    gs = tl.load(GS + b).to(ACC)
+    nll = tl.load(NLL + b).to(ACC)
+    if FUSED:
+        g0 = tl.load(GN + b * gl_stride).to(ACC)
+        if REDUCTION == 1:
+            g0 = g0 / B
+        w = 1.0
+        if HAS_W:
+            w = tl.load(GS + b).to(ACC)
+        gn = g0 * w
+        if REDUCTION == 1:
+            gn = gn / tl.maximum(L, 1).to(ACC)
+        gs = tl.zeros((), ACC)
+        if SMOOTH_ON:
+            gn = gn * (1.0 - eps)
+            gs = -g0 * w * eps
+        if ZERO_INF:
+            gn = tl.where((nll == float("inf")) | (nll == float("-inf")), 0.0, gn)
+    else:
+        gn = tl.load(GN + b).to(ACC)
+        gs = tl.load(GS + b).to(ACC)
     nbf = tl.maximum(nb, 1).to(ACC)
     A = gn - gs / nbf
     C = gs / (nbf * V)
     lse = tl.load(LSE + r).to(ACC)
-    nll = tl.load(NLL + b).to(ACC)
     row = X + b * stride_b + n * stride_n
     grow = G + r * V
     neg = tl.zeros((BLOCK_V,), tl.int32)
@@ -212,7 +267,7 @@ def _qctc_grad_kernel(X, stride_b, stride_n, G, N, V, LSE, POST, NLL, K, TGT, st
     is_blank = kk == K - 1
     lab = tl.load(TGT + b * stride_tb + kk, mask=kk < L, other=0)
     col = tl.where(is_blank, blank, lab)
-    fix = ((kk < L) | is_blank) & ((kk * 0 + n) < nb)
+    fix = (((kk < L) & (lab >= 0) & (lab < V)) | is_blank) & ((kk * 0 + n) < nb)
     xc = tl.load(row + col, mask=fix, other=0.0).to(ACC)
     p = tl.load(POST + r * K + kk, mask=fix, other=0.0).to(ACC)
     corr = tl.where(gn != 0.0, gn * p, 0.0)
@@ -237,8 +292,8 @@ def _ctc_grad_kernel(LP, lp_st, lp_sb, G, stride_t, stride_b, POST, NLL, T, C, K
     r = tl.program_id(0).to(tl.int64)
     b = r // T
     t = r % T
-    tb = tl.load(IL + b)
-    L = tl.load(TL + b)
+    tb = tl.minimum(tl.maximum(tl.load(IL + b), 0), T)
+    L = tl.minimum(tl.maximum(tl.load(TL + b), 0), K - 1)
     gn = tl.load(GN + b).to(ACC)
     nll = tl.load(NLL + b).to(ACC)
     # 0 / 1 scalars, broadcast into block masks below (masks must be blocks)
@@ -258,7 +313,7 @@ def _ctc_grad_kernel(LP, lp_st, lp_sb, G, stride_t, stride_b, POST, NLL, T, C, K
     is_blank = kk == K - 1
     lab = tl.load(TGT + b * stride_tb + kk, mask=kk < L, other=0)
     col = tl.where(is_blank, blank, lab)
-    ok = ((kk < L) | is_blank) & ((kk * 0 + live * (1 - poisoned)) != 0)
+    ok = (((kk < L) & (lab >= 0) & (lab < C)) | is_blank) & ((kk * 0 + live * (1 - poisoned)) != 0)
     xc = tl.load(xrow + col, mask=ok, other=0.0).to(ACC)
     p = tl.load(POST + (b * T + t) * K + kk, mask=ok, other=0.0).to(ACC)
     tl.store(grow + col, (-gn * p).to(G.dtype.element_ty), mask=ok & (xc - xc == 0.0))
@@ -281,69 +336,213 @@ def _row_block(V):
     return max(16, min(2048, triton.next_power_of_2(V)))
 
 
-def _lattice(em, targets, tl_, ql, T, lse, rowsum, V, smooth_on, need_post, acc):
-    """Alpha (with need_post also beta + posteriors) per sample -> (nll, smooth, post or None)."""
+def _lattice(em, targets, tl_, ql, T, lse, rowsum, V, smooth_on, need_post, acc, flags=None,
+             blank=0):
+    """Alpha (with need_post also beta + posteriors) per sample -> (nll, smooth, post or None).
+    ql None: every sample has T frames. flags: an int32 (B,) tensor that receives each sample's
+    fault bits (see _lattice_kernel), or None (no checks)."""
     B, _, K = em.shape
     S = K - 1
     dev = em.device
     odt = em.dtype
     bw = triton.next_power_of_2(2 * S + 1)
     nll = torch.empty(B, dtype=odt, device=dev)
-    smooth = torch.zeros(B, dtype=odt, device=dev)
-    post = torch.zeros(B, T, K, dtype=odt, device=dev) if need_post else nll
+    smooth = torch.empty(B, dtype=odt, device=dev) if smooth_on else nll
+    # every entry the gradient kernels read (frames t < T_b) is written by the kernel
+    post = torch.empty(B, T, K, dtype=odt, device=dev) if need_post else nll
     alpha = torch.empty(B, max(T, 1), bw, dtype=odt, device=dev)
     beta = torch.empty_like(alpha) if need_post else alpha
     _lattice_kernel[(B,)](
-        em, targets, targets.stride(0), tl_, ql, nll, post, alpha, beta, T, K,
-        lse, rowsum, smooth, V, SMOOTH_ON=smooth_on, NEED_POST=need_post, BLOCK_W=bw,
+        em, targets, targets.stride(0), tl_, nll if ql is None else ql, nll, post, alpha, beta, T, K,
+        lse, rowsum, smooth, V, nll if flags is None else flags, blank, SMOOTH_ON=smooth_on,
+        NEED_POST=need_post, HAS_QL=ql is not None, CHECK=flags is not None, BLOCK_W=bw,
         BLOCK_K=triton.next_power_of_2(K), BLOCK_T=min(1024, triton.next_power_of_2(max(T, 1))),
         ACC=acc, num_warps=1 if bw <= 64 else 4)
     return nll, smooth, (post if need_post else None)
+
+
+def _rows(logits, targets, tl_, ql, blank):
+    """The row pass of Q-CTC: (lse (B, N), rowsum (B, N), em (B, N, S+1)), every entry written."""
+    B, N, V = logits.shape
+    dev = logits.device
+    K = targets.shape[1] + 1
+    odt, acc = _out_dtype(logits.dtype), _acc(logits.dtype)
+    lse = torch.empty(B, N, dtype=odt, device=dev)
+    rowsum = torch.empty(B, N, dtype=odt, device=dev)
+    em = torch.empty(B, N, K, dtype=odt, device=dev)
+    if B * N > 0:
+        _row_kernel[(B * N,)](
+            logits, logits.stride(0), logits.stride(1), N, V, targets, targets.stride(0), tl_,
+            tl_ if ql is None else ql, lse, rowsum, em, K, blank, NORMALIZED=False,
+            HAS_QL=ql is not None, BLOCK_V=_row_block(V), BLOCK_K=triton.next_power_of_2(K), ACC=acc,
+            num_warps=8)
+    return lse, rowsum, em
 
 
 def qctc_fwd(logits, targets, target_lengths, query_lengths, blank):
     """logits: (B, N, V) -> (nll (B,), smooth (B,), lse (B, N), em (B, N, S+1)), fp32/fp64."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    B, N, V = logits.shape
+    V = logits.shape[2]
     dev = logits.device
     targets = targets.to(device=dev, dtype=torch.int64).contiguous()
-    K = targets.shape[1] + 1
     tl_, ql = _lengths(target_lengths, dev), _lengths(query_lengths, dev)
-    odt, acc = _out_dtype(logits.dtype), _acc(logits.dtype)
-    lse = torch.zeros(B, N, dtype=odt, device=dev)
-    rowsum = torch.zeros(B, N, dtype=odt, device=dev)
-    em = torch.full((B, N, K), float("-inf"), dtype=odt, device=dev)
-    if B * N > 0:
-        _row_kernel[(B * N,)](
-            logits, logits.stride(0), logits.stride(1), N, V, targets, targets.stride(0), tl_, ql,
-            lse, rowsum, em, K, blank, NORMALIZED=False, BLOCK_V=_row_block(V),
-            BLOCK_K=triton.next_power_of_2(K), ACC=acc, num_warps=8)
-    nll, smooth, _ = _lattice(em, targets, tl_, ql, N, lse, rowsum, V, True, False, acc)
+    lse, rowsum, em = _rows(logits, targets, tl_, ql, blank)
+    nll, smooth, _ = _lattice(em, targets, tl_, ql, logits.shape[1], lse, rowsum, V, True, False,
+                              _acc(logits.dtype))
     return nll, smooth, lse, em
+
+
+def _grad(logits, lse, em, targets, tl_, ql, blank, gn, gs, fused=False, reduction="sum",
+          zero_infinity=False, eps=0.0, has_w=False):
+    B, N, V = logits.shape
+    dev = logits.device
+    K = targets.shape[1] + 1
+    grad = torch.empty(B, N, V, dtype=logits.dtype, device=dev)
+    if grad.numel() == 0:
+        return grad
+    acc = _acc(logits.dtype)
+    em = em.to(_out_dtype(logits.dtype)).contiguous()
+    nll, _, post = _lattice(em, targets, tl_, ql, N, em, em, V, False, True, acc)
+    gl_stride = gn.stride(0) if gn.dim() else 0  # an expanded (B,) gradient is read in place
+    _qctc_grad_kernel[(B * N,)](
+        logits, logits.stride(0), logits.stride(1), grad, N, V, lse.contiguous(), post, nll,
+        K, targets, targets.stride(0), tl_, tl_ if ql is None else ql, gn, gs, blank, B, gl_stride,
+        float(eps), HAS_QL=ql is not None, FUSED=fused, REDUCTION=REDUCTIONS[reduction],
+        ZERO_INF=bool(zero_infinity), HAS_W=has_w, SMOOTH_ON=eps != 0.0, BLOCK_V=_stats_block(V),
+        BLOCK_K=triton.next_power_of_2(K), ACC=acc, num_warps=8)
+    return grad
 
 
 def qctc_bwd(grad_nll, grad_smooth, logits, lse, em, targets, target_lengths, query_lengths, blank):
     """Gradient of sum_b (grad_nll[b] * nll_b + grad_smooth[b] * smooth_b) w.r.t. logits (B, N, V)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    dev = logits.device
+    targets = targets.to(device=dev, dtype=torch.int64).contiguous()
+    tl_, ql = _lengths(target_lengths, dev), _lengths(query_lengths, dev)
+    return _grad(logits, lse, em, targets, tl_, ql, blank, grad_nll.contiguous(),
+                 grad_smooth.contiguous())
+
+
+# ------------------------------------------------------------- the whole loss in five launches
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+#: the fault bits of _lattice_kernel's checks -> (argument, what is wrong), for the host's message
+FAULTS = ((1, "target_lengths", "a target length is outside [0, targets.shape[1]]"),
+          (2, "query_lengths", "a query length is outside [0, N]"),
+          (4, "targets", "a live label is outside [0, V)"),
+          (8, "targets", "a live label equals the blank index"))
+
+
+@triton.jit(debug=True)
+def _qctc_reduce_kernel(NLL, SMOOTH, TL, W, FLAGS, LOSS, B, S, eps, REDUCTION: tl.constexpr,
+                        ZERO_INF: tl.constexpr, HAS_W: tl.constexpr, SMOOTH_ON: tl.constexpr,
+                        CHECK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # One program: loss_b = w_b ((1 - eps) c_b - eps smooth_b) from the lattice's per-sample
+    # terms (c_b as in _qctc_grad_kernel), stored per sample or summed in a fixed order (the same
+    # result on every run). With CHECK, the lattice's fault bits are asserted on the device: a
+    # failing check stops the stream with its message at the next synchronisation, and the host
+    # never waits for it. (Compiled with debug=True for the asserts; one small program.)
+    acc = tl.zeros((BLOCK,), ACC)
+    c1 = tl.zeros((BLOCK,), tl.int32)
+    c2 = tl.zeros((BLOCK,), tl.int32)
+    c4 = tl.zeros((BLOCK,), tl.int32)
+    c8 = tl.zeros((BLOCK,), tl.int32)
+    for b0 in range(0, B, BLOCK):
+        bs = b0 + tl.arange(0, BLOCK)
+        m = bs < B
+        c = tl.load(NLL + bs, mask=m, other=0.0).to(ACC)
+        if ZERO_INF:
+            c = tl.where((c == float("inf")) | (c == float("-inf")), 0.0, c)
+        if REDUCTION == 1:
+            L = tl.minimum(tl.maximum(tl.load(TL + bs, mask=m, other=1), 0), S)
+            c = c / tl.maximum(L, 1).to(ACC)
+        loss = c
+        if SMOOTH_ON:
+            loss = (1.0 - eps) * c - eps * tl.load(SMOOTH + bs, mask=m, other=0.0).to(ACC)
+        if HAS_W:
+            loss = loss * tl.load(W + bs, mask=m, other=0.0).to(ACC)
+        if REDUCTION == 0:
+            tl.store(LOSS + bs, loss, mask=m)
+        else:
+            acc += tl.where(m, loss, 0.0)
+        if CHECK:
+            f = tl.load(FLAGS + bs, mask=m, other=0)
+            c1 += (f & 1) != 0
+            c2 += (f & 2) != 0
+            c4 += (f & 4) != 0
+            c8 += (f & 8) != 0
+    if REDUCTION != 0:
+        tot = tl.sum(acc, 0)
+        if REDUCTION == 1:
+            tot = tot / B
+        tl.store(LOSS, tot)
+    if CHECK:
+        tl.device_assert(tl.sum(c1, 0) == 0,
+                         "narvl.qctc_loss: a target length is outside [0, targets.shape[1]]")
+        tl.device_assert(tl.sum(c2, 0) == 0, "narvl.qctc_loss: a query length is outside [0, N]")
+        tl.device_assert(tl.sum(c4, 0) == 0, "narvl.qctc_loss: a live label is outside [0, V)")
+        tl.device_assert(tl.sum(c8, 0) == 0,
+                         "narvl.qctc_loss: a live label equals the blank index")
+
+
+def raise_faults(flags, fn="qctc_loss"):
+    """Under the interpreter (CPU tensors, where reading costs no synchronisation and the device
+    asserts are inert): the first fault in the flags as a ValueError naming its argument. On a
+    GPU the reduction kernel asserts them and the host reads nothing."""
+    if flags is None or not (settings.triton_interpret() and flags.device.type == "cpu"):
+        return
+    fl = flags.tolist()
+    for bit, arg, what in FAULTS:
+        hit = [b for b, f in enumerate(fl) if f & bit]
+        if hit:
+            raise ValueError(f"{arg}: {what} (sample {hit[0]}; narvl.{fn})")
+
+
+def qctc_loss_fwd(logits, targets, target_lengths, query_lengths, weights, blank, reduction,
+                  zero_infinity, label_smoothing, check):
+    """The whole Q-CTC loss of ``narvl.qctc_loss`` in three launches (rows, lattice, reduction
+    with the checks) -> (loss (B,) or (), nll (B,), lse (B, N), em (B, N, S+1)), fp32/fp64."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
     B, N, V = logits.shape
     dev = logits.device
     targets = targets.to(device=dev, dtype=torch.int64).contiguous()
-    K = targets.shape[1] + 1
-    grad = torch.empty(B, N, V, dtype=logits.dtype, device=dev)
-    if grad.numel() == 0:
-        return grad
-    tl_, ql = _lengths(target_lengths, dev), _lengths(query_lengths, dev)
-    em = em.to(_out_dtype(logits.dtype)).contiguous()
-    nll, _, post = _lattice(em, targets, tl_, ql, N, em, em, V, False, True, _acc(logits.dtype))
-    bv = _stats_block(V)
-    _qctc_grad_kernel[(B * N,)](
-        logits, logits.stride(0), logits.stride(1), grad, N, V, lse.contiguous(), post, nll,
-        K, targets, targets.stride(0), tl_, ql,
-        grad_nll.contiguous(), grad_smooth.contiguous(), blank, BLOCK_V=bv,
-        BLOCK_K=triton.next_power_of_2(K), ACC=_acc(logits.dtype), num_warps=8)
-    return grad
+    tl_ = _lengths(target_lengths, dev)
+    ql = None if query_lengths is None else _lengths(query_lengths, dev)
+    acc = _acc(logits.dtype)
+    eps = float(label_smoothing)
+    lse, rowsum, em = _rows(logits, targets, tl_, ql, blank)
+    flags = torch.empty(B, dtype=torch.int32, device=dev) if check else None
+    nll, smooth, _ = _lattice(em, targets, tl_, ql, N, lse, rowsum, V, eps != 0.0, False, acc,
+                              flags=flags, blank=blank)
+    loss = torch.empty((B,) if reduction == "none" else (), dtype=nll.dtype, device=dev)
+    w = None if weights is None else weights.to(dev).contiguous()
+    _qctc_reduce_kernel[(1,)](
+        nll, smooth, tl_, nll if w is None else w, nll if flags is None else flags, loss, B,
+        targets.shape[1], eps, REDUCTION=REDUCTIONS[reduction], ZERO_INF=bool(zero_infinity),
+        HAS_W=w is not None, SMOOTH_ON=eps != 0.0, CHECK=bool(check),
+        BLOCK=max(16, min(1024, triton.next_power_of_2(B))), ACC=acc, num_warps=4)
+    raise_faults(flags)
+    return loss, nll, lse, em
+
+
+def qctc_loss_bwd(grad_loss, logits, nll, lse, em, targets, target_lengths, query_lengths, weights,
+                  blank, reduction, zero_infinity, label_smoothing):
+    """Gradient of ``qctc_loss_fwd``'s loss w.r.t. logits, in two launches (lattice with the
+    posteriors, gradient rows); the per-sample factors are derived in the gradient kernel."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    dev = logits.device
+    targets = targets.to(device=dev, dtype=torch.int64).contiguous()
+    tl_ = _lengths(target_lengths, dev)
+    ql = None if query_lengths is None else _lengths(query_lengths, dev)
+    w = None if weights is None else weights.to(dev).contiguous()
+    return _grad(logits, lse, em, targets, tl_, ql, blank, grad_loss,
+                 grad_loss if w is None else w, fused=True, reduction=reduction,
+                 zero_infinity=zero_infinity, eps=float(label_smoothing), has_w=w is not None)
 
 
 def ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank):
@@ -356,12 +555,12 @@ def ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank):
     K = targets.shape[1] + 1
     tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
     odt, acc = _out_dtype(log_probs.dtype), _acc(log_probs.dtype)
-    em = torch.full((B, T, K), float("-inf"), dtype=odt, device=dev)
+    em = torch.empty(B, T, K, dtype=odt, device=dev)  # every entry written by the row kernel
     dummy = torch.empty(1, dtype=odt, device=dev)
     if B * T > 0:
         _row_kernel[(B * T,)](
             log_probs, log_probs.stride(1), log_probs.stride(0), T, C, targets, targets.stride(0),
-            tl_, il, dummy, dummy, em, K, blank, NORMALIZED=True, BLOCK_V=16,
+            tl_, il, dummy, dummy, em, K, blank, NORMALIZED=True, HAS_QL=True, BLOCK_V=16,
             BLOCK_K=triton.next_power_of_2(K), ACC=acc, num_warps=1)
     nll, _, _ = _lattice(em, targets, tl_, il, T, dummy, dummy, C, False, False, acc)
     return nll, em

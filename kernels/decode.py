@@ -31,6 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import settings
+from . import checks
+
 
 @triton.jit
 def _argmax_kernel(X, stride_b, stride_t, T, V, OUT, NANF, BLOCK_V: tl.constexpr):
@@ -53,8 +56,12 @@ def _argmax_kernel(X, stride_b, stride_t, T, V, OUT, NANF, BLOCK_V: tl.constexpr
     tl.store(OUT + r, tl.min(tl.where(best == m, arg, V), 0))
 
 
-@triton.jit
-def _collapse_kernel(IDS, T, LEN, TOK, OUTLEN, blank, BLOCK_T: tl.constexpr):
+@triton.jit(debug=True)
+def _collapse_kernel(IDS, T, LEN, TOK, OUTLEN, NANF, blank, NAN_CHECK: tl.constexpr,
+                     BLOCK_T: tl.constexpr):
+    # writes every entry of its sample's outputs (tokens past the count: -1). With NAN_CHECK, a
+    # NaN counted by the argmax scan fires a device-side assert (debug=True compiles it in: a
+    # small program); the host does not wait for it.
     b = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, BLOCK_T)
     tb = tl.load(LEN + b)
@@ -62,8 +69,13 @@ def _collapse_kernel(IDS, T, LEN, TOK, OUTLEN, blank, BLOCK_T: tl.constexpr):
     prev = tl.load(IDS + b * T + t - 1, mask=(t >= 1) & (t < T), other=-1)
     keep = (t < tb) & (ids != blank) & (ids != prev)
     pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    count = tl.sum(keep.to(tl.int64), 0)
     tl.store(TOK + b * T + pos, ids, mask=keep)
-    tl.store(OUTLEN + b, tl.sum(keep.to(tl.int64), 0))
+    tl.store(TOK + b * T + t, tl.full((BLOCK_T,), -1, tl.int64), mask=(t >= count) & (t < T))
+    tl.store(OUTLEN + b, count)
+    if NAN_CHECK:
+        nan = tl.sum(tl.load(NANF + b * T + t, mask=t < T, other=0), 0)
+        tl.device_assert(nan == 0, "narvl: NaN in scores")
 
 
 @triton.jit
@@ -366,31 +378,43 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
 
 
 def _raise_on_nan(nanf):
-    """One host read of the per-frame NaN counts the scans kept (no extra pass over the scores);
-    the message is the one the C++ kernels raise, which the ops layer turns into a ValueError."""
-    if bool(nanf.any()):
+    """The per-frame NaN counts the scans kept (no extra pass over the scores): read on the host
+    for CPU tensors (the interpreter; free), asserted on the device for CUDA tensors (one small
+    program, no synchronisation). The message is the one the C++ kernels raise, which the ops
+    layer turns into a ValueError."""
+    if not _host_reads(nanf):
+        checks.count_outside(nanf, 0, 0, "NaN in scores")
+    elif any(nanf.tolist()):
         raise RuntimeError("narvl: NaN in scores")
 
 
+def _host_reads(x):
+    """The interpreter on CPU tensors: device asserts are inert, the host reads instead (free)."""
+    return settings.triton_interpret() and x.device.type == "cpu"
+
+
 def greedy_decode(scores, lengths, blank, nan_check=False):
-    """scores (B, T, V) -> (tokens (B, T) int64 padded with -1, out_lens (B,) int64).
-    nan_check: raise RuntimeError("narvl: NaN in scores") when a frame holds NaN."""
+    """scores (B, T, V) -> (tokens (B, T) int64 padded with -1, out_lens (B,) int64), in two
+    launches (frame argmax, collapse). nan_check: NaN in a frame raises RuntimeError("narvl: NaN
+    in scores") (CPU tensors) or fires a device-side assert (CUDA)."""
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     B, T, V = scores.shape
     dev = scores.device
-    ids = torch.empty(B, T, dtype=torch.int64, device=dev)
-    tokens = torch.full((B, T), -1, dtype=torch.int64, device=dev)
-    out_lens = torch.zeros(B, dtype=torch.int64, device=dev)
     if B * T == 0:
-        return tokens, out_lens
+        return (torch.full((B, T), -1, dtype=torch.int64, device=dev),
+                torch.zeros(B, dtype=torch.int64, device=dev))
+    ids = torch.empty(B, T, dtype=torch.int64, device=dev)
+    tokens = torch.empty(B, T, dtype=torch.int64, device=dev)  # every entry written by _collapse
+    out_lens = torch.empty(B, dtype=torch.int64, device=dev)
     nanf = torch.empty(B * T, dtype=torch.int32, device=dev)
     _argmax_kernel[(B * T,)](scores, scores.stride(0), scores.stride(1), T, V, ids, nanf,
                              BLOCK_V=max(16, min(4096, triton.next_power_of_2(V))), num_warps=4)
-    if nan_check:
+    if nan_check and _host_reads(nanf):
         _raise_on_nan(nanf)
     _collapse_kernel[(B,)](ids, T, lengths.to(device=dev, dtype=torch.int64).contiguous(), tokens,
-                           out_lens, blank, BLOCK_T=max(16, triton.next_power_of_2(T)))
+                           out_lens, nanf, blank, NAN_CHECK=bool(nan_check) and not _host_reads(nanf),
+                           BLOCK_T=max(16, triton.next_power_of_2(T)))
     return tokens, out_lens
 
 

@@ -20,11 +20,13 @@ path whose op is missing or raises falls back to ATen by itself, once, with a lo
 
 ``NARVL_CHECK`` sets the value checks of the loss functions:
 
-* ``1`` (default): lengths and labels are checked (out of range, blank in targets) with one host
-  synchronisation per call; NaN/inf in logits or log-probs flow into the loss and the gradient as
-  in ``F.ctc_loss`` (mixed-precision training with ``GradScaler`` depends on it);
-* ``0``: no value checks, no synchronisation;
-* ``strict``: as ``1``, and NaN/inf in the input raises a ``ValueError`` (for debugging).
+* ``1`` (default): lengths and labels are checked (out of range, blank in targets): on the host
+  for CPU tensors, by device-side asserts for CUDA tensors (no synchronisation; see
+  ``narvl.checks``); NaN/inf in logits or log-probs flow into the loss and the gradient as in
+  ``F.ctc_loss`` (mixed-precision training with ``GradScaler`` depends on it);
+* ``0``: no value checks;
+* ``strict``: the checks read on the host on every device (values in the message), and NaN/inf
+  in the input raises a ``ValueError`` (for debugging).
 
 Shape, dtype and device checks always run. Every switch is read in ``narvl.settings``.
 """
@@ -85,6 +87,8 @@ def resolve(device: torch.device) -> str:
     has no C++ kernel) or 'triton'."""
     name = requested_backend()
     dev = device.type
+    if dev == "meta":  # shapes only (the ops' fake kernels): the path a CUDA tensor takes
+        dev = "cuda"
     if dev not in ("cpu", "cuda"):
         raise ValueError(f"narvl runs on CPU and CUDA tensors, got a {dev} tensor")
     if name == "auto":

@@ -2,7 +2,7 @@
 import torch
 
 from . import _backend
-from ._schema import SCHEMAS
+from ._schema import PY_SCHEMAS, SCHEMAS
 
 if not _backend.NATIVE:
     # Same schemas as csrc/narvl.cpp; CPU kernels then come from the reference (narvl/ops).
@@ -17,3 +17,8 @@ else:
         _lib = torch.library.Library("narvl", "FRAGMENT")
         for _name in _missing:
             _lib.define(_name + SCHEMAS[_name])
+
+_py_lib = torch.library.Library("narvl", "FRAGMENT")
+for _name, _schema in PY_SCHEMAS.items():
+    if not hasattr(torch.ops.narvl, _name):
+        _py_lib.define(_name + _schema)

@@ -26,3 +26,14 @@ SCHEMAS = {
     "Tensor lse, Tensor key_lengths, Tensor? attn_bias, float scale, bool bias_grad) -> "
     "(Tensor, Tensor, Tensor, Tensor)",
 }
+
+# Ops defined in Python only (their CPU kernels compose the C++ ones; CUDA: Triton).
+PY_SCHEMAS = {
+    "qctc_loss_fwd": "(Tensor logits, Tensor targets, Tensor target_lengths, Tensor? query_lengths, "
+    "Tensor? weights, int blank, str reduction, bool zero_infinity, float label_smoothing, "
+    "bool check) -> (Tensor, Tensor, Tensor, Tensor)",
+    "qctc_loss_bwd": "(Tensor grad_loss, Tensor logits, Tensor nll, Tensor lse, Tensor em, "
+    "Tensor targets, Tensor target_lengths, Tensor? query_lengths, Tensor? weights, int blank, "
+    "str reduction, bool zero_infinity, float label_smoothing) -> Tensor",
+    "assert_in_range": "(Tensor x, int lo, int hi, str message) -> ()",
+}

@@ -6,7 +6,7 @@ the C++ kernels read theirs themselves (``csrc/``), as listed.
 | switch | default | values and effect |
 | --- | --- | --- |
 | ``NARVL_BACKEND`` | ``auto`` | ``auto``: CUDA tensors -> Triton, CPU -> C++; ``cpp``; ``triton`` (CPU tensors only with ``TRITON_INTERPRET=1``) |
-| ``NARVL_CHECK`` | ``1`` | ``1``: value checks of lengths and labels; ``0``: none; ``strict``: also NaN/inf in loss inputs raise |
+| ``NARVL_CHECK`` | ``1`` | ``1``: value checks of lengths and labels (CPU: host; CUDA: device asserts, no sync); ``0``: none; ``strict``: checks on the host on every device, and NaN/inf in loss inputs raise |
 | ``TRITON_INTERPRET`` | ``0`` | ``1``: Triton kernels run on CPU tensors in Triton's interpreter (read when the kernels are defined) |
 | ``NARVL_CPU_FASTPATH`` | ``1`` | ``0``: no CPU fast path through torch's private oneDNN ops (fused linear, packed ResNet) |
 | ``NARVL_LINEAR_ROUTE`` | ``auto`` | ``auto``: each linear shape takes the faster of oneDNN and ATen, measured at its first call; ``onednn``, ``aten``: pinned |

@@ -9,6 +9,11 @@ import torch  # noqa: E402
 
 import narvl  # noqa: E402
 
+# Under pytest-xdist (`-n 2`) each worker process takes one core: one intra-op thread each, so the
+# workers do not oversubscribe the machine. Tests that need several threads set them themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 try:
     import triton  # noqa: F401
 

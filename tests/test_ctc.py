@@ -262,6 +262,34 @@ def test_opcheck_ops(backend, dtype):
                           (lp.clone().requires_grad_(True), targets, ql, tl, 6))
     nll, post = torch.ops.narvl.ctc_fwd(lp, targets, ql, tl, 6)
     torch.library.opcheck(torch.ops.narvl.ctc_bwd.default, (g, lp, post, targets, ql, tl, 6))
+    # the whole loss as one op (qctc_loss's route), with and without query lengths and weights
+    w = torch.tensor([1.0, 0.5, 2.0], dtype=dtype)
+    for q_, w_, red, eps in ((ql, w, "none", 0.1), (None, None, "mean", 0.0), (None, w, "sum", 0.2)):
+        args = (x, targets, tl, q_, w_, 6, red, True, eps, False)
+        torch.library.opcheck(torch.ops.narvl.qctc_loss_fwd.default, args)
+        loss, nll, lse, em = torch.ops.narvl.qctc_loss_fwd(logits, *args[1:])
+        gl = torch.rand(loss.shape, dtype=loss.dtype)
+        torch.library.opcheck(torch.ops.narvl.qctc_loss_bwd.default,
+                              (gl, logits, nll, lse, em, targets, tl, q_, w_, 6, red, True, eps))
+    torch.library.opcheck(torch.ops.narvl.assert_in_range.default, (ql, 0, 5, "query_lengths"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradcheck_float64_reductions(backend, reduction):
+    """The fused op's reductions, with default query lengths and an infeasible sample (zeroed)."""
+    logits, targets, tl, _ = make_case(3, 4, 7, 3, 0, lengths=torch.tensor([3, 1, 2]))
+    targets[0] = torch.tensor([2, 2, 2])  # needs 5 frames: infeasible in 4
+    x = logits.double().requires_grad_(True)
+    w = torch.tensor([0.5, 1.5, 1.0], dtype=torch.float64)
+
+    def f(x):
+        return narvl.qctc_loss(x, targets, tl, blank=0, reduction=reduction, label_smoothing=0.1,
+                               weights=w, zero_infinity=True)
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6, fast_mode=backend == "triton")
+    want = qctc_loss_reference(x.detach(), targets, tl, blank=0, reduction=reduction,
+                               label_smoothing=0.1, weights=w, zero_infinity=True)
+    torch.testing.assert_close(f(x).detach(), want)
 
 
 def test_torch_compile_fullgraph_matches_eager(backend):

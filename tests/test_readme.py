@@ -38,4 +38,4 @@ def test_readme_first_block_is_the_ci_commands():
     lines = first.group(2).splitlines()
     assert lines[0] == ("pip install torch==2.13.0 && pip install --no-build-isolation -e \".[test]\" "
                         "&& python train.py --task caption --arch both --out runs/caption")
-    assert lines[1] == "python -m pytest -q tests"
+    assert lines[1] == "python -m pytest -q -n auto tests"

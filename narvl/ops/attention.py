@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _library  # noqa: F401
+from .. import _backend, _library, checks  # noqa: F401
 
 _OPS = torch.ops.narvl
 _CPU_OP_MAX_KEYS = 128
@@ -43,11 +43,14 @@ def _setup(ctx, inputs, output):
     ctx.scale = scale
     ctx.bias_grad = attn_bias is not None and attn_bias.requires_grad
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero gradient is made for lse
 
 
 def _backward(ctx, g_out, _g_lse):
+    if g_out is None:
+        return None, None, None, None, None, None
     q, k, v, out, lse, key_lengths, attn_bias = ctx.saved_tensors
-    dq, dk, dv, db = _OPS.query_attention_bwd(g_out.contiguous(), q, k, v, out, lse, key_lengths,
+    dq, dk, dv, db = _OPS.query_attention_bwd(g_out, q, k, v, out, lse, key_lengths,
                                               attn_bias, ctx.scale, ctx.bias_grad)
     return dq, dk, dv, None, (db if ctx.bias_grad else None), None
 
@@ -154,7 +157,7 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None, causa
         raise ValueError(f"empty attention input: q {tuple(q.shape)}, k {tuple(k.shape)}")
     full = key_lengths is None
     if full:
-        key_lengths = torch.full((B,), Lk, dtype=torch.long, device=q.device)
+        key_lengths = checks.full_lengths(B, Lk, q.device)
     else:
         if isinstance(key_lengths, (list, tuple)):
             key_lengths = torch.tensor(key_lengths)
@@ -163,11 +166,14 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None, causa
         if key_lengths.shape != (B,):
             raise ValueError(f"key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
         key_lengths = key_lengths.to(device=q.device, dtype=torch.long)
-        if _backend.checks_enabled() and not torch.compiler.is_compiling():
-            lo, hi = (int(t) for t in torch.aminmax(key_lengths))
-            if lo < 1 or hi > Lk:
-                raise ValueError(f"key_lengths must lie in [1, {Lk}], got {key_lengths.tolist()}")
-            full = lo == Lk  # every key valid: no mask to build (CPU SDPA route)
+        if checks.enabled():
+            if checks.on_host(q.device):
+                lo, hi = (int(t) for t in torch.aminmax(key_lengths))
+                if lo < 1 or hi > Lk:
+                    raise ValueError(f"key_lengths must lie in [1, {Lk}], got {key_lengths.tolist()}")
+                full = lo == Lk  # every key valid: no mask to build (CPU SDPA route)
+            else:  # asserted on the device, no synchronisation
+                torch.ops.narvl.assert_in_range(key_lengths, 1, Lk, "key_lengths must lie in [1, Lk]")
     if attn_bias is not None:
         if not isinstance(attn_bias, torch.Tensor) or not attn_bias.is_floating_point():
             raise TypeError("attn_bias must be a floating-point tensor")

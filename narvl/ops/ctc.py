@@ -1,19 +1,24 @@
 """CTC and Q-CTC: op registration, autograd, and the drop-in functional APIs.
 
-Layers: kernels (csrc/ctc_cpu.cpp, kernels/ctc.py) -> ops ``torch.ops.narvl.{qctc,ctc}_{fwd,bwd}``
-(registered here: fake tensors, autograd, one kernel per device that ``NARVL_BACKEND`` points at
-Triton or C++) -> ``qctc_loss`` / ``ctc_loss`` (validation, reduction) -> ``narvl.nn.QCTCLoss`` /
-``narvl.nn.CTCLoss``. Every call takes the registered op, whatever the backend.
+Layers: kernels (csrc/ctc_cpu.cpp, kernels/ctc.py) -> ops (registered here: fake tensors,
+autograd, one kernel per device that ``NARVL_BACKEND`` points at Triton or C++) -> ``qctc_loss`` /
+``ctc_loss`` (validation) -> ``narvl.nn.QCTCLoss`` / ``narvl.nn.CTCLoss``. Every call takes a
+registered op, whatever the backend.
 
-The forward ops return per-sample terms: ``nll_b`` (CTC negative log-likelihood) and, for
-Q-CTC, ``smooth_b = mean_{n < N_b, v} log_softmax(logits)[b, n, v]``; the reduction is plain
-PyTorch on (B,) tensors, so its gradient reaches the backward ops as ``grad_nll``/``grad_smooth``.
+* ``torch.ops.narvl.qctc_loss_fwd`` / ``qctc_loss_bwd``: the whole loss of ``qctc_loss``
+  (log-softmax, CTC, label smoothing, weights, reduction, and on CUDA the value checks) in one op.
+  On CUDA it is five kernel launches for forward and backward together; on CPU its kernel runs
+  the C++ ``qctc_fwd`` / ``qctc_bwd`` and reduces the per-sample terms with PyTorch.
+* ``torch.ops.narvl.qctc_fwd`` / ``qctc_bwd`` and ``ctc_fwd`` / ``ctc_bwd``: per-sample terms,
+  ``nll_b`` (CTC negative log-likelihood) and, for Q-CTC,
+  ``smooth_b = mean_{n < N_b, v} log_softmax(logits)[b, n, v]``. ``ctc_loss`` reduces them with
+  PyTorch.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _backend, _library  # noqa: F401  (_library defines the schemas if needed)
+from .. import _backend, _library, checks  # noqa: F401  (_library defines the schemas)
 
 _OPS = torch.ops.narvl
 
@@ -50,6 +55,23 @@ def _ctc_fwd_fake(log_probs, targets, input_lengths, target_lengths, blank):
 @torch.library.register_fake("narvl::ctc_bwd")
 def _ctc_bwd_fake(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
     return log_probs.new_empty(log_probs.shape)
+
+
+@torch.library.register_fake("narvl::qctc_loss_fwd")
+def _qctc_loss_fwd_fake(logits, targets, target_lengths, query_lengths, weights, blank, reduction,
+                        zero_infinity, label_smoothing, check):
+    B, N, _ = logits.shape
+    K = targets.shape[1] + 1
+    dt = _float_out(logits.dtype)
+    new = logits.new_empty
+    loss = new((B,) if reduction == "none" else (), dtype=dt)
+    return loss, new((B,), dtype=dt), new((B, N), dtype=dt), new((B, N, K), dtype=dt)
+
+
+@torch.library.register_fake("narvl::qctc_loss_bwd")
+def _qctc_loss_bwd_fake(grad_loss, logits, nll, lse, em, targets, target_lengths, query_lengths,
+                        weights, blank, reduction, zero_infinity, label_smoothing):
+    return logits.new_empty(logits.shape)
 
 
 # ------------------------------------------------------------------------------------ autograd
@@ -89,7 +111,26 @@ def _ctc_backward(ctx, g_nll, _g_em):
     return grad, None, None, None, None
 
 
+def _qctc_loss_setup(ctx, inputs, output):
+    logits, targets, tl_, ql, weights, blank, reduction, zero_infinity, eps, _check = inputs
+    _, nll, lse, em = output
+    ctx.save_for_backward(logits, nll, lse, em, targets, tl_, ql, weights)
+    ctx.args = (blank, reduction, zero_infinity, eps)
+    ctx.mark_non_differentiable(nll, lse, em)
+    ctx.set_materialize_grads(False)  # no zero gradients are made for nll, lse, em
+
+
+def _qctc_loss_backward(ctx, g_loss, _g_nll, _g_lse, _g_em):
+    if g_loss is None:  # no gradient reached the loss (grads are not materialised)
+        return (None,) * 10
+    logits, nll, lse, em, targets, tl_, ql, weights = ctx.saved_tensors
+    grad = _OPS.qctc_loss_bwd(g_loss, logits, nll, lse, em, targets, tl_, ql, weights, *ctx.args)
+    return (grad,) + (None,) * 9
+
+
 torch.library.register_autograd("narvl::qctc_fwd", _qctc_backward, setup_context=_qctc_setup)
+torch.library.register_autograd("narvl::qctc_loss_fwd", _qctc_loss_backward,
+                                setup_context=_qctc_loss_setup)
 torch.library.register_autograd("narvl::ctc_fwd", _ctc_backward, setup_context=_ctc_setup)
 
 # --------------------------------------------------------------------- per-device kernels
@@ -121,77 +162,53 @@ def _ctc_bwd_kernel(grad_nll, log_probs, em, targets, input_lengths, target_leng
                                        blank)
 
 
+def _full_lengths(ql, B, N, device):
+    return checks.full_lengths(B, N, device) if ql is None else ql
+
+
+@torch.library.register_kernel("narvl::qctc_loss_fwd", ("cpu", "cuda"))
+def _qctc_loss_fwd_kernel(logits, targets, target_lengths, query_lengths, weights, blank, reduction,
+                          zero_infinity, label_smoothing, check):
+    k = _kernels(logits)
+    if _backend.resolve(logits.device) == "triton":
+        return k.qctc_loss_fwd(logits, targets, target_lengths, query_lengths, weights, blank,
+                               reduction, zero_infinity, label_smoothing, check)
+    B, N, V = logits.shape
+    ql = _full_lengths(query_lengths, B, N, logits.device)
+    if check:  # CPU tensors: the host reads the values for free
+        checks.raise_first(_qctc_faults(targets, target_lengths, ql, N, V, blank))
+    nll, smooth, lse, em = k.qctc_fwd(logits, targets, target_lengths, ql, blank)
+    loss = _reduce(nll, smooth, target_lengths, reduction, zero_infinity, label_smoothing, weights)
+    return loss, nll, lse, em
+
+
+@torch.library.register_kernel("narvl::qctc_loss_bwd", ("cpu", "cuda"))
+def _qctc_loss_bwd_kernel(grad_loss, logits, nll, lse, em, targets, target_lengths, query_lengths,
+                          weights, blank, reduction, zero_infinity, label_smoothing):
+    k = _kernels(logits)
+    if _backend.resolve(logits.device) == "triton":
+        return k.qctc_loss_bwd(grad_loss, logits, nll, lse, em, targets, target_lengths,
+                               query_lengths, weights, blank, reduction, zero_infinity,
+                               label_smoothing)
+    B, N, _ = logits.shape
+    gn, gs = _reduce_grads(grad_loss, nll, target_lengths, reduction, zero_infinity,
+                           label_smoothing, weights)
+    return k.qctc_bwd(gn, gs, logits, lse, em, targets, target_lengths,
+                      _full_lengths(query_lengths, B, N, logits.device), blank)
+
+
 # --------------------------------------------------------------------------------- validation
 
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def _as_lengths(x, name, batch, device):
-    if isinstance(x, (list, tuple)):
-        x = torch.tensor(x, dtype=torch.long)
-    elif isinstance(x, int):
-        x = torch.tensor([x], dtype=torch.long)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, tuple or list of integers, got {type(x).__name__}")
-    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integers, got {x.dtype}")
-    x = x.reshape(-1) if x.dim() == 0 else x
-    if x.dim() != 1 or x.shape[0] != batch:
-        raise ValueError(f"{name} must have shape ({batch},), got {tuple(x.shape)}")
-    return x.to(device=device, dtype=torch.long)
-
-
-def _eager_checks():
-    return _backend.checks_enabled() and not torch.compiler.is_compiling()
-
-
-def _range_check(x, lo, hi, name, what):
-    """(bad mask, message) of a length tensor that must lie in [lo, hi]."""
-    bad = (x < lo) | (x > hi)
-
-    def message():
-        i = int(bad.nonzero()[0, 0])
-        return f"{name}[{i}] = {int(x[i])} is outside [{lo}, {hi}] ({what})"
-    return bad, message
-
-
-def _label_checks(targets, target_lengths, vocab, blank):
-    """(bad mask, message) pairs: live labels out of [0, vocab), live labels equal to blank."""
-    S = targets.shape[1]
-    live = torch.arange(S, device=targets.device)[None, :] < target_lengths[:, None]
-    oob = live & ((targets < 0) | (targets >= vocab))
-    isblank = live & (targets == blank)
-
-    def oob_message():
-        b, k = (int(v) for v in oob.nonzero()[0])
-        return f"targets[{b}, {k}] = {int(targets[b, k])} is outside [0, {vocab})"
-
-    def blank_message():
-        b, k = (int(v) for v in isblank.nonzero()[0])
-        return f"targets[{b}, {k}] equals the blank index {blank}"
-    return [(oob, oob_message), (isblank, blank_message)]
-
-
-def _raise_if_any(checks):
-    """Runs (bad mask, message) checks with one host synchronisation in all; raises the first
-    failing check's ValueError. Skipped with NARVL_CHECK=0 and under torch.compile."""
-    checks = [(m, f) for m, f in checks if m.numel()]
-    if not _eager_checks() or not checks:
-        return
-    if bool(torch.stack([m.any() for m, _ in checks]).any()):
-        for m, f in checks:
-            if bool(m.any()):
-                raise ValueError(f())
-
-
-def _check_finite_input(x, xname):
-    """NARVL_CHECK=strict only: NaN/inf in the input raise (by default they propagate as in
-    F.ctc_loss)."""
-    if _backend.strict_checks() and not torch.compiler.is_compiling() and x.numel():
-        bad = ~torch.isfinite(x)
-        if bool(bad.any()):
-            idx = tuple(int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"{xname}{list(idx)} = {x[idx].item()} is not finite (NARVL_CHECK=strict)")
+def _qctc_faults(targets, target_lengths, query_lengths, N, V, blank):
+    """The value checks of qctc_loss as (bad mask, message) pairs (host side)."""
+    return [checks.range_fault(target_lengths, 0, targets.shape[1], "target_lengths",
+                               "a target length must fit in targets"),
+            checks.range_fault(query_lengths, 0, N, "query_lengths",
+                               "a query length must fit in the N query slots"),
+            *checks.label_faults(targets, target_lengths, V, blank)]
 
 
 def _check_common(x, xname, targets, blank, reduction, vocab):
@@ -264,6 +281,27 @@ def _reduce(nll, smooth, target_lengths, reduction, zero_infinity, label_smoothi
     return loss.sum() if reduction == "sum" else loss.mean()
 
 
+def _reduce_grads(grad_loss, nll, target_lengths, reduction, zero_infinity, label_smoothing, weights):
+    """(dloss/dnll_b, dloss/dsmooth_b), each (B,), of ``_reduce``'s loss for its gradient
+    ``grad_loss`` (a scalar, or (B,) for 'none')."""
+    B = nll.shape[0]
+    g = grad_loss.to(nll.dtype)
+    g = g if reduction == "none" else g.expand(B)
+    if reduction == "mean":
+        g = g / B
+    if weights is not None:
+        g = g * weights.to(nll.dtype)
+    gn = g / target_lengths.clamp_min(1).to(nll.dtype) if reduction == "mean" else g
+    eps = float(label_smoothing)
+    if eps != 0.0:
+        gn, gs = gn * (1.0 - eps), g * -eps
+    else:
+        gs = torch.zeros_like(g)
+    if zero_infinity:
+        gn = gn.masked_fill(torch.isinf(nll), 0.0)
+    return gn.contiguous(), gs.contiguous()
+
+
 def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, reduction="mean",
               zero_infinity=True, label_smoothing=0.0, weights=None):
     """Q-CTC loss on raw decoder logits, fused with the log-softmax.
@@ -299,9 +337,9 @@ def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, r
         raise ValueError(f"targets must be (B={B}, S), got shape {tuple(targets.shape)}")
     if targets.device != logits.device:
         raise ValueError(f"targets is on {targets.device} but logits on {logits.device}")
-    tl_ = _as_lengths(target_lengths, "target_lengths", B, logits.device)
-    ql = (torch.full((B,), N, dtype=torch.long, device=logits.device) if query_lengths is None
-          else _as_lengths(query_lengths, "query_lengths", B, logits.device))
+    tl_ = checks.as_lengths(target_lengths, "target_lengths", B, logits.device)
+    ql = (None if query_lengths is None
+          else checks.as_lengths(query_lengths, "query_lengths", B, logits.device))
     eps = float(label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -311,15 +349,26 @@ def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, r
         if weights.shape != (B,):
             raise ValueError(f"weights must have shape ({B},), got {tuple(weights.shape)}")
         weights = weights.to(logits.device)
-    if _eager_checks():  # the masks are not even built without checks (no launches, no sync)
-        _raise_if_any([
-            _range_check(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets"),
-            _range_check(ql, 0, N, "query_lengths", "a query length must fit in the N query slots"),
-            *_label_checks(targets, tl_, V, blank)])
-    _check_finite_input(logits, "logits")
+    on_device = False  # value checks asserted inside the op's kernels (CUDA), not read here
+    if checks.enabled():
+        if checks.on_host(logits.device):
+            checks.raise_first(_qctc_faults(targets, tl_, _full_lengths(ql, B, N, logits.device),
+                                            N, V, blank))
+        else:
+            on_device = True
+    checks.finite(logits, "logits")
     targets = targets.long()
-    nll, smooth, _, _ = _OPS.qctc_fwd(logits, targets, tl_, ql, blank)
-    return _reduce(nll, smooth, tl_, reduction, zero_infinity, eps, weights)
+    if weights is not None and weights.requires_grad:
+        # differentiable weights: the per-sample op, reduced by PyTorch (which gives their gradient)
+        if on_device:
+            checks.assert_none(_qctc_faults(targets, tl_, _full_lengths(ql, B, N, logits.device),
+                                            N, V, blank), "narvl.qctc_loss")
+        nll, smooth, _, _ = _OPS.qctc_fwd(logits, targets, tl_, _full_lengths(ql, B, N, logits.device),
+                                          blank)
+        return _reduce(nll, smooth, tl_, reduction, zero_infinity, eps, weights)
+    loss, _, _, _ = _OPS.qctc_loss_fwd(logits, targets, tl_, ql, weights, blank, reduction,
+                                       bool(zero_infinity), eps, on_device)
+    return loss
 
 
 def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean",
@@ -351,22 +400,27 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
         raise ValueError(f"log_probs has an empty time or class axis: shape {tuple(log_probs.shape)}")
     if targets.device != log_probs.device:
         raise ValueError(f"targets is on {targets.device} but log_probs on {log_probs.device}")
-    il = _as_lengths(input_lengths, "input_lengths", B, log_probs.device)
-    tl_ = _as_lengths(target_lengths, "target_lengths", B, log_probs.device)
+    il = checks.as_lengths(input_lengths, "input_lengths", B, log_probs.device)
+    tl_ = checks.as_lengths(target_lengths, "target_lengths", B, log_probs.device)
     if targets.dim() == 1:
-        if _eager_checks():
-            _raise_if_any([
-                _range_check(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
-                _range_check(tl_, 0, targets.numel(), "target_lengths", "lengths must fit the targets")])
+        # concatenated targets: padding them needs the lengths on the host (as F.ctc_loss reads them)
+        if checks.enabled():
+            checks.raise_first([
+                checks.range_fault(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
+                checks.range_fault(tl_, 0, targets.numel(), "target_lengths", "lengths must fit the targets")])
         targets = _pad_concatenated(targets, tl_)
     elif targets.dim() != 2 or targets.shape[0] != B:
         raise ValueError(f"targets must be (B={B}, S) or 1-D concatenated, got {tuple(targets.shape)}")
-    if _eager_checks():
-        _raise_if_any([
-            _range_check(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
-            _range_check(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets"),
-            *_label_checks(targets, tl_, C, blank)])
-    _check_finite_input(log_probs, "log_probs")
+    if checks.enabled():
+        faults = [
+            checks.range_fault(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
+            checks.range_fault(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets"),
+            *checks.label_faults(targets, tl_, C, blank)]
+        if checks.on_host(log_probs.device):
+            checks.raise_first(faults)
+        else:
+            checks.assert_none(faults, "narvl.ctc_loss")
+    checks.finite(log_probs, "log_probs")
     targets = targets.long()
     nll, _ = _OPS.ctc_fwd(log_probs, targets, il, tl_, blank)
     loss = _reduce(nll, None, tl_, reduction, zero_infinity, 0.0, None)

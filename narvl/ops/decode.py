@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _backend, _library  # noqa: F401
+from .. import _backend, _library, checks  # noqa: F401
 
 _OPS = torch.ops.narvl
 
@@ -47,7 +47,7 @@ def _native():
 @torch.library.register_kernel("narvl::ctc_greedy_decode", ("cpu", "cuda"))
 def _greedy_kernel(scores, lengths, blank):
     if _triton(scores):
-        return _backend.triton_kernels().decode.greedy_decode(scores, lengths, blank, nan_check=_checks())
+        return _backend.triton_kernels().decode.greedy_decode(scores, lengths, blank, nan_check=checks.enabled())
     return _native().ctc_greedy_decode(scores, lengths, blank)
 
 
@@ -57,7 +57,7 @@ def _beam_kernel(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, 
     if _triton(scores):
         return _backend.triton_kernels().decode.beam_search(
             scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, nbest, input_kind,
-            nan_check=_checks())
+            nan_check=checks.enabled())
     return _native().ctc_beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob,
                                      nbest, input_kind, num_threads)
 
@@ -115,13 +115,9 @@ def _run_checked(name, fn):
         raise
 
 
-def _checks():
-    return _backend.checks_enabled() and not torch.compiler.is_compiling()
-
-
 def _lengths(lengths, name, B, T, device):
     if lengths is None:
-        return torch.full((B,), T, dtype=torch.long, device=device)
+        return checks.full_lengths(B, T, device)
     if isinstance(lengths, (list, tuple)):
         lengths = torch.tensor(lengths, dtype=torch.long)
     if not isinstance(lengths, torch.Tensor):
@@ -131,17 +127,16 @@ def _lengths(lengths, name, B, T, device):
     if lengths.shape != (B,):
         raise ValueError(f"{name} must have shape ({B},), got {tuple(lengths.shape)}")
     lengths = lengths.to(device=device, dtype=torch.long)
-    if _checks() and bool(((lengths < 0) | (lengths > T)).any()):
-        raise ValueError(f"{name} must lie in [0, {T}], got {lengths.tolist()}")
+    if checks.enabled():
+        if checks.on_host(device):
+            if bool(((lengths < 0) | (lengths > T)).any()):
+                raise ValueError(f"{name} must lie in [0, {T}], got {lengths.tolist()}")
+        else:  # asserted on the device, no synchronisation
+            torch.ops.narvl.assert_in_range(lengths, 0, T, f"{name} must lie in [0, T]")
     return lengths
 
 
-def _check_int(x, name, lo, hi=None):
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    if x < lo or (hi is not None and x >= hi):
-        rng = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} = {x} must be {rng}")
+_check_int = checks.check_int
 
 
 def ctc_greedy_decode(log_probs, lengths=None, blank=0):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, _library  # noqa: F401  (_library defines the schemas if needed)
-from .ctc import _as_lengths, _eager_checks, _label_checks, _raise_if_any, _range_check, ctc_min_frames
+from .. import _backend, _library, checks  # noqa: F401  (_library defines the schemas if needed)
+from .ctc import ctc_min_frames
 
 _OPS = torch.ops.narvl
 
@@ -36,7 +36,7 @@ def _forced_align_kernel(log_probs, targets, input_lengths, target_lengths, blan
 
 
 def _frames_check(targets, tl_, il):
-    """(bad mask, message): samples whose target needs more frames than they have."""
+    """The fault of samples whose target needs more frames than they have."""
     need = ctc_min_frames(targets, tl_)
     bad = need > il
 
@@ -45,7 +45,7 @@ def _frames_check(targets, tl_, il):
         return (f"sample {b}: its target needs {int(need[b])} frames (target_lengths[{b}] = "
                 f"{int(tl_[b])} plus {int(need[b] - tl_[b])} repeated labels) but input_lengths[{b}] "
                 f"= {int(il[b])}")
-    return bad, message
+    return bad, message, "a target needs more frames than input_lengths gives its sample"
 
 
 def ctc_forced_align(log_probs, targets, input_lengths=None, target_lengths=None, blank=0):
@@ -127,18 +127,22 @@ def ctc_forced_align(log_probs, targets, input_lengths=None, target_lengths=None
     S = targets.shape[1]
     dev = log_probs.device
     il = (torch.full((B,), T, dtype=torch.long, device=dev) if input_lengths is None
-          else _as_lengths(input_lengths, "input_lengths", B, dev))
+          else checks.as_lengths(input_lengths, "input_lengths", B, dev))
     tl_ = (torch.full((B,), S, dtype=torch.long, device=dev) if target_lengths is None
-           else _as_lengths(target_lengths, "target_lengths", B, dev))
+           else checks.as_lengths(target_lengths, "target_lengths", B, dev))
     if B == 0:
         return (torch.empty((0, T), dtype=torch.long, device=dev),
                 torch.empty((0, T), dtype=_score_dtype(log_probs.dtype), device=dev))
-    if _eager_checks():
+    if checks.enabled():
         tl_checked = tl_.clamp(0, S)
-        _raise_if_any([
-            _range_check(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
-            _range_check(tl_, 0, S, "target_lengths", "a target length must fit in targets"),
-            *_label_checks(targets, tl_checked, C, blank),
-            _frames_check(targets, tl_checked, il)])
+        faults = [
+            checks.range_fault(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
+            checks.range_fault(tl_, 0, S, "target_lengths", "a target length must fit in targets"),
+            *checks.label_faults(targets, tl_checked, C, blank),
+            _frames_check(targets, tl_checked, il)]
+        if checks.on_host(dev):
+            checks.raise_first(faults)
+        else:
+            checks.assert_none(faults, "narvl.ctc_forced_align")
     with torch.no_grad():
         return _OPS.ctc_forced_align(log_probs.detach(), targets, il, tl_, blank)
