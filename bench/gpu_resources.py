@@ -112,7 +112,8 @@ def make_stub_driver(arch: int):
         def _load_binary(self, name, cubin, shared, device):
             use = resource_usage(cubin)
             self.loaded.append({"kernel": name, **use, "shared_meta": shared})
-            return None, None, use["regs"], use["local"], 1024
+            # non-null module and function handles: Triton loads each kernel once, as on a GPU
+            return 1, 1, use["regs"], use["local"], 1024
 
     return StubDriver()
 

@@ -116,7 +116,12 @@ def measure(rounds=15, iters=50, only=None, log=print):
         if only and only not in name:
             continue
         t0 = time.perf_counter()
-        fn()  # compiles (sm_90) on the first call
+        try:
+            fn()  # compiles (sm_90) on the first call
+        except Exception as exc:  # e.g. a version that reads the stub's unwritten outputs
+            rows.append({"call": name, "shape": shape, "error": f"{type(exc).__name__}: {exc}"})
+            log(f"{name:<26} failed: {type(exc).__name__}: {exc}")
+            continue
         compile_s = time.perf_counter() - t0
         for _ in range(5):
             fn()

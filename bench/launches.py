@@ -51,6 +51,7 @@ class LaunchCounter(TorchDispatchMode):
         self._saved = []
         self._in_launch = False
         self._op_depth = 0
+        self._depth = 0
 
     # --------------------------------------------------------------------------- torch ops
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -73,6 +74,9 @@ class LaunchCounter(TorchDispatchMode):
 
     # ----------------------------------------------------------------------- Triton launches
     def __enter__(self):
+        self._depth += 1  # re-entered for each narvl op (see __torch_dispatch__): patch once
+        if self._depth > 1:
+            return super().__enter__()
         from triton.runtime.jit import JITFunction
         from triton.runtime.interpreter import InterpretedFunction
         counter = self
@@ -97,9 +101,11 @@ class LaunchCounter(TorchDispatchMode):
         try:
             return super().__exit__(*exc)
         finally:
-            for cls, orig in self._saved:
-                cls.run = orig
-            self._saved.clear()
+            self._depth -= 1
+            if self._depth == 0:
+                for cls, orig in self._saved:
+                    cls.run = orig
+                self._saved.clear()
 
     # ------------------------------------------------------------------------------ results
     def launches(self) -> list[tuple[str, str]]:
