@@ -471,8 +471,9 @@ def beam_search(scores, lengths, beam_width, blank, cutoff_top_n, cutoff_prob, n
     lengths = lengths.to(device=dev, dtype=torch.int64).contiguous()
     tokens = torch.full((B, nbest, T), -1, dtype=torch.int64, device=dev)
     steps = torch.full((B, nbest, T), -1, dtype=torch.int64, device=dev)
-    out_lens = torch.zeros(B, nbest, dtype=torch.int64, device=dev)
-    out_scores = torch.full((B, nbest), float("-inf"), dtype=torch.float32, device=dev)
+    # the beam kernel writes every length and score (empty slots: 0 and -inf)
+    out_lens = torch.empty(B, nbest, dtype=torch.int64, device=dev)
+    out_scores = torch.empty(B, nbest, dtype=torch.float32, device=dev)
     if B * T > 0:
         topv, topi, nanf = frame_topk(scores, K, input_kind)
         if nan_check:

@@ -118,7 +118,7 @@ def test_the_no_sync_test_can_fail(monkeypatch):
 LIMITS = {
     "qctc": 5, "qctc smoothing+weights": 5, "qctc none + query_lengths": 5,
     "attention": 1, "attention key_lengths": 2, "attention fwd+bwd": 5, "greedy": 2,
-    "greedy lengths": 3, "beam": 6,
+    "greedy lengths": 3, "beam": 4,
 }
 
 
