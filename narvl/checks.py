@@ -136,17 +136,6 @@ def assert_none(faults, where: str) -> None:
             torch._assert_async(~m.any(), f"{where}: {summary}")
 
 
-def lengths_in_range(x: torch.Tensor, lo: int, hi: int, name: str, what: str) -> None:
-    """Value check of lengths in [lo, hi]: on the host (``on_host``) with the values in the
-    message, else one device-side assert kernel (``torch.ops.narvl.assert_in_range``)."""
-    if not enabled() or not x.numel():
-        return
-    if on_host(x.device):
-        raise_first([range_fault(x, lo, hi, name, what)])
-    else:
-        torch.ops.narvl.assert_in_range(x, lo, hi, f"{name}: {what}")
-
-
 def finite(x: torch.Tensor, name: str) -> None:
     """``NARVL_CHECK=strict`` only: NaN/inf in ``x`` raise (by default they propagate, as in
     ``F.ctc_loss``)."""

@@ -3,7 +3,8 @@
 It returns nothing. CPU kernel: reads the values and raises a ``ValueError`` with the first
 offender. CUDA kernel: one Triton program with a device-side assert (``kernels/checks.py``), no
 synchronisation. Fake kernel (``torch.compile``, ``FakeTensorMode``): nothing.
-``narvl.checks.lengths_in_range`` decides which one a call takes.
+Callers take it for non-CPU tensors (``narvl.checks.on_host`` false); CPU tensors are checked on
+the host before it.
 """
 from __future__ import annotations
 

@@ -349,11 +349,11 @@ def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, r
         if weights.shape != (B,):
             raise ValueError(f"weights must have shape ({B},), got {tuple(weights.shape)}")
         weights = weights.to(logits.device)
+    full_ql = _full_lengths(ql, B, N, logits.device)  # for the checks; the fused op takes ql
     on_device = False  # value checks asserted inside the op's kernels (CUDA), not read here
     if checks.enabled():
         if checks.on_host(logits.device):
-            checks.raise_first(_qctc_faults(targets, tl_, _full_lengths(ql, B, N, logits.device),
-                                            N, V, blank))
+            checks.raise_first(_qctc_faults(targets, tl_, full_ql, N, V, blank))
         else:
             on_device = True
     checks.finite(logits, "logits")
@@ -361,10 +361,8 @@ def qctc_loss(logits, targets, target_lengths, *, query_lengths=None, blank=0, r
     if weights is not None and weights.requires_grad:
         # differentiable weights: the per-sample op, reduced by PyTorch (which gives their gradient)
         if on_device:
-            checks.assert_none(_qctc_faults(targets, tl_, _full_lengths(ql, B, N, logits.device),
-                                            N, V, blank), "narvl.qctc_loss")
-        nll, smooth, _, _ = _OPS.qctc_fwd(logits, targets, tl_, _full_lengths(ql, B, N, logits.device),
-                                          blank)
+            checks.assert_none(_qctc_faults(targets, tl_, full_ql, N, V, blank), "narvl.qctc_loss")
+        nll, smooth, _, _ = _OPS.qctc_fwd(logits, targets, tl_, full_ql, blank)
         return _reduce(nll, smooth, tl_, reduction, zero_infinity, eps, weights)
     loss, _, _, _ = _OPS.qctc_loss_fwd(logits, targets, tl_, ql, weights, blank, reduction,
                                        bool(zero_infinity), eps, on_device)
