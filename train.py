@@ -1,5 +1,5 @@
-"""Train and evaluate NARVL (Q-CTC, one-pass decoding) or its autoregressive baseline on the
-embedded shapes data (generated offline from --seed), for one of the paper's four tasks.
+"""Train and evaluate NARVL (Q-CTC, one-pass decoding), its autoregressive baseline or eP-ALM on
+the embedded shapes data (generated offline from --seed), for one of the paper's four tasks.
 
     python train.py --task caption --arch narvl --out runs/caption_narvl      # ~6 min, 2 cores
     python train.py --task caption --arch ar    --out runs/caption_ar
@@ -10,6 +10,8 @@ embedded shapes data (generated offline from --seed), for one of the paper's fou
     python train.py --task caption --distill-from runs/caption_ar/last.safetensors --out runs/kd  # seq-level KD
     python train.py --task vqa --init-ofa ofa_base.pt --ofa-bpe-dir OFA/utils/BPE --data vqa.json \
         --image-size 480 --out runs/vqa_ofa     # fine-tune NARVL from an OFA checkpoint
+    python train.py --task caption --arch epalm --out runs/caption_epalm      # eP-ALM, ~15 min, 2 cores
+    python train.py --task vqa --arch epalm-nar --lm my_opt --vision my_vit --out runs/vqa_epalm_nar
 
 Writes DIR/last.safetensors (atomic, no pickle; config + tokenizer inside) and DIR/metrics.json
 (task, arch, metric_name, metric, latency_ms = mean batch-1 decode time per sample with the
@@ -21,6 +23,12 @@ With --arch both it trains NARVL then AR into OUT/narvl and OUT/ar and writes OU
 both metrics and a speed-up timed once more with the two models taking turns in one process.
 Latency is measured on an inference copy (``narvl.models.prepare_for_inference``), the same for
 both architectures.
+With --arch epalm (eP-ALM's autoregressive head) or epalm-nar (its Q-CTC head) it trains eP-ALM
+(``narvl.models.epalm``) instead, on a frozen OPT and a frozen ViT: --lm / --vision name local
+Hugging Face directories, else a small OPT and a small ViT are pretrained first into
+OUT/pretrained/lm and OUT/pretrained/vision (reused when there), as
+``narvl.models.epalm_pretrain`` describes; the trained adapter goes to OUT/adapter.safetensors
+and metrics.json adds the pretraining's steps and losses.
 """
 from __future__ import annotations
 
@@ -46,6 +54,8 @@ from narvl.models.config import TASK_QUERIES
 
 METRIC = {"caption": "CIDEr", "vqa": "VQA accuracy", "grounding": "Acc@0.5", "entailment": "accuracy"}
 DEFAULT_STEPS = {"caption": 600, "vqa": 500, "grounding": 600, "entailment": 400}
+EPALM_ARCHS = ("epalm", "epalm-nar")
+MAX_TEXT_LEN = 48  # prompt tokens of a new model, BOS and EOS included
 #: The from-scratch recipe of a new model per task, where measured (docs/results.md, the caption
 #: study): OFA's entangled positions (both archs), and per arch the learning rate
 #: (``{arch}_lr``), NARVL's glancing ratio (``glance``) with the plain pass's share of the loss
@@ -78,17 +88,21 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=list(METRIC), default="caption",
                    help="what to train and evaluate: caption (CIDEr), vqa (VQA accuracy), grounding (Acc@0.5) "
                         "or entailment (accuracy)")
-    p.add_argument("--arch", choices=["narvl", "ar", "both"], default="narvl",
-                   help="both: narvl then ar into OUT/narvl and OUT/ar, then OUT/comparison.json")
+    p.add_argument("--arch", choices=["narvl", "ar", "both", *EPALM_ARCHS], default="narvl",
+                   help="both: narvl then ar into OUT/narvl and OUT/ar, then OUT/comparison.json; epalm / "
+                        "epalm-nar: eP-ALM with its autoregressive / Q-CTC head on a frozen OPT and ViT "
+                        "(--lm, --vision)")
     p.add_argument("--preset", choices=["tiny", "medium", "base", "large", "huge"], default="tiny",
                    help="model size: tiny (d 256, 4+4 layers, trains in minutes on 2 CPU cores) or the paper's "
                         "medium, base, large, huge")
     p.add_argument("--out", default=None, help="output directory (default runs/{task}_{arch})")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default per task)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default per task; eP-ALM's adapter: 600)")
     p.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (split over ranks)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak AdamW learning rate (default: the task's recipe for the arch, TASK_RECIPE, else 5e-4)")
+                   help="peak AdamW learning rate (default: the task's recipe for the arch, TASK_RECIPE, else 5e-4; "
+                        "eP-ALM's adapter: 1e-3)")
     p.add_argument("--warmup", type=int, default=50,
                    help="linear warm-up steps to --lr (at most the run's steps), then a cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.01,
@@ -115,8 +129,8 @@ def parse_args(argv=None):
                         "to the text and image content (off in OFA's released setups; default: the task's "
                         "recipe, TASK_RECIPE)")
     p.add_argument("--queries", type=int, default=None,
-                   help="NARVL's query slots N (default: the task's, caption 20, VQA 6, grounding 5, entailment 3); "
-                        "targets are still cut at --max-target-len")
+                   help="NARVL's (and eP-ALM's NAR head's) query slots N (default: the task's, caption 20, VQA 6, "
+                        "grounding 5, entailment 3); targets are still cut at --max-target-len")
     p.add_argument("--glance", type=float, default=None, metavar="RATIO",
                    help="NARVL glancing training: RATIO x (first pass's errors) query inputs replaced by the "
                         "embeddings of the labels CTC's best alignment puts there (0 = off; default: the "
@@ -124,6 +138,10 @@ def parse_args(argv=None):
     p.add_argument("--glance-plain-weight", type=float, default=None, metavar="W",
                    help="with --glance: the loss is (1 - W) x the glanced pass's + W x the plain pass's (0: the "
                         "glanced pass alone, as GLAT; default: the task's recipe, TASK_RECIPE, else 0)")
+    p.add_argument("--aux-ar-weight", type=float, default=None, metavar="W",
+                   help="NARVL joint training: the loss adds W x the teacher-forced cross-entropy of an auxiliary "
+                        "AR decoder on the same encoder (training only; serving copies drop it; 0 = off; default: "
+                        "the task's recipe, TASK_RECIPE, else 0)")
     p.add_argument("--refine", type=int, default=None, metavar="K",
                    help="NARVL inference: K Mask-Predict refinement passes after the one pass (confident slots feed "
                         "their labels back as inputs); with --eval-only it overrides the checkpoint's (default: the "
@@ -162,9 +180,24 @@ def parse_args(argv=None):
                         "job; --resume continues it exactly)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar; the log lines and the summary are still printed")
+    p.add_argument("--lm", default=None, metavar="DIR",
+                   help="eP-ALM: freeze this local Hugging Face OPTForCausalLM directory instead of pretraining "
+                        "one; its vocabulary must be this project's tokenizer's (ids 0/1/2 = <s>/<pad>/</s>, "
+                        "vocab_size at least the tokenizer's: an OPT trained on what --data, --bpe-vocab and "
+                        "--num-bins make, e.g. an earlier run's OUT/pretrained/lm)")
+    p.add_argument("--vision", default=None, metavar="DIR",
+                   help="eP-ALM: freeze this local Hugging Face ViTModel directory (its image_size = "
+                        "--image-size) instead of pretraining one")
+    p.add_argument("--lm-steps", type=int, default=300,
+                   help="eP-ALM without --lm: optimizer steps of the small OPT's causal-LM pretraining on the "
+                        "training split's texts (skipped when OUT/pretrained/lm exists)")
+    p.add_argument("--vision-steps", type=int, default=400,
+                   help="eP-ALM without --vision: optimizer steps of the small ViT's pretraining, classifying "
+                        "--train-size generated scenes' per-cell shapes, colours and sizes (skipped when "
+                        "OUT/pretrained/vision exists)")
     a = p.parse_args(argv)
     for name in ("batch_size", "image_size", "train_size", "eval_size", "latency_samples", "beam", "ckpt_every",
-                 "bpe_vocab", "num_bins", "distill_beam"):
+                 "bpe_vocab", "num_bins", "distill_beam", "lm_steps", "vision_steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.steps is not None and a.steps < 0:
@@ -185,6 +218,8 @@ def parse_args(argv=None):
         p.error("--glance must be in [0, 1]")
     if a.glance_plain_weight is not None and not 0.0 <= a.glance_plain_weight <= 1.0:
         p.error("--glance-plain-weight must be in [0, 1]")
+    if a.aux_ar_weight is not None and not 0.0 <= a.aux_ar_weight < float("inf"):
+        p.error("--aux-ar-weight must be a finite number >= 0")
     if a.bf16 and a.fp16:
         p.error("--bf16 and --fp16 exclude each other")
     if a.init_ofa and not a.ofa_bpe_dir:
@@ -193,6 +228,16 @@ def parse_args(argv=None):
         p.error("--init-ofa starts a new run: it excludes --init, --resume and --eval-only")
     if a.distill_from and a.arch != "narvl":
         p.error("--distill-from trains NARVL (--arch narvl)")
+    if a.arch in EPALM_ARCHS:
+        for name in ("resume", "eval_only", "init", "init_ofa", "freeze_backbone", "no_soft_prompt", "bf16",
+                     "fp16", "stop_after", "freeze_bn", "glance", "glance_plain_weight", "aux_ar_weight", "refine",
+                     "entangle_position_embedding"):
+            if getattr(a, name) not in (None, False):
+                p.error(f"--{name.replace('_', '-')} does not apply to --arch {a.arch}")
+        if a.queries is not None and a.arch != "epalm-nar":
+            p.error("--queries applies to --arch narvl and epalm-nar")
+    elif a.lm or a.vision:
+        p.error(f"--lm and --vision apply to --arch {' and '.join(EPALM_ARCHS)}")
     a.out = a.out or f"runs/{a.task}_{a.arch}"
     return a
 
@@ -207,6 +252,13 @@ def lr_schedule(steps: int, warmup: int):
             return (s + 1) / w
         return 0.5 * (1 + math.cos(math.pi * (s - w) / max(steps - w, 1)))
     return f
+
+
+def total_steps(args, n_train: int, default: int) -> int:
+    """--steps, else --epochs over ``n_train`` samples, else ``default``."""
+    if args.steps is not None:
+        return args.steps
+    return math.ceil(args.epochs * n_train / args.batch_size) if args.epochs else default
 
 
 def learning_rate(args) -> float:
@@ -282,20 +334,23 @@ def decode_text(task, tok, ids, image_size):
     return tok.decode(ids)
 
 
-def latency_inputs(data, tok, cfg, n):
+def latency_inputs(data, tok, max_text_len, n):
     """The first ``n`` samples of ``data`` as batch-1 (images, text) pairs."""
-    return [data.batch([i], tok, cfg.max_text_len)[:2] for i in range(min(n, len(data)))]
+    return [data.batch([i], tok, max_text_len)[:2] for i in range(min(n, len(data)))]
 
 
 @torch.inference_mode()
-def evaluate(model, data, tok, task, beam, latency_samples, bf16=False, batch=64):
-    infer = prepare_for_inference(model)  # BN folded + packed convs, the same for both archs
+def evaluate(infer, data, tok, task, beam, latency_samples, max_text_len, bf16=False, batch=64):
+    """The task's metric of ``infer``'s outputs on ``data`` and its batch-1 latency (ms per sample,
+    ``time_generate``); ``infer`` is a serving copy (``prepare_for_inference``, the same for NARVL
+    and AR) or any model with ``generate(images, text, beam_width)``. Returns (metric, latency,
+    extra metrics, the first examples)."""
     preds = []
     ctx = torch.autocast("cpu", torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
     with ctx:
         for i in range(0, len(data), batch):
             idx = list(range(i, min(i + batch, len(data))))
-            images, text, *_ = data.batch(idx, tok, model.cfg.max_text_len, model.cfg.max_target_len)
+            images, text, *_ = data.batch(idx, tok, max_text_len)
             for ids in infer.generate(images, text, beam_width=beam):
                 preds.append(decode_text(task, tok, ids, data.image_size))
         ss = data.samples
@@ -312,7 +367,7 @@ def evaluate(model, data, tok, task, beam, latency_samples, bf16=False, batch=64
         else:
             metric = 100 * metrics.accuracy(preds, [s["label"] for s in ss])
             extra = {}
-        inputs = latency_inputs(data, tok, model.cfg, latency_samples)
+        inputs = latency_inputs(data, tok, max_text_len, latency_samples)
         latency = time_generate({"model": infer}, inputs, beam)["model"].best_ms
     examples = [{"text": s["text"], "pred": p if not isinstance(p, list) else [round(c, 1) for c in p],
                  "target": s["target"]} for s, p in zip(ss[:5], preds[:5])]
@@ -321,6 +376,9 @@ def evaluate(model, data, tok, task, beam, latency_samples, bf16=False, batch=64
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.arch in EPALM_ARCHS:
+        run_epalm(args)
+        return 0
     if args.arch != "both":
         run(args)
         return 0
@@ -341,7 +399,7 @@ def main(argv=None):
         (nm, tok), (am, _) = trained["narvl"], trained["ar"]
         data = load_data(args, "eval", nm.cfg.image_size)
         timing = time_generate({"narvl": prepare_for_inference(nm), "ar": prepare_for_inference(am)},
-                               latency_inputs(data, tok, nm.cfg, args.latency_samples), args.beam)
+                               latency_inputs(data, tok, nm.cfg.max_text_len, args.latency_samples), args.beam)
         lat = {k: t.best_ms for k, t in timing.items()}
         comp = dict(task=args.task, metric_name=n["metric_name"], narvl_metric=n["metric"], ar_metric=r["metric"],
                     metric_ratio=round(n["metric"] / r["metric"], 4) if r["metric"] else None,
@@ -403,11 +461,13 @@ def build(args) -> Setup:
         tok = make_tokenizer(train_data, args.bpe_vocab, args.num_bins)
         cfg = NARVLConfig.from_preset(args.preset, task=args.task, image_size=args.image_size,
                                       vocab_size=tok.vocab_size, num_bins=tok.num_bins,
-                                      dropout=args.dropout, max_text_len=48,
+                                      dropout=args.dropout, max_text_len=MAX_TEXT_LEN,
                                       max_target_len=args.max_target_len or TASK_QUERIES[args.task],
                                       entangle_position_embedding=recipe(args, "entangle_position_embedding", False),
                                       glance_ratio=recipe(args, "glance", 0.0),
-                                      glance_plain_weight=recipe(args, "glance_plain_weight", 0.0), refine_steps=recipe(args, "refine", 0),
+                                      glance_plain_weight=recipe(args, "glance_plain_weight", 0.0),
+                                      aux_ar_weight=recipe(args, "aux_ar_weight", 0.0) if args.arch == "narvl" else 0.0,
+                                      refine_steps=recipe(args, "refine", 0),
                                       **({} if args.queries is None else dict(num_queries=args.queries)))
     # a checkpoint trained parameter-efficiently (and not used as --init) is rebuilt that way
     saved_peft = bool(meta and json.loads(meta.get("peft", "false")) and not args.init)
@@ -541,10 +601,7 @@ def train(args, s: Setup, rank: int, world: int) -> tuple[float, dict]:
     and the loss curve, for metrics.json)."""
     data, distill_info = training_data(args, s, rank, world)
     cfg, ckpt_path = s.cfg, os.path.join(args.out, "last.safetensors")
-    steps = args.steps
-    if steps is None:
-        steps = (math.ceil(args.epochs * len(data) / args.batch_size) if args.epochs
-                 else DEFAULT_STEPS[args.task])
+    steps = total_steps(args, len(data), DEFAULT_STEPS[args.task])
     opt, params = make_optimizer(args, s.model)
     lr, sched = learning_rate(args), lr_schedule(steps, args.warmup)
     scaler = torch.amp.GradScaler("cpu", enabled=args.fp16)
@@ -623,8 +680,12 @@ def write_metrics(args, s: Setup, eval_data, train_seconds, report, world):
     """Evaluates, writes OUT/metrics.json and prints the one-line summary."""
     cfg, model = s.cfg, s.model
     n_train, n_all, frac = trainable_fraction(model)
-    metric, latency, extra, examples = evaluate(model, eval_data, s.tok, args.task, args.beam,
-                                                args.latency_samples, args.bf16)
+    # the served model's size: joint training's auxiliary AR decoder is never run at inference
+    aux = getattr(model, "aux_decoder", None)
+    aux_params = sum(p.numel() for p in aux.parameters()) if aux is not None else 0
+    n_all -= aux_params
+    metric, latency, extra, examples = evaluate(prepare_for_inference(model), eval_data, s.tok, args.task,
+                                                args.beam, args.latency_samples, cfg.max_text_len, args.bf16)
     narvl_only = (lambda v: v) if args.arch == "narvl" else (lambda v: None)
     out = dict(task=args.task, arch=args.arch, preset=cfg.preset, metric_name=METRIC[args.task],
                metric=round(metric, 2), latency_ms=round(latency, 2), params=n_all,
@@ -632,6 +693,7 @@ def write_metrics(args, s: Setup, eval_data, train_seconds, report, world):
                train_seconds=round(train_seconds, 1), beam=args.beam, image_size=cfg.image_size,
                num_queries=narvl_only(cfg.num_queries), glance_ratio=narvl_only(cfg.glance_ratio),
                glance_plain_weight=narvl_only(cfg.glance_plain_weight),
+               aux_ar_weight=narvl_only(cfg.aux_ar_weight), aux_decoder_params=aux_params,
                refine_steps=narvl_only(cfg.refine_steps),
                entangle_position_embedding=cfg.entangle_position_embedding, lr=learning_rate(args),
                warmup=args.warmup, eval_samples=len(eval_data), threads=torch.get_num_threads(),
@@ -662,6 +724,60 @@ def run(args):
     if world > 1:
         torch.distributed.destroy_process_group()
     return (s.model, s.tok) if rank == 0 else None
+
+
+def run_epalm(args):
+    """--arch epalm / epalm-nar: the frozen OPT and ViT (--lm / --vision, else pretrained into
+    OUT/pretrained or reused from there), the adapter trained on them (OUT/adapter.safetensors),
+    then the evaluation (OUT/metrics.json), as ``narvl.models.epalm_pretrain`` describes."""
+    from narvl.models import epalm_pretrain as ep  # needs transformers
+    from narvl.models.epalm import EPALM
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.exit(f"error: --arch {args.arch} runs in one process (no torchrun)")
+    os.makedirs(args.out, exist_ok=True)
+    train_data = load_data(args, "train", args.image_size)
+    tok = make_tokenizer(train_data if args.data else None, args.bpe_vocab, args.num_bins)
+    eval_data = load_data(args, "eval", args.image_size)
+
+    def recipe(steps, lr):
+        return ep.Recipe(steps, args.batch_size, lr, args.warmup, args.weight_decay, args.seed, lr_schedule,
+                         batch_indices, progress=not args.no_progress)
+
+    pretrained = os.path.join(args.out, "pretrained")
+    nar = args.arch == "epalm-nar"
+    max_target_len = args.max_target_len or TASK_QUERIES[args.task]
+    lr = args.lr or ep.ADAPTER_LR
+    steps = total_steps(args, len(train_data), ep.ADAPTER_STEPS)
+    try:
+        lm, lm_record = ep.language_model(args.lm, os.path.join(pretrained, "lm"), tok, train_data,
+                                          recipe(args.lm_steps, ep.PRETRAIN_LR))
+        vision, vision_record = ep.vision_model(args.vision, os.path.join(pretrained, "vision"), args.image_size,
+                                                args.train_size, recipe(args.vision_steps, ep.PRETRAIN_LR))
+        torch.manual_seed(args.seed)
+        model = EPALM(lm, vision, "nar" if nar else "ar", (args.queries or TASK_QUERIES[args.task]) if nar else None)
+        losses, train_seconds, cut = ep.train_adapter(model, train_data, tok, recipe(steps, lr), MAX_TEXT_LEN,
+                                                      max_target_len)
+    except (ValueError, FloatingPointError) as e:  # a bad --lm / --vision, or a diverged loss
+        sys.exit(f"error: {e}")
+    adapter = os.path.join(args.out, "adapter.safetensors")
+    model.save_adapter(adapter)
+    metric, latency, extra, examples = evaluate(ep.Served(model, max_target_len), eval_data, tok, args.task,
+                                                args.beam, args.latency_samples, MAX_TEXT_LEN)
+    n_train, n_all, frac = model.trainable_fraction()
+    out = dict(task=args.task, arch=args.arch, metric_name=METRIC[args.task], metric=round(metric, 2),
+               latency_ms=round(latency, 2), params=n_all, trainable_params=n_train,
+               trainable_fraction=round(frac, 6), train_seconds=round(train_seconds, 1), beam=args.beam,
+               image_size=args.image_size, **ep.settings(model), lr=lr, warmup=args.warmup, steps=steps,
+               batch_size=args.batch_size, eval_samples=len(eval_data), threads=torch.get_num_threads(),
+               world_size=1, backend=settings.current()["NARVL_BACKEND"], precision="fp32", **extra,
+               max_target_len=max_target_len, targets_cut=cut, adapter=adapter, losses=losses,
+               pretraining=dict(lm=lm_record, vision=vision_record), examples=examples)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"[narvl] task={args.task} arch={args.arch} {METRIC[args.task]}={metric:.2f} "
+          f"latency={latency:.2f} ms/sample params={n_all / 1e6:.1f}M trainable {100 * frac:.2f}% "
+          f"train={train_seconds:.0f}s -> {os.path.join(args.out, 'metrics.json')}")
 
 
 if __name__ == "__main__":

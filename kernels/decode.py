@@ -380,12 +380,12 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
 def _raise_on_nan(nanf):
     """The per-frame NaN counts the scans kept (no extra pass over the scores): read on the host
     for CPU tensors (the interpreter; free), asserted on the device for CUDA tensors (one small
-    program, no synchronisation). The message is the one the C++ kernels raise, which the ops
-    layer turns into a ValueError."""
+    program, no synchronisation). On the host it raises the ValueError the C++ kernels raise,
+    which the ops layer names."""
     if not _host_reads(nanf):
         checks.count_outside(nanf, 0, 0, "NaN in scores")
     elif any(nanf.tolist()):
-        raise RuntimeError("narvl: NaN in scores")
+        raise ValueError("narvl: NaN in scores")
 
 
 def _host_reads(x):

@@ -28,8 +28,6 @@ def _dedup(state):
 
 
 def save_checkpoint(path, model, optimizer=None, meta=None):
-    from safetensors.torch import save_file
-
     tensors, tied = _dedup({f"model.{k}": v for k, v in model.state_dict().items()})
     if optimizer is not None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -40,12 +38,20 @@ def save_checkpoint(path, model, optimizer=None, meta=None):
     tensors["rng.torch"] = torch.get_rng_state()
     md = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (meta or {}).items()}
     md["tied"] = json.dumps(tied)
+    save_file_atomic(tensors, path, md)
+
+
+def save_file_atomic(tensors: dict, path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` written atomically: a temporary file in the same directory
+    (created if needed), then ``os.replace``; a failed write leaves no file behind."""
+    from safetensors.torch import save_file
+
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=d)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=md)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

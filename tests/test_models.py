@@ -738,6 +738,54 @@ def test_refine_keeps_confident_slots_and_repredicts_the_rest(steps):
         small_cfg(refine_steps=-1)
 
 
+def test_aux_ar_weight_adds_the_aux_decoders_cross_entropy():
+    """cfg.aux_ar_weight w (joint training): the training loss is Q-CTC + w * the teacher-forced,
+    label-smoothed CE of an OFA decoder on the same encoder output and tied embeddings, i.e. what
+    an ARBaseline with that encoder and decoder computes, and an explicit CE written here; eval
+    mode, generate and the serving copy never use the aux decoder."""
+    cfg = small_cfg(aux_ar_weight=0.5)
+    torch.manual_seed(0)
+    model = NARVL(cfg).train()
+    images, text, targets, lengths = inputs(cfg)
+    for p in model.aux_decoder.token_rel_pos_table_list.parameters():  # non-zero relative biases
+        torch.nn.init.normal_(p, std=0.5)
+    got = model(images, text, targets, lengths)
+    qctc = narvl.qctc_loss(model.logits(images, text), targets, lengths, blank=cfg.blank_id,
+                           label_smoothing=cfg.label_smoothing)
+    ar = ARBaseline(small_cfg()).train()
+    ar.embed_tokens, ar.encoder, ar.decoder = model.embed_tokens, model.encoder, model.aux_decoder
+    ce_ar = ar(images, text, targets, lengths)
+    # the same CE written out: BOS + shifted targets in, answer + EOS out, mean over valid tokens
+    S = targets.shape[1]
+    prev = torch.cat([torch.full_like(targets[:, :1], cfg.bos_id), targets[:, :-1]], 1)
+    valid = torch.arange(S)[None] < lengths[:, None]
+    prev = torch.where(valid, prev, torch.full_like(prev, cfg.pad_id))
+    logits = ar.forward_logits(images, text, prev).double()
+    ce = F.cross_entropy(logits[valid], targets[valid], label_smoothing=cfg.label_smoothing)
+    torch.testing.assert_close(ce_ar.double(), ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, qctc + 0.5 * ce_ar)
+    got.backward()
+    assert model.aux_decoder.layers[0].fc1.weight.grad.abs().sum() > 0
+    assert model.encoder.layers[0].fc1.weight.grad.abs().sum() > 0
+    model.eval()  # evaluation loss: Q-CTC alone (BatchNorm now on its running statistics)
+    torch.testing.assert_close(model(images, text, targets, lengths),
+                               narvl.qctc_loss(model.logits(images, text), targets, lengths, blank=cfg.blank_id,
+                                               label_smoothing=cfg.label_smoothing))
+    plain = NARVL(small_cfg())
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("aux_decoder.")})
+    plain.eval()
+    served = prepare_for_inference(model)
+    assert served.aux_decoder is None and model.aux_decoder is not None
+    assert model.generate(images, text) == plain.generate(images, text) == served.generate(images, text)
+    assert NARVL(small_cfg()).aux_decoder is None
+    with pytest.raises(ValueError, match="aux_ar_weight"):
+        small_cfg(aux_ar_weight=-0.5)
+    with pytest.raises(ValueError, match="aux_ar_weight"):
+        small_cfg(aux_ar_weight=float("nan"))
+    with pytest.raises(ValueError, match="aux_decoder"):
+        plain.aux_ar_loss(*model.encoder(images, text), targets, lengths)
+
+
 def test_glance_plain_weight_mixes_the_two_passes():
     """cfg.glance_plain_weight w: the training loss is (1 - w) * glanced + w * plain, where the
     glance reads the plain pass's logits (same dropout draws: dropout is 0 here)."""

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import checks
 from .config import NARVLConfig
-from .decoder import DecoderStack
+from .decoder import DecoderStack, shifted_inputs, smoothed_ce
 from .encoder import Encoder
 from .layers import TiedOutput, ofa_embedding
 from .narvl import add_adapters, check_targets
@@ -58,11 +59,8 @@ class ARBaseline(nn.Module):
 
     def decode_teacher_forced(self, memory, lengths, prev_tokens):
         """memory (B, Lm, d), lengths (B,), prev_tokens (B, T) -> logits (B, T, V)."""
-        dec = self.decoder
-        T = prev_tokens.shape[1]
-        self_b, cross_b = dec.biases(T, self.encoder, self._n_text(memory), memory.dtype)
-        x = dec.embed(self.embed_tokens(prev_tokens).to(memory.dtype))
-        return self.project_out(dec.run_layers(x, memory, lengths, self_b, cross_b, causal=True))
+        return self.project_out(self.decoder.teacher_forced(memory, lengths, self.encoder,
+                                                            self.embed_tokens, prev_tokens))
 
     def forward_logits(self, images, text, prev_tokens):
         """Teacher-forced logits (B, T, V) of ``prev_tokens`` (B, T) (BOS first, right-padded
@@ -74,9 +72,10 @@ class ARBaseline(nn.Module):
             raise ValueError(f"prev_tokens must be (B={images.shape[0]}, T >= 1), got {tuple(prev_tokens.shape)}")
         if prev_tokens.shape[1] > cfg.max_positions:
             raise ValueError(f"prev_tokens has {prev_tokens.shape[1]} positions, more than max_positions")
-        lo, hi = (int(t) for t in torch.aminmax(prev_tokens))
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"prev_tokens ids must lie in [0, {cfg.vocab_size})")
+        if checks.enabled():  # values: not under NARVL_CHECK=0 or a torch.compile / export trace
+            lo, hi = (int(t) for t in torch.aminmax(prev_tokens))
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"prev_tokens ids must lie in [0, {cfg.vocab_size})")
         memory, lengths = self.encoder(images, text)
         return self.decode_teacher_forced(memory, lengths, prev_tokens.to(memory.device).long())
 
@@ -91,17 +90,9 @@ class ARBaseline(nn.Module):
             raise ValueError(f"targets have {S} positions, more than max_target_len = {cfg.max_target_len}")
         memory, lengths = self.encoder(images, text)
         targets = targets.to(images.device).long()
-        valid = torch.arange(S, device=targets.device)[None, :] < target_lengths.to(targets.device)[:, None]
-        y_in = torch.cat([torch.full_like(targets[:, :1], cfg.bos_id), targets[:, :-1]], 1)
-        y_in = torch.where(valid, y_in, torch.full_like(y_in, cfg.pad_id))
-        logits = self.decode_teacher_forced(memory, lengths, y_in).float()
-        ce = F.cross_entropy(logits.reshape(B * S, -1), targets.reshape(-1), reduction="none",
-                             label_smoothing=cfg.label_smoothing).view(B, S) * valid
-        if weights is not None:
-            if not isinstance(weights, torch.Tensor) or weights.shape != (B,):
-                raise ValueError(f"weights must be a ({B},) tensor")
-            ce = ce * weights.to(ce)[:, None]
-        return ce.sum() / valid.sum().clamp_min(1)
+        y_in, valid = shifted_inputs(cfg, targets, target_lengths)
+        logits = self.decode_teacher_forced(memory, lengths, y_in)
+        return smoothed_ce(logits, targets, valid, cfg.label_smoothing, weights)
 
     def _start(self, images, text, max_len):
         memory, lengths = self.encoder(images, text)

@@ -78,6 +78,13 @@ class NARVLConfig:
     # with glancing, the weight w of the plain (unglanced) pass's loss: (1 - w) * glanced + w * plain
     # (0: the glanced pass alone, as GLAT; > 0 also trains the one-pass decoding used at inference)
     glance_plain_weight: float = 0.0
+    # Joint training with an auxiliary autoregressive decoder (as joint CTC-attention training in
+    # speech recognition): NARVL also owns an OFA decoder stack (``aux_decoder``) on the same
+    # encoder output and tied embeddings, and its training loss adds aux_ar_weight times that
+    # decoder's teacher-forced, label-smoothed cross-entropy on the same targets. The encoder gets
+    # the token-level gradients an AR model gets; inference never runs the aux decoder (serving
+    # copies drop it). 0 turns it off (no aux decoder is built).
+    aux_ar_weight: float = 0.0
     # Inference: after the one pass, refine_steps more decoder passes (Mask-Predict style): the
     # most confident slots keep their label and feed its embedding as their input, the others
     # keep their learnable query and are predicted again (a model trained with glancing has
@@ -134,6 +141,10 @@ class NARVLConfig:
                 or not 0.0 <= self.glance_plain_weight <= 1.0:
             raise ValueError(f"glance_plain_weight must be in [0, 1], got {self.glance_plain_weight!r}")
         self.glance_plain_weight = float(self.glance_plain_weight)
+        if not isinstance(self.aux_ar_weight, (int, float)) or isinstance(self.aux_ar_weight, bool) \
+                or not 0.0 <= self.aux_ar_weight < float("inf"):
+            raise ValueError(f"aux_ar_weight must be a finite number >= 0, got {self.aux_ar_weight!r}")
+        self.aux_ar_weight = float(self.aux_ar_weight)
         if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import NARVLConfig
 from .layers import DecoderLayer, ofa_embedding, pos_bias, token_rel_buckets, zero_tables
@@ -81,3 +82,34 @@ class DecoderStack(nn.Module):
         if self.cfg.decoder_entangle:
             x = x + self.embed_positions.weight[start:start + x.shape[1]].to(x.dtype)
         return self.drop(self.layernorm_embedding(x))
+
+    def teacher_forced(self, memory, memory_lengths, encoder, embed_tokens, prev_tokens):
+        """Causal decoding of ``prev_tokens`` (B, T) (BOS first) over the encoder output memory
+        (B, Lm, d) -> the states after ``layer_norm`` (B, T, d); ``embed_tokens`` embeds them."""
+        T = prev_tokens.shape[1]
+        n_text = memory.shape[1] - self.cfg.grid ** 2
+        self_b, cross_b = self.biases(T, encoder, n_text, memory.dtype)
+        x = self.embed(embed_tokens(prev_tokens).to(memory.dtype))
+        return self.run_layers(x, memory, memory_lengths, self_b, cross_b, causal=True)
+
+
+def shifted_inputs(cfg: NARVLConfig, targets, target_lengths):
+    """Teacher forcing's inputs for ``targets`` (B, S) of ``target_lengths`` (B,): BOS then the
+    targets shifted right, ``pad_id`` past each length -> (inputs (B, S), valid (B, S) bool)."""
+    S = targets.shape[1]
+    valid = torch.arange(S, device=targets.device)[None, :] < target_lengths.to(targets.device)[:, None]
+    y_in = torch.cat([torch.full_like(targets[:, :1], cfg.bos_id), targets[:, :-1]], 1)
+    return torch.where(valid, y_in, torch.full_like(y_in, cfg.pad_id)), valid
+
+
+def smoothed_ce(logits, targets, valid, label_smoothing: float, weights=None):
+    """Label-smoothed cross-entropy of logits (B, S, V) against targets (B, S), summed over the
+    ``valid`` (B, S) positions with per-sample ``weights`` (B,) and divided by their count."""
+    B, S = targets.shape
+    ce = F.cross_entropy(logits.float().reshape(B * S, -1), targets.reshape(-1), reduction="none",
+                         label_smoothing=label_smoothing).view(B, S) * valid
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or weights.shape != (B,):
+            raise ValueError(f"weights must be a ({B},) tensor")
+        ce = ce * weights.to(ce)[:, None]
+    return ce.sum() / valid.sum().clamp_min(1)

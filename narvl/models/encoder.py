@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import checks
 from ..nn import Linear
 from .config import NARVLConfig
 from .layers import (EncoderLayer, image_position_ids, image_rel_buckets, ofa_embedding, pos_bias,
@@ -124,11 +125,13 @@ class Encoder(nn.Module):
             raise ValueError("empty batch: images has batch size 0")
         if text.shape[1] > cfg.max_text_len:
             raise ValueError(f"text has {text.shape[1]} tokens, more than max_text_len = {cfg.max_text_len}")
+        nonpad = text != cfg.pad_id
+        if not checks.enabled():  # NARVL_CHECK=0, or a torch.compile / torch.export trace
+            return nonpad
         if text.numel():
             lo, hi = (int(t) for t in torch.aminmax(text))
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"text token ids must lie in [0, {cfg.vocab_size})")
-        nonpad = text != cfg.pad_id
         if text.shape[1] > 1 and bool((nonpad[:, 1:] & ~nonpad[:, :-1]).any()):
             raise ValueError("text must be right-padded with pad_id (a token follows a pad)")
         return nonpad
@@ -152,7 +155,10 @@ class Encoder(nn.Module):
         x = self.drop(torch.cat([img, tok], 1))
         n_prompt = n_text - text.shape[1]
         lengths = nonpad.sum(1) + (h * w + n_prompt)
-        if n_prompt < n_text and not bool(nonpad.all()):  # OFA zeroes the padded positions
+        # OFA zeroes the padded positions; the host skips the multiply when nothing is padded
+        # (CPU tensors; devices and traces always multiply: no synchronisation)
+        if n_prompt < n_text and (x.device.type != "cpu" or torch.compiler.is_compiling()
+                                  or not bool(nonpad.all())):
             keep = torch.cat([nonpad.new_ones(B, h * w + n_prompt), nonpad], 1)
             x = x * keep[..., None].to(x.dtype)
         for layer, bias in zip(self.layers, self.layer_biases(h, w, n_text, x.dtype)):

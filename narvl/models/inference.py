@@ -375,6 +375,8 @@ def prepare_for_inference(model: nn.Module, image_size: int | None = None,
     if not hasattr(model, "encoder") or not hasattr(model, "cfg") or not hasattr(model, "decoder"):
         raise TypeError(f"expected a NARVL or ARBaseline model, got {type(model).__name__}")
     infer = copy.deepcopy(model).eval()
+    if getattr(infer, "aux_decoder", None) is not None:
+        infer.aux_decoder = None  # joint training's AR decoder: never used at inference
     backbone = infer.encoder.backbone
     fold_batchnorm_(backbone)
     pack_for_cpu_(backbone, image_size or model.cfg.image_size)

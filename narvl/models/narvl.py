@@ -29,7 +29,7 @@ from ..ops.ctc import ctc_min_frames, qctc_loss
 from ..ops.decode import ctc_greedy_decode, ctc_prefix_beam_search
 from ..ops.forced_align import ctc_forced_align
 from .config import NARVLConfig
-from .decoder import DecoderStack
+from .decoder import DecoderStack, shifted_inputs, smoothed_ce
 from .encoder import Encoder
 from .layers import TiedOutput, ofa_embedding
 from ..nn import Linear
@@ -109,6 +109,8 @@ class NARVL(nn.Module):
         self.embed_tokens = ofa_embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = Encoder(cfg, self.embed_tokens)
         self.decoder = QueryDecoder(cfg)
+        # training only: the auxiliary AR decoder of joint training (cfg.aux_ar_weight > 0)
+        self.aux_decoder = DecoderStack(cfg) if cfg.aux_ar_weight > 0 else None
         self.output = TiedOutput()
         self.out_adapter = None  # (d, d) linear in the parameter-efficient mode
         if peft:
@@ -154,12 +156,28 @@ class NARVL(nn.Module):
                              label_smoothing=cfg.label_smoothing, weights=weights, zero_infinity=True)
 
         if not (self.training and cfg.glance_ratio > 0):
-            return loss_of(self.decode_logits(memory, lengths))
-        w = cfg.glance_plain_weight
-        first = self.decode_logits(memory, lengths) if w > 0 else None  # the plain pass, trained too
-        g = self.glance(memory, lengths, targets, target_lengths, cfg.glance_ratio, first=first)
-        loss = loss_of(self.decode_logits(memory, lengths, g.inputs))
-        return loss if first is None else (1 - w) * loss + w * loss_of(first)
+            loss = loss_of(self.decode_logits(memory, lengths))
+        else:
+            w = cfg.glance_plain_weight
+            first = self.decode_logits(memory, lengths) if w > 0 else None  # the plain pass, trained too
+            g = self.glance(memory, lengths, targets, target_lengths, cfg.glance_ratio, first=first)
+            loss = loss_of(self.decode_logits(memory, lengths, g.inputs))
+            if first is not None:
+                loss = (1 - w) * loss + w * loss_of(first)
+        if self.training and self.aux_decoder is not None:
+            loss = loss + cfg.aux_ar_weight * self.aux_ar_loss(memory, lengths, targets, target_lengths, weights)
+        return loss
+
+    def aux_ar_loss(self, memory, memory_lengths, targets, target_lengths, weights=None):
+        """The auxiliary AR decoder's teacher-forced, label-smoothed cross-entropy (scalar) of
+        ``targets`` (B, S) over the encoder output memory (B, Lm, d), reduced as the AR
+        baseline's loss (joint training, ``cfg.aux_ar_weight``)."""
+        if self.aux_decoder is None:
+            raise ValueError("this model has no aux_decoder (cfg.aux_ar_weight is 0)")
+        targets = targets.to(memory.device).long()
+        y_in, valid = shifted_inputs(self.cfg, targets, target_lengths)
+        states = self.aux_decoder.teacher_forced(memory, memory_lengths, self.encoder, self.embed_tokens, y_in)
+        return smoothed_ce(self.project_out(states), targets, valid, self.cfg.label_smoothing, weights)
 
     def glance(self, memory, memory_lengths, targets, target_lengths, ratio: float, first=None) -> Glance:
         """Glancing (GLAT, Qian et al. 2021) with CTC's best alignment (Gu & Kong 2021).

@@ -75,18 +75,24 @@ def _cpu_probs(q, k, key_lengths, attn_bias, scale):
     s = torch.matmul(_acc(q), _acc(k).transpose(-1, -2)) * scale
     if attn_bias is not None:
         s = s + _acc(attn_bias)
-    keep = torch.arange(k.shape[2])[None, :] < key_lengths.long()[:, None]
+    keep = torch.arange(k.shape[2], device=k.device)[None, :] < key_lengths.long()[:, None]
     return s.masked_fill(~keep[:, None, None, :], float("-inf"))
+
+
+def plain_fwd(q, k, v, key_lengths, attn_bias, scale):
+    """``query_attention_fwd`` in plain ATen ops (its CPU kernel): (out, lse). Exporters
+    (``narvl.models.export_onnx``) decompose the op into this."""
+    s = _cpu_probs(q, k, key_lengths, attn_bias, scale)
+    lse = torch.logsumexp(s, -1)
+    out = torch.matmul(torch.exp(s - lse[..., None]), _acc(v))
+    return out.to(q.dtype), lse
 
 
 @torch.library.register_kernel("narvl::query_attention_fwd", ("cpu", "cuda"))
 def _fwd_kernel(q, k, v, key_lengths, attn_bias, scale):
     if _triton(q):
         return _tk().attention_fwd(q, k, v, key_lengths, attn_bias, scale)
-    s = _cpu_probs(q, k, key_lengths, attn_bias, scale)
-    lse = torch.logsumexp(s, -1)
-    out = torch.matmul(torch.exp(s - lse[..., None]), _acc(v))
-    return out.to(q.dtype), lse
+    return plain_fwd(q, k, v, key_lengths, attn_bias, scale)
 
 
 @torch.library.register_kernel("narvl::query_attention_bwd", ("cpu", "cuda"))
@@ -116,6 +122,12 @@ def _sdpa(q, k, v, key_lengths, attn_bias, scale, full_lengths):
         mask = attn_bias if mask is None else attn_bias + mask
     if mask is not None and mask.dim() == 3:
         mask = mask[None]  # a 4-D mask keeps SDPA on its fused CPU kernel (3-D falls back to math)
+    if torch.compiler.is_exporting():
+        # torch.export (export_onnx): softmax attention in plain ops. The trace records the
+        # layout SDPA's fused CPU kernel returns (heads interleaved), which its decomposition
+        # into ONNX-convertible ops does not keep, so the reshapes after it would not apply.
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale
+        return torch.matmul(torch.softmax(s if mask is None else s + mask, -1), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

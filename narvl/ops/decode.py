@@ -105,14 +105,14 @@ def _check_scores(scores, name):
 
 
 def _run_checked(name, fn):
-    """Runs fn(); NaN in the scores -> ValueError naming ``name``. The C++ and Triton kernels
-    detect NaN in their row scans (no extra pass) and raise "narvl: NaN in scores"."""
+    """Runs fn(), a decoder op on scores the Python layer has validated; a ``ValueError`` from
+    it is the one value fault only the kernels see: NaN in the scores, which the C++ and
+    Triton row scans detect without an extra pass (C++: ``TORCH_CHECK_VALUE``). It is raised
+    again naming ``name``."""
     try:
         return fn()
-    except RuntimeError as exc:
-        if "narvl: NaN in scores" in str(exc):
-            raise ValueError(f"{name} contains NaN") from None
-        raise
+    except ValueError:
+        raise ValueError(f"{name} contains NaN") from None
 
 
 def _lengths(lengths, name, B, T, device):

@@ -100,14 +100,16 @@ def onednn_linear_available() -> bool:
 def _onednn_route(x, weight, bias) -> str | None:
     """"infer" (no gradient: fused oneDNN primitive), "train" (a gradient is needed: oneDNN
     forward and input gradient in ``_OneDNNLinear``) or None (ATen)."""
-    # cheapest test first: a one-row AR step must lose almost nothing to routing
+    if torch.compiler.is_compiling():  # traces (torch.compile, torch.export) see ATen, shape-free
+        return None
+    # cheapest test next: a one-row AR step must lose almost nothing to routing
     if x.dim() == 0 or x.numel() < ONEDNN_MIN_ROWS * x.shape[-1] or x.shape[-1] == 0:
         return None
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
     if bias is not None and bias.dtype != torch.float32:
         return None
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or not onednn_linear_available():
+    if torch.is_autocast_enabled("cpu") or not onednn_linear_available():
         return None
     if not _backend.cpu_fastpath_enabled(_FASTPATH):
         return None
