@@ -220,6 +220,10 @@ def parse_args(argv=None):
         p.error("--glance-plain-weight must be in [0, 1]")
     if a.aux_ar_weight is not None and not 0.0 <= a.aux_ar_weight < float("inf"):
         p.error("--aux-ar-weight must be a finite number >= 0")
+    if a.aux_ar_weight and (a.arch not in ("narvl", "both") or a.freeze_backbone or a.init_ofa or a.init
+                            or a.resume or a.eval_only):
+        p.error("--aux-ar-weight sets up a new NARVL trained in full (--arch narvl or both, without --freeze-backbone, "
+                "--init, --init-ofa, --resume or --eval-only)")
     if a.bf16 and a.fp16:
         p.error("--bf16 and --fp16 exclude each other")
     if a.init_ofa and not a.ofa_bpe_dir:
@@ -684,6 +688,8 @@ def write_metrics(args, s: Setup, eval_data, train_seconds, report, world):
     aux = getattr(model, "aux_decoder", None)
     aux_params = sum(p.numel() for p in aux.parameters()) if aux is not None else 0
     n_all -= aux_params
+    n_train -= sum(p.numel() for p in aux.parameters() if p.requires_grad) if aux is not None else 0
+    frac = n_train / max(n_all, 1)
     metric, latency, extra, examples = evaluate(prepare_for_inference(model), eval_data, s.tok, args.task,
                                                 args.beam, args.latency_samples, cfg.max_text_len, args.bf16)
     narvl_only = (lambda v: v) if args.arch == "narvl" else (lambda v: None)

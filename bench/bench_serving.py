@@ -10,8 +10,9 @@ and ``pip install openvino`` for the peers):
   openvino     the same ONNX file, OpenVINO CPU, fp32; ``openvino_bf16`` with the bf16 precision
                hint (AMX / AVX512-BF16 CPUs; elsewhere OpenVINO runs fp32)
 Shapes: the demo's caption model (tiny preset, 64 px, 500-entry vocabulary) and the base preset
-at 480 px, random weights (speed does not depend on the values). Every engine's argmax agrees
-with the eager model's on the measured input, or the row fails.
+at 480 px, random weights (speed does not depend on the values). Every fp32 engine's argmax
+agrees with the eager model's on the measured input (99% of the slots), or the row fails; the
+bf16 row's agreement is recorded.
 
     python -m pytest bench/bench_serving.py --benchmark-json bench/results/serving_cpu.json
 """
@@ -55,15 +56,19 @@ def _engines(model, path):
         engines["onnxruntime"] = lambda im, tx: sess.run(None, {"images": im.numpy(), "text": tx.numpy()})[0]
     except ImportError as exc:
         skipped["onnxruntime"] = str(exc)
+    if "onnxruntime" not in engines:
+        skipped["openvino"] = "no ONNX file (the export needs onnx, onnxscript and onnxruntime)"
+        return engines, skipped
     try:
         import openvino as ov
-        core = ov.Core()
-        for name, hint in (("openvino", "f32"), ("openvino_bf16", "bf16")):
-            c = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-            engines[name] = (lambda c: lambda im, tx: c([im.numpy(), tx.numpy()])[0])(c)
     except ImportError as exc:
         skipped["openvino"] = str(exc)
+        return engines, skipped
+    core = ov.Core()
+    for name, hint in (("openvino", "f32"), ("openvino_bf16", "bf16")):
+        c = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        engines[name] = (lambda c: lambda im, tx: c([im.numpy(), tx.numpy()])[0])(c)
     return engines, skipped
 
 
@@ -101,6 +106,6 @@ def test_serving_logits(benchmark, shape, batch):
         skipped=skipped, argmax_agreement=agree, ms=times,
         median_ms={k: float(np.median(v)) for k, v in times.items()},
         best_ms={k: float(min(v)) for k, v in times.items()})
-    for name in ("narvl", "onnxruntime"):
-        if name in agree:
-            assert agree[name] >= 0.99, (name, agree[name])
+    for name, a in agree.items():
+        if not name.endswith("_bf16"):
+            assert a >= 0.99, (name, a)

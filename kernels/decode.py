@@ -385,7 +385,7 @@ def _raise_on_nan(nanf):
     if not _host_reads(nanf):
         checks.count_outside(nanf, 0, 0, "NaN in scores")
     elif any(nanf.tolist()):
-        raise ValueError("narvl: NaN in scores")
+        raise ValueError("narvl: NaN in scores")  # narvl.ops.decode.NAN_FAULT
 
 
 def _host_reads(x):

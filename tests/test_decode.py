@@ -447,6 +447,21 @@ def test_nan_in_scores_is_reported_by_the_scans(backend, monkeypatch, fn):
         call()
 
 
+def test_decoder_errors_other_than_nan_pass_through(monkeypatch):
+    """Only the kernels' NaN fault becomes "log_probs contains NaN": a bad backend setting or a
+    bad num_threads keeps its own error."""
+    x = torch.randn(2, 4, 9).log_softmax(-1)
+    with pytest.raises(TypeError, match="num_threads"):
+        narvl.ctc_prefix_beam_search(x, beam_width=3, num_threads="2")
+    with pytest.raises(ValueError, match="num_threads"):
+        narvl.ctc_prefix_beam_search(x, beam_width=3, num_threads=-1)
+    monkeypatch.setenv("NARVL_BACKEND", "bogus")
+    for call in (lambda: narvl.ctc_greedy_decode(x), lambda: narvl.ctc_prefix_beam_search(x, beam_width=3)):
+        with pytest.raises(ValueError, match="NARVL_BACKEND") as err:
+            call()
+        assert "NaN" not in str(err.value)
+
+
 def test_gpu_beam_limit(backend):
     """Beam widths above the GPU kernel's maximum get a ValueError naming the limit on the Triton
     route (they would not compile in reasonable time on a GPU); the C++ search takes any width."""

@@ -9,7 +9,9 @@ import torch
 
 from narvl.models import ARBaseline, NARVL, NARVLConfig, export_onnx, prepare_for_inference
 
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the [test] extra")
+for _name in ("onnx", "onnxscript"):
+    pytest.importorskip(_name, reason="in the [test] and [serving] extras")
+ort = pytest.importorskip("onnxruntime", reason="in the [test] and [serving] extras")
 
 
 def small_cfg(**kw):
@@ -85,6 +87,8 @@ def test_export_onnx_bad_arguments(tmp_path):
         export_onnx(model, str(tmp_path / "missing" / "m.onnx"))
     with pytest.raises(ValueError, match="text_len"):
         export_onnx(model, str(tmp_path / "m.onnx"), text_len=cfg.max_text_len + 1)
+    with pytest.raises(ValueError, match="batch_size"):  # a traced size of 1 cannot stay dynamic
+        export_onnx(model, str(tmp_path / "m.onnx"), batch_size=1)
     with pytest.raises(TypeError, match="batch_size"):
         export_onnx(model, str(tmp_path / "m.onnx"), batch_size=2.0)
     with pytest.raises(TypeError, match="path"):

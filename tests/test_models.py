@@ -784,6 +784,10 @@ def test_aux_ar_weight_adds_the_aux_decoders_cross_entropy():
         small_cfg(aux_ar_weight=float("nan"))
     with pytest.raises(ValueError, match="aux_decoder"):
         plain.aux_ar_loss(*model.encoder(images, text), targets, lengths)
+    with pytest.raises(TypeError, match="targets"):
+        model.aux_ar_loss(*model.encoder(images, text), targets.float(), lengths)
+    with pytest.raises(ValueError, match="aux_ar_weight"):  # PEFT would train towards a frozen random decoder
+        enable_peft(model)
 
 
 def test_glance_plain_weight_mixes_the_two_passes():

@@ -10,6 +10,7 @@ the exported graph computes what the eager model computes on valid inputs.
 Graphs (inputs -> outputs, ``float32``/``int64``):
 * ``NARVL``: ``images`` (B, 3, S, S), ``text`` (B, Lt) -> ``logits`` (B, N, V): all query slots
   in one pass (``NARVL.logits``); decode with ``narvl.ctc_greedy_decode`` or the beam search.
+  Refinement passes (``cfg.refine_steps``) are not part of the graph.
 * ``ARBaseline``: ``images``, ``text``, ``prev_tokens`` (B, T) -> ``logits`` (B, T, V), the
   teacher-forced logits (``ARBaseline.forward_logits``): one call per decoding step over the
   whole prefix (the graph holds no KV cache).
@@ -61,8 +62,9 @@ def export_onnx(model: nn.Module, path: str, *, batch_size: int = 2, text_len: i
             mode on CPU in float32; the model itself is not changed.
         path: the output file (its directory must exist).
         batch_size, text_len, target_len: the example shapes traced (``target_len``: AR's
-            ``prev_tokens`` length); with ``dynamic`` the graph accepts any batch size, text
-            length in [1, ``cfg.max_text_len``] and (AR) decoding length in [1, ``cfg.max_target_len``].
+            ``prev_tokens`` length; at least 2 with ``dynamic``); with ``dynamic`` the graph
+            accepts any batch size, text length in [1, ``cfg.max_text_len``] and (AR) decoding
+            length in [1, ``cfg.max_target_len``].
         opset: the ONNX opset (default: the exporter's).
     Returns:
         ``path``.
@@ -76,12 +78,14 @@ def export_onnx(model: nn.Module, path: str, *, batch_size: int = 2, text_len: i
     if isinstance(model.encoder, CachedEncoder):
         raise TypeError("model is a prepare_for_inference serving copy; export the model it was made from")
     cfg = model.cfg
+    lo = 2 if dynamic else 1  # a traced size of 1 would be fixed in the graph, not dynamic
     for name, v, hi in (("batch_size", batch_size, None), ("text_len", text_len, cfg.max_text_len),
                         ("target_len", target_len, cfg.max_target_len)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if v < 1 or (hi is not None and v > hi):
-            raise ValueError(f"{name} must lie in [1, {hi if hi is not None else 'inf'}), got {v}")
+        if v < lo or (hi is not None and v > hi):
+            raise ValueError(f"{name} must lie in [{lo}, {hi if hi is not None else 'inf'}]"
+                             f"{' (dynamic export)' if dynamic else ''}, got {v}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
@@ -102,14 +106,14 @@ def export_onnx(model: nn.Module, path: str, *, batch_size: int = 2, text_len: i
     if getattr(m, "aux_decoder", None) is not None:
         m.aux_decoder = None  # joint training's AR decoder: not part of inference
     g = torch.Generator().manual_seed(0)
-    S, lo = cfg.image_size, 4  # token ids from 4: clear of BOS / pad / EOS / unk
+    S, first = cfg.image_size, 4  # token ids from 4: clear of BOS / pad / EOS / unk
     images = torch.randn(batch_size, 3, S, S, generator=g)
-    text = torch.randint(lo, cfg.vocab_size - 1, (batch_size, text_len), generator=g)
+    text = torch.randint(first, cfg.vocab_size - 1, (batch_size, text_len), generator=g)
     inputs, names = (images, text), ["images", "text"]
     B = torch.export.Dim("batch", min=1, max=4096)
     dims = [{0: B}, {0: B, 1: torch.export.Dim("text_len", min=1, max=cfg.max_text_len)}]
     if isinstance(m, ARBaseline):
-        prev = torch.randint(lo, cfg.vocab_size - 1, (batch_size, target_len), generator=g)
+        prev = torch.randint(first, cfg.vocab_size - 1, (batch_size, target_len), generator=g)
         prev[:, 0] = cfg.bos_id
         inputs, names = inputs + (prev,), names + ["prev_tokens"]
         dims.append({0: B, 1: torch.export.Dim("target_len", min=1, max=cfg.max_target_len)})

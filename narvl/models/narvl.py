@@ -81,6 +81,10 @@ def add_adapters(model: nn.Module, soft_prompt: bool):
     """The parameter-efficient mode of ``NARVL`` and ``ARBaseline`` (after eP-ALM): every
     parameter so far frozen, then trainable: an output-side projection ``out_adapter`` (d -> d,
     the identity at first), optionally the encoder's soft-prompt token, and NARVL's queries."""
+    if getattr(model, "aux_decoder", None) is not None:
+        raise ValueError("the parameter-efficient mode freezes the encoder, so joint training's aux decoder "
+                         "(cfg.aux_ar_weight > 0) would train the adapters towards a frozen random decoder: "
+                         "use aux_ar_weight = 0")
     for p in model.parameters():
         p.requires_grad_(False)
     d = model.cfg.d_model
@@ -174,6 +178,7 @@ class NARVL(nn.Module):
         baseline's loss (joint training, ``cfg.aux_ar_weight``)."""
         if self.aux_decoder is None:
             raise ValueError("this model has no aux_decoder (cfg.aux_ar_weight is 0)")
+        check_targets(self.cfg, targets, target_lengths, memory.shape[0])
         targets = targets.to(memory.device).long()
         y_in, valid = shifted_inputs(self.cfg, targets, target_lengths)
         states = self.aux_decoder.teacher_forced(memory, memory_lengths, self.encoder, self.embed_tokens, y_in)

@@ -104,15 +104,21 @@ def _check_scores(scores, name):
     return B, T, V
 
 
+#: the message of the kernels' NaN fault (C++ ``TORCH_CHECK_VALUE``, the Triton launcher's ValueError)
+NAN_FAULT = "narvl: NaN in scores"
+
+
 def _run_checked(name, fn):
-    """Runs fn(), a decoder op on scores the Python layer has validated; a ``ValueError`` from
-    it is the one value fault only the kernels see: NaN in the scores, which the C++ and
-    Triton row scans detect without an extra pass (C++: ``TORCH_CHECK_VALUE``). It is raised
-    again naming ``name``."""
+    """Runs fn(), a decoder op on scores the Python layer has validated. NaN in the scores is the
+    one value fault only the kernels see (their row scans detect it without an extra pass): a
+    ``ValueError`` carrying ``NAN_FAULT``, raised again naming ``name``. Any other error (a
+    language model's own ``ValueError`` included) passes through unchanged."""
     try:
         return fn()
-    except ValueError:
-        raise ValueError(f"{name} contains NaN") from None
+    except ValueError as exc:
+        if NAN_FAULT in str(exc):
+            raise ValueError(f"{name} contains NaN") from None
+        raise
 
 
 def _lengths(lengths, name, B, T, device):
@@ -202,5 +208,6 @@ def _beam_search(log_probs, lengths, beam_width, blank, cutoff_top_n, cutoff_pro
     if not gpu_search_fits(log_probs.device, beam_width):
         raise ValueError(f"beam_width = {beam_width} exceeds the GPU search's maximum of {GPU_MAX_BEAM}; "
                          f"decode on the CPU (log_probs.cpu()) for wider beams")
+    _check_int(num_threads, "num_threads", 0)
     return BeamSearchResult(*_run_checked(
-        names[0], lambda: _OPS.ctc_beam_search(*args, int(num_threads))))
+        names[0], lambda: _OPS.ctc_beam_search(*args, num_threads)))
