@@ -148,6 +148,21 @@ def _additive_mask(valid, n_queries, dtype):
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def check_model_dir(path, model_type: str, name: str) -> None:
+    """Raises ValueError (naming ``name``) unless ``path`` is a Hugging Face directory whose
+    ``config.json`` declares ``model_type``."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"{name} {os.fspath(path)!r} is not a Hugging Face model directory (no config.json)")
+    try:
+        with open(config, encoding="utf-8") as f:
+            found = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{name} {os.fspath(path)!r}: unreadable config.json ({e})") from e
+    if found != model_type:
+        raise ValueError(f"{name} {os.fspath(path)!r} holds a {found!r} model, expected {model_type!r}")
+
+
 class SoftPrompt(nn.Module):
     """``length`` trainable input vectors (length, dim), optionally re-parametrised by eP-ALM's
     MLP ``Linear(dim, dim) -> Tanh -> Linear(dim, dim)``."""
@@ -293,17 +308,7 @@ class EPALM(nn.Module):
         for name, path, kind in (("lm_path", lm_path, "opt"), ("vision_path", vision_path, "vit")):
             if not isinstance(path, (str, os.PathLike)):
                 raise TypeError(f"{name} must be a path, got {type(path).__name__}")
-            config = os.path.join(path, "config.json")
-            if not os.path.isfile(config):
-                raise ValueError(f"{name} {os.fspath(path)!r} is not a Hugging Face model directory "
-                                 f"(no config.json)")
-            try:
-                with open(config, encoding="utf-8") as f:
-                    model_type = json.load(f).get("model_type")
-            except (OSError, ValueError, AttributeError) as e:
-                raise ValueError(f"{name}: unreadable config.json ({e})") from e
-            if model_type != kind:
-                raise ValueError(f"{name} holds a {model_type!r} model, expected {kind!r}")
+            check_model_dir(path, kind, name)
         dtype = options.get("frozen_dtype")
         extra = {"dtype": dtype} if isinstance(dtype, torch.dtype) and dtype.is_floating_point else {}
         lm = OPTForCausalLM.from_pretrained(lm_path, local_files_only=True, attn_implementation="eager",

@@ -51,7 +51,7 @@ from transformers import OPTConfig, OPTForCausalLM, ViTConfig, ViTModel
 
 from ..data import TaskData, Tokenizer, shapes
 from ..data.tokenizer import BOS, EOS, PAD
-from .epalm import EPALM
+from .epalm import EPALM, check_model_dir
 
 #: The OPT pretrained here (its vocabulary is the tokenizer's).
 LM_SIZE = dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4,
@@ -134,20 +134,6 @@ def _pad(rows, value):
     return ids, torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]
 
 
-def _check_model_dir(path, model_type, flag):
-    """Raises ValueError (naming ``flag``) unless ``path`` is a Hugging Face directory of ``model_type``."""
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise ValueError(f"{flag} {path!r} is not a Hugging Face model directory (no config.json)")
-    try:
-        with open(config, encoding="utf-8") as f:
-            found = json.load(f).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{flag} {path!r}: unreadable config.json ({e})") from e
-    if found != model_type:
-        raise ValueError(f"{flag} {path!r} holds a {found!r} model, expected {model_type!r}")
-
-
 def _save_pretrained(model, directory, record):
     """``model.save_pretrained`` + the record, in a temporary directory renamed to ``directory``."""
     tmp = f"{os.path.abspath(directory)}.partial-{os.getpid()}"
@@ -208,7 +194,7 @@ def pretrain_lm(tok: Tokenizer, data: TaskData, recipe: Recipe):
 def load_lm(path, tok: Tokenizer, flag: str = "--lm") -> OPTForCausalLM:
     """The ``OPTForCausalLM`` of a local directory (eval mode, eager attention), checked to cover
     the tokenizer's vocabulary; ValueError naming ``flag`` otherwise."""
-    _check_model_dir(path, "opt", flag)
+    check_model_dir(path, "opt", flag)
     try:
         lm = OPTForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="eager")
     except (OSError, ValueError) as e:
@@ -286,7 +272,7 @@ def pretrain_vision(image_size: int, n_scenes: int, recipe: Recipe):
 def load_vision(path, image_size: int, flag: str = "--vision") -> ViTModel:
     """The ``ViTModel`` of a local directory (eval mode), checked to take ``image_size`` RGB images;
     ValueError naming ``flag`` otherwise."""
-    _check_model_dir(path, "vit", flag)
+    check_model_dir(path, "vit", flag)
     try:
         vit = ViTModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
     except (OSError, ValueError) as e:
