@@ -131,6 +131,8 @@ def parse_args(argv=None):
     p.add_argument("--queries", type=int, default=None,
                    help="NARVL's (and eP-ALM's NAR head's) query slots N (default: the task's, caption 20, VQA 6, "
                         "grounding 5, entailment 3); targets are still cut at --max-target-len")
+    p.add_argument("--dec-layers", type=int, default=None, metavar="L",
+                   help="decoder layers of a new model (default: the preset's, tiny 4)")
     p.add_argument("--glance", type=float, default=None, metavar="RATIO",
                    help="NARVL glancing training: RATIO x (first pass's errors) query inputs replaced by the "
                         "embeddings of the labels CTC's best alignment puts there (0 = off; default: the "
@@ -160,6 +162,10 @@ def parse_args(argv=None):
                         "(narvl.data.SPEC_KEYS; paths relative to SPEC.json)")
     p.add_argument("--bpe-vocab", type=int, default=1000, help="BPE merges + bytes of a new tokenizer")
     p.add_argument("--num-bins", type=int, default=64, help="location bins of a new tokenizer")
+    p.add_argument("--serve-dtype", choices=["fp32", "bf16", "bf16-emulated"], default="fp32",
+                   help="dtype of the serving copies evaluated and timed (prepare_for_inference(dtype=)): bf16 "
+                        "stays fp32, with a warning, on a CPU without bfloat16 instructions (AVX512-BF16, "
+                        "AMX-BF16); bf16-emulated runs bf16 there anyway (slower; for its quality)")
     p.add_argument("--latency-samples", type=int, default=100,
                    help="evaluation samples timed for latency_ms (batch 1, each timed 5 times, best kept)")
     p.add_argument("--beam", type=int, default=1, help="beam width at evaluation (1 = greedy)")
@@ -212,6 +218,10 @@ def parse_args(argv=None):
         p.error("--max-target-len must be >= 1")
     if a.queries is not None and a.queries < 1:
         p.error("--queries must be >= 1")
+    if a.dec_layers is not None and a.dec_layers < 1:
+        p.error("--dec-layers must be >= 1")
+    if a.dec_layers is not None and (a.init_ofa or a.init or a.resume or a.eval_only):
+        p.error("--dec-layers sets up a new model (a checkpoint keeps its own layers)")
     if a.refine is not None and a.refine < 0:
         p.error("--refine must be >= 0")
     if a.glance is not None and not 0.0 <= a.glance <= 1.0:
@@ -235,9 +245,11 @@ def parse_args(argv=None):
     if a.arch in EPALM_ARCHS:
         for name in ("resume", "eval_only", "init", "init_ofa", "freeze_backbone", "no_soft_prompt", "bf16",
                      "fp16", "stop_after", "freeze_bn", "glance", "glance_plain_weight", "aux_ar_weight", "refine",
-                     "entangle_position_embedding"):
+                     "entangle_position_embedding", "dec_layers"):
             if getattr(a, name) not in (None, False):
                 p.error(f"--{name.replace('_', '-')} does not apply to --arch {a.arch}")
+        if a.serve_dtype != "fp32":
+            p.error(f"--serve-dtype applies to --arch narvl, ar and both")
         if a.queries is not None and a.arch != "epalm-nar":
             p.error("--queries applies to --arch narvl and epalm-nar")
     elif a.lm or a.vision:
@@ -338,6 +350,13 @@ def decode_text(task, tok, ids, image_size):
     return tok.decode(ids)
 
 
+def serving_copy(model, args):
+    """The serving copy evaluated and timed: ``prepare_for_inference`` in ``--serve-dtype``."""
+    if args.serve_dtype == "fp32":
+        return prepare_for_inference(model)
+    return prepare_for_inference(model, dtype=torch.bfloat16, fallback=args.serve_dtype == "bf16")
+
+
 def latency_inputs(data, tok, max_text_len, n):
     """The first ``n`` samples of ``data`` as batch-1 (images, text) pairs."""
     return [data.batch([i], tok, max_text_len)[:2] for i in range(min(n, len(data)))]
@@ -402,7 +421,7 @@ def main(argv=None):
         # on the same samples, so a change in the machine's speed between the runs cancels out.
         (nm, tok), (am, _) = trained["narvl"], trained["ar"]
         data = load_data(args, "eval", nm.cfg.image_size)
-        timing = time_generate({"narvl": prepare_for_inference(nm), "ar": prepare_for_inference(am)},
+        timing = time_generate({"narvl": serving_copy(nm, args), "ar": serving_copy(am, args)},
                                latency_inputs(data, tok, nm.cfg.max_text_len, args.latency_samples), args.beam)
         lat = {k: t.best_ms for k, t in timing.items()}
         comp = dict(task=args.task, metric_name=n["metric_name"], narvl_metric=n["metric"], ar_metric=r["metric"],
@@ -411,7 +430,7 @@ def main(argv=None):
                     speedup=round(lat["ar"] / lat["narvl"], 2), latency_samples=args.latency_samples,
                     latency_method="batch 1, encoder included, both models in one process taking turns "
                                    "(all samples per turn), 5 rounds, mean over samples of each sample's best",
-                    threads=torch.get_num_threads())
+                    threads=torch.get_num_threads(), serve_dtype=n["serve_dtype"])
         with open(os.path.join(args.out, "comparison.json"), "w") as f:
             json.dump(comp, f, indent=2)
         print(f"[narvl] {args.task}: NARVL {n['metric_name']} {n['metric']:.2f} vs AR {r['metric']:.2f}; "
@@ -472,7 +491,8 @@ def build(args) -> Setup:
                                       glance_plain_weight=recipe(args, "glance_plain_weight", 0.0),
                                       aux_ar_weight=recipe(args, "aux_ar_weight", 0.0) if args.arch == "narvl" else 0.0,
                                       refine_steps=recipe(args, "refine", 0),
-                                      **({} if args.queries is None else dict(num_queries=args.queries)))
+                                      **({} if args.queries is None else dict(num_queries=args.queries)),
+                                      **({} if args.dec_layers is None else dict(dec_layers=args.dec_layers)))
     # a checkpoint trained parameter-efficiently (and not used as --init) is rebuilt that way
     saved_peft = bool(meta and json.loads(meta.get("peft", "false")) and not args.init)
     if model is None:
@@ -690,7 +710,8 @@ def write_metrics(args, s: Setup, eval_data, train_seconds, report, world):
     n_all -= aux_params
     n_train -= sum(p.numel() for p in aux.parameters() if p.requires_grad) if aux is not None else 0
     frac = n_train / max(n_all, 1)
-    metric, latency, extra, examples = evaluate(prepare_for_inference(model), eval_data, s.tok, args.task,
+    infer = serving_copy(model, args)
+    metric, latency, extra, examples = evaluate(infer, eval_data, s.tok, args.task,
                                                 args.beam, args.latency_samples, cfg.max_text_len, args.bf16)
     narvl_only = (lambda v: v) if args.arch == "narvl" else (lambda v: None)
     out = dict(task=args.task, arch=args.arch, preset=cfg.preset, metric_name=METRIC[args.task],
@@ -704,7 +725,8 @@ def write_metrics(args, s: Setup, eval_data, train_seconds, report, world):
                entangle_position_embedding=cfg.entangle_position_embedding, lr=learning_rate(args),
                warmup=args.warmup, eval_samples=len(eval_data), threads=torch.get_num_threads(),
                world_size=world, backend=settings.current()["NARVL_BACKEND"],
-               precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", **extra, **report,
+               precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+               serve_dtype=str(infer.embed_tokens.weight.dtype).replace("torch.", ""), **extra, **report,
                examples=examples)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(out, f, indent=2)

@@ -16,26 +16,28 @@ import torch
 from narvl.checkpoint import load_model_state, read_checkpoint
 from narvl.data import Tokenizer, shapes_task
 from narvl.models import ARBaseline, NARVL, NARVLConfig, prepare_for_inference, time_generate
+from narvl.models.inference import cpu_has_bf16
 from setups import cpu_model
 
 SAMPLES = 100
 RUNS = os.environ.get("NARVL_RUNS")
 
 
-def load(path, pack_linear=True, refine=None):
+def load(path, pack_linear=True, refine=None, dtype=None):
     """The inference copy of a checkpoint; ``refine``: NARVL's refinement passes in place of the
-    checkpoint's."""
+    checkpoint's; ``dtype``: the copy's (``prepare_for_inference(dtype=)``, no fallback)."""
     tensors, meta = read_checkpoint(path)
     cfg = NARVLConfig.from_json(meta["config"])
     if refine is not None:
         cfg = dataclasses.replace(cfg, refine_steps=refine)
     model = (NARVL if meta["arch"] == "narvl" else ARBaseline)(cfg)
     load_model_state(model, tensors, meta)
-    return prepare_for_inference(model, pack_linear=pack_linear), Tokenizer.from_json(meta["tokenizer"]), cfg
+    return (prepare_for_inference(model, pack_linear=pack_linear, dtype=dtype, fallback=False),
+            Tokenizer.from_json(meta["tokenizer"]), cfg)
 
 
 def task_inputs(task, variants):
-    """{name: inference copy} for (name, arch, pack_linear[, refine]) in ``variants`` and the
+    """{name: inference copy} for (name, arch, pack_linear[, refine[, dtype]]) in ``variants`` and the
     task's SAMPLES batch-1 inputs; skips when a checkpoint is missing."""
     models = {}
     for name, arch, pack, *refine in variants:
@@ -97,6 +99,30 @@ def test_caption_refinement_latency(benchmark):
     benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
                        rounds=1, iterations=1)
     benchmark.group = "task-caption-refinement"
+    benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
+                                cpu_model=cpu_model(),
+                                **{f"{k}_ms": v.round_ms for k, v in out.items()},
+                                **{f"{k}_best_ms": v.best_ms for k, v in out.items()})
+
+
+def test_caption_bf16_copies(benchmark):
+    """The caption checkpoints served in float32 and in bfloat16 (``prepare_for_inference(dtype=
+    torch.bfloat16)``), the four copies taking turns (7 rounds). Runs only on a CPU with bfloat16
+    instructions (AVX512-BF16 or AMX-BF16): elsewhere bfloat16 is emulated, and
+    ``prepare_for_inference`` keeps float32. extra_info: per copy the per-round ms per sample
+    and the best-of-rounds mean."""
+    if RUNS is None:
+        pytest.skip("set NARVL_RUNS to a directory of trained runs (RUNS/caption/{narvl,ar}/last.safetensors)")
+    if not cpu_has_bf16():
+        pytest.skip(f"{cpu_model()} has no bfloat16 instructions (avx512_bf16 / amx_bf16)")
+    bf16 = torch.bfloat16
+    models, inputs = task_inputs("caption", [("narvl", "narvl", True), ("ar", "ar", True),
+                                             ("narvl_bf16", "narvl", True, None, bf16),
+                                             ("ar_bf16", "ar", True, None, bf16)])
+    out = {}
+    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
+                       rounds=1, iterations=1)
+    benchmark.group = "task-caption-bf16"
     benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
                                 cpu_model=cpu_model(),
                                 **{f"{k}_ms": v.round_ms for k, v in out.items()},

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import narvl
+import narvl.models.inference
 import narvl.models.layers
 import narvl.models.narvl
 from narvl.nn import Linear
@@ -120,6 +121,49 @@ def test_packed_backbone_matches_eval_backbone():
     torch.testing.assert_close(packed(x), net(x), rtol=1e-4, atol=1e-4 * net(x).abs().max().item())
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         assert packed(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", [NARVL, ARBaseline])
+def test_bf16_serving_copy(arch, monkeypatch):
+    """prepare_for_inference(dtype=torch.bfloat16): bfloat16 parameters, float32 images accepted,
+    NARVL's logits within twice the error (against float64) of the plain model cast to bfloat16;
+    on a CPU without bfloat16 instructions the copy stays float32 with a warning."""
+    torch.manual_seed(2)
+    cfg = small_cfg()
+    model = arch(cfg)
+    randomise_bn(model.encoder.backbone)
+    with torch.no_grad():
+        for t in rel_tables(model):
+            t.weight.normal_()
+        perturb_c_attn(model)
+    model.eval()
+    images, text, _, _ = inputs(cfg)
+    infer = prepare_for_inference(model, dtype=torch.bfloat16, fallback=False)
+    assert {p.dtype for p in infer.parameters()} == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model is unchanged
+    with torch.no_grad():
+        memory, lengths = infer.encoder(images, text)  # float32 images
+        assert memory.dtype == torch.bfloat16 and torch.equal(lengths, model.encoder(images, text)[1])
+        if arch is NARVL:
+            oracle = copy.deepcopy(model).double().logits(images.double(), text)
+            plain = copy.deepcopy(model).to(torch.bfloat16).logits(images.bfloat16(), text)
+            got = infer.logits(images, text)
+            assert got.dtype == torch.bfloat16
+            err, err_plain = (got.double() - oracle).abs().max(), (plain.double() - oracle).abs().max()
+            assert err <= 2 * err_plain + 1e-3, (err, err_plain)
+    out = infer.generate(images, text)
+    assert len(out) == images.shape[0] and all(0 <= t < cfg.vocab_size - 1 for s in out for t in s)
+    monkeypatch.setattr(narvl.models.inference, "cpu_has_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no bfloat16 instructions"):
+        kept = prepare_for_inference(model, dtype=torch.bfloat16)
+    assert {p.dtype for p in kept.parameters()} == {torch.float32}
+    assert kept.generate(images, text) == prepare_for_inference(model).generate(images, text)
+    monkeypatch.setattr(narvl.models.inference, "cpu_has_bf16", lambda: True)
+    assert {p.dtype for p in prepare_for_inference(model, dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
+    with pytest.raises(TypeError, match="dtype"):
+        prepare_for_inference(model, dtype=torch.float16)
+    with pytest.raises(TypeError, match="fallback"):
+        prepare_for_inference(model, dtype=torch.bfloat16, fallback="no")
 
 
 @pytest.mark.parametrize("entangle", [False, True], ids=["biases", "entangled"])

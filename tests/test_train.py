@@ -97,6 +97,32 @@ def test_aux_ar_weight_flag(tmp_path):
             train.parse_args(bad)
 
 
+def test_dec_layers_and_serve_dtype(tmp_path, monkeypatch):
+    """--dec-layers sets a new model's decoder depth (config, checkpoint); --serve-dtype picks the
+    dtype of the copy evaluated and timed, recorded in metrics.json (bf16 falls back to fp32 on a
+    CPU without bfloat16 instructions; bf16-emulated does not)."""
+    m = run(tmp_path / "a", "--task", "caption", "--arch", "narvl", "--steps", "2", "--dec-layers", "3")
+    cfg = _cfg_of(tmp_path / "a")
+    assert cfg.dec_layers == 3 and m["serve_dtype"] == "float32"
+    from narvl.models import NARVL
+    assert m["params"] == sum(p.numel() for p in NARVL(cfg).parameters())
+    ckpt = str(tmp_path / "a" / "last.safetensors")
+    ev = tmp_path / "ev"
+    assert train.main([*SMALL, "--eval-only", ckpt, "--serve-dtype", "bf16-emulated", "--out", str(ev)]) == 0
+    with open(ev / "metrics.json") as f:
+        assert json.load(f)["serve_dtype"] == "bfloat16"
+    import narvl.models.inference as inference
+    for has, want in ((False, "float32"), (True, "bfloat16")):
+        monkeypatch.setattr(inference, "cpu_has_bf16", lambda has=has: has)
+        assert train.main([*SMALL, "--eval-only", ckpt, "--serve-dtype", "bf16", "--out", str(ev)]) == 0
+        with open(ev / "metrics.json") as f:
+            assert json.load(f)["serve_dtype"] == want
+    for bad in (["--dec-layers", "0"], ["--dec-layers", "2", "--eval-only", ckpt], ["--serve-dtype", "fp16"],
+                ["--arch", "epalm", "--serve-dtype", "bf16"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+
+
 def _cfg_of(out):
     from narvl.checkpoint import read_checkpoint
     from narvl.models import NARVLConfig

@@ -21,6 +21,14 @@ compute and nothing else.
   kept per shape in a bounded LRU cache; ``CachedQueryDecoder`` also keeps NARVL's first decoder
   self-attention block, which sees only the learnable queries and so is a constant.
 
+``prepare_for_inference(model, dtype=torch.bfloat16)`` builds the copy in bfloat16 (BatchNorm
+folded in float32 first; the copy's encoder casts float images to its dtype; the decoders' logits
+are read in float32). On a CPU without bfloat16 instructions (AVX512-BF16 or AMX-BF16;
+``cpu_has_bf16``) bfloat16 runs emulated and slower than float32, so the copy stays float32 with
+a ``RuntimeWarning`` unless ``fallback=False``. The fp32-only fast paths (the packed ResNet, the
+oneDNN-packed linear weights) step aside for bfloat16: its calls run ATen's own kernels, which
+use oneDNN's bfloat16 matmuls and convolutions where the CPU has them.
+
 The encoder gets the same treatment in ``NARVL`` and ``ARBaseline``, so latency comparisons
 between them stay like for like (``train.py``, ``bench/``). Every snapshot (packed weights, fused
 weights, biases, the first block) is recomputed when the copy's own parameters change in place
@@ -32,6 +40,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +60,44 @@ from .resnet import ResNetStages, fold_batchnorm_
 __all__ = ["prepare_for_inference", "time_generate", "Timing", "pack_for_cpu_", "fold_batchnorm_",
            "mkldnn_fusion_available", "PackedLinear", "PackedTiedOutput", "FusedAttention",
            "FusedWeights", "CachedEncoder", "CachedDecoderStack", "CachedQueryDecoder",
-           "PackedResNetStages"]
+           "PackedResNetStages", "cpu_has_bf16"]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (the ``avx512_bf16`` or ``amx_bf16`` flag of
+    /proc/cpuinfo: Intel Cooper Lake and later Xeons, AMD Zen 4 and later). False where the
+    flags cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+_SERVING_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _serving_dtype(model: nn.Module, dtype, fallback: bool):
+    """The dtype of the serving copy: ``dtype`` (None: the model's), or float32 for bfloat16 on
+    a CPU without bfloat16 instructions when ``fallback``."""
+    if dtype is None:
+        return None
+    if dtype not in _SERVING_DTYPES:
+        raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype!r}")
+    if not isinstance(fallback, bool):
+        raise TypeError(f"fallback must be a bool, got {fallback!r}")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if dtype == torch.bfloat16 and on_cpu and fallback and not cpu_has_bf16():
+        warnings.warn("prepare_for_inference: this CPU has no bfloat16 instructions (avx512_bf16 / "
+                      "amx_bf16), where bfloat16 runs emulated and slower than float32; the serving "
+                      "copy stays float32 (fallback=False builds it in bfloat16 anyway)",
+                      RuntimeWarning, stacklevel=3)
+        return torch.float32
+    return dtype
 
 
 def _become(module: nn.Module, cls: type, base: type | None = None) -> nn.Module:
@@ -185,6 +231,12 @@ class CachedEncoder(Encoder):
         _become(m, cls)
         m._bias_cache = ShapeCache([r for p in m.position_modules() for r in param_refs(p)], max_bytes)
         return m
+
+    def forward(self, images, text):
+        dt = self.image_proj.weight.dtype  # a bfloat16 copy takes float32 images
+        if isinstance(images, torch.Tensor) and images.is_floating_point() and images.dtype != dt:
+            images = images.to(dt)
+        return Encoder.forward(self, images, text)
 
     def layer_biases(self, h, w, n_text, dtype):
         with torch.no_grad():
@@ -367,18 +419,25 @@ def pack_for_cpu_(backbone: ResNetStages, image_size: int = 224) -> bool:
 
 
 def prepare_for_inference(model: nn.Module, image_size: int | None = None,
-                          cache_bytes: int = DEFAULT_CACHE_BYTES, pack_linear: bool = True) -> nn.Module:
+                          cache_bytes: int = DEFAULT_CACHE_BYTES, pack_linear: bool = True,
+                          dtype: torch.dtype | None = None, fallback: bool = True) -> nn.Module:
     """A serving copy of ``model`` (a ``NARVL`` or ``ARBaseline``); ``model`` is unchanged.
     ``image_size`` (default ``model.cfg.image_size``) picks the packed conv layout only;
     ``cache_bytes`` caps each per-shape bias cache (LRU); ``pack_linear=False`` keeps the linear
-    weights unpacked (the packed copies add about the linear weights' size in memory)."""
+    weights unpacked (the packed copies add about the linear weights' size in memory);
+    ``dtype``: torch.float32 or torch.bfloat16 (default: the model's); ``fallback``: a bfloat16
+    copy asked for on a CPU without bfloat16 instructions stays float32, with a RuntimeWarning
+    (``cpu_has_bf16``); the copy's parameters have the dtype it runs in."""
     if not hasattr(model, "encoder") or not hasattr(model, "cfg") or not hasattr(model, "decoder"):
         raise TypeError(f"expected a NARVL or ARBaseline model, got {type(model).__name__}")
+    dtype = _serving_dtype(model, dtype, fallback)
     infer = copy.deepcopy(model).eval()
     if getattr(infer, "aux_decoder", None) is not None:
         infer.aux_decoder = None  # joint training's AR decoder: never used at inference
     backbone = infer.encoder.backbone
-    fold_batchnorm_(backbone)
+    fold_batchnorm_(backbone)  # in the model's precision, before any cast
+    if dtype is not None:
+        infer.to(dtype)
     pack_for_cpu_(backbone, image_size or model.cfg.image_size)
     for m in list(infer.modules()):
         if isinstance(m, OFAAttention) and not isinstance(m, FusedAttention):
