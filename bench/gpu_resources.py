@@ -151,6 +151,10 @@ def configs(subset: bool):
                 kc.qctc_loss_bwd(torch.ones(()), x, nll, lse, em, tg, tl, None, None, V - 1, "mean",
                                  True, 0.1)
                 kchecks.count_outside(tl, 0, 16, "target_lengths must lie in [0, S]")
+                # ctc_loss's route on (T, B, C) log-probabilities, the same shape
+                lp = torch.empty(N, B, V, dtype=dt)
+                loss, nll, em = kc.ctc_loss_fwd(lp, tg, ql, tl, 0, "mean", True, True)
+                kc.ctc_loss_bwd(torch.ones(()), lp, nll, em, tg, ql, tl, 0, "mean", True)
             out.append((f"qctc B{B} N{N} V{V} {dn}", run))
     attn = [(32, 12, 20, 930), (1, 4, 6, 28)]
     heads = [16, 64, 80, 128]

@@ -283,19 +283,32 @@ def _qctc_grad_kernel(X, stride_b, stride_n, G, N, V, LSE, POST, NLL, K, TGT, st
 
 @triton.jit
 def _ctc_grad_kernel(LP, lp_st, lp_sb, G, stride_t, stride_b, POST, NLL, T, C, K, TGT, stride_tb, TL,
-                     IL, GN, blank, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+                     IL, GN, blank, B, gl_stride, FUSED: tl.constexpr, REDUCTION: tl.constexpr,
+                     ZERO_INF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                     ACC: tl.constexpr):
     # one program per (b, t) row of the gradient w.r.t. log_probs: -gn * post on the label and
     # blank columns, 0 elsewhere; as F.ctc_loss, NaN at NaN / -inf log-probs (inf * gn at +inf
     # ones) and over every live frame
     # of a sample whose nll is NaN (or infinite under a non-zero gn); zero_infinity's zeroed
     # samples (nll = inf, gn = 0) get 0.
+    # gn = dloss/dnll_b is read from GN, or with FUSED derived here from the loss's gradient (GN,
+    # scalar or (B,) with gl_stride 1) and ctc_loss's reduction: c_b = nll_b, divided by
+    # max(L_b, 1) and averaged for 'mean' (REDUCTION 1; 0 'none', 2 'sum'), 0 for an infinite
+    # nll_b under ZERO_INF.
     r = tl.program_id(0).to(tl.int64)
     b = r // T
     t = r % T
     tb = tl.minimum(tl.maximum(tl.load(IL + b), 0), T)
     L = tl.minimum(tl.maximum(tl.load(TL + b), 0), K - 1)
-    gn = tl.load(GN + b).to(ACC)
     nll = tl.load(NLL + b).to(ACC)
+    if FUSED:
+        gn = tl.load(GN + b * gl_stride).to(ACC)
+        if REDUCTION == 1:
+            gn = gn / B / tl.maximum(L, 1).to(ACC)
+        if ZERO_INF:
+            gn = tl.where((nll == float("inf")) | (nll == float("-inf")), 0.0, gn)
+    else:
+        gn = tl.load(GN + b).to(ACC)
     # 0 / 1 scalars, broadcast into block masks below (masks must be blocks)
     live = ((t < tb) & ((nll != float("inf")) | (gn != 0.0))).to(tl.int32)  # not zero_infinity's
     poisoned = live * ((nll != nll) | (nll == float("inf"))).to(tl.int32)
@@ -429,17 +442,23 @@ def qctc_bwd(grad_nll, grad_smooth, logits, lse, em, targets, target_lengths, qu
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
-#: the fault bits of _lattice_kernel's checks -> (argument, what is wrong), for the host's message
-FAULTS = ((1, "target_lengths", "a target length is outside [0, targets.shape[1]]"),
-          (2, "query_lengths", "a query length is outside [0, N]"),
-          (4, "targets", "a live label is outside [0, V)"),
-          (8, "targets", "a live label equals the blank index"))
+#: the fault bits of _lattice_kernel's checks -> (argument, what is wrong), for the host's message,
+#: per function (ctc_loss's frames are its input lengths)
+FAULTS = {"qctc_loss": ((1, "target_lengths", "a target length is outside [0, targets.shape[1]]"),
+                        (2, "query_lengths", "a query length is outside [0, N]"),
+                        (4, "targets", "a live label is outside [0, V)"),
+                        (8, "targets", "a live label equals the blank index")),
+          "ctc_loss": ((1, "target_lengths", "a target length is outside [0, targets.shape[1]]"),
+                       (2, "input_lengths", "an input length is outside [0, T]"),
+                       (4, "targets", "a live label is outside [0, C)"),
+                       (8, "targets", "a live label equals the blank index"))}
 
 
 @triton.jit(debug=True)
 def _qctc_reduce_kernel(NLL, SMOOTH, TL, W, FLAGS, LOSS, B, S, eps, REDUCTION: tl.constexpr,
                         ZERO_INF: tl.constexpr, HAS_W: tl.constexpr, SMOOTH_ON: tl.constexpr,
-                        CHECK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                        CHECK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                        CTC: tl.constexpr = False):
     # One program: loss_b = w_b ((1 - eps) c_b - eps smooth_b) from the lattice's per-sample
     # terms (c_b as in _qctc_grad_kernel), stored per sample or summed in a fixed order (the same
     # result on every run). With CHECK, the lattice's fault bits are asserted on the device: a
@@ -480,12 +499,20 @@ def _qctc_reduce_kernel(NLL, SMOOTH, TL, W, FLAGS, LOSS, B, S, eps, REDUCTION: t
             tot = tot / B
         tl.store(LOSS, tot)
     if CHECK:
-        tl.device_assert(tl.sum(c1, 0) == 0,
-                         "narvl.qctc_loss: a target length is outside [0, targets.shape[1]]")
-        tl.device_assert(tl.sum(c2, 0) == 0, "narvl.qctc_loss: a query length is outside [0, N]")
-        tl.device_assert(tl.sum(c4, 0) == 0, "narvl.qctc_loss: a live label is outside [0, V)")
-        tl.device_assert(tl.sum(c8, 0) == 0,
-                         "narvl.qctc_loss: a live label equals the blank index")
+        if CTC:  # narvl.ctc_loss: the frames are input_lengths, the classes C
+            tl.device_assert(tl.sum(c1, 0) == 0,
+                             "narvl.ctc_loss: a target length is outside [0, targets.shape[1]]")
+            tl.device_assert(tl.sum(c2, 0) == 0, "narvl.ctc_loss: an input length is outside [0, T]")
+            tl.device_assert(tl.sum(c4, 0) == 0, "narvl.ctc_loss: a live label is outside [0, C)")
+            tl.device_assert(tl.sum(c8, 0) == 0,
+                             "narvl.ctc_loss: a live label equals the blank index")
+        else:
+            tl.device_assert(tl.sum(c1, 0) == 0,
+                             "narvl.qctc_loss: a target length is outside [0, targets.shape[1]]")
+            tl.device_assert(tl.sum(c2, 0) == 0, "narvl.qctc_loss: a query length is outside [0, N]")
+            tl.device_assert(tl.sum(c4, 0) == 0, "narvl.qctc_loss: a live label is outside [0, V)")
+            tl.device_assert(tl.sum(c8, 0) == 0,
+                             "narvl.qctc_loss: a live label equals the blank index")
 
 
 def raise_faults(flags, fn="qctc_loss"):
@@ -495,7 +522,7 @@ def raise_faults(flags, fn="qctc_loss"):
     if flags is None or not (settings.triton_interpret() and flags.device.type == "cpu"):
         return
     fl = flags.tolist()
-    for bit, arg, what in FAULTS:
+    for bit, arg, what in FAULTS[fn]:
         hit = [b for b, f in enumerate(fl) if f & bit]
         if hit:
             raise ValueError(f"{arg}: {what} (sample {hit[0]}; narvl.{fn})")
@@ -545,6 +572,19 @@ def qctc_loss_bwd(grad_loss, logits, nll, lse, em, targets, target_lengths, quer
                  zero_infinity=zero_infinity, eps=float(label_smoothing), has_w=w is not None)
 
 
+def _ctc_emissions(log_probs, targets, tl_, il, blank):
+    """The label columns of log_probs (T, B, C) -> em (B, T, S+1), every entry written."""
+    T, B, C = log_probs.shape
+    K = targets.shape[1] + 1
+    em = torch.empty(B, T, K, dtype=_out_dtype(log_probs.dtype), device=log_probs.device)
+    if B * T > 0:
+        _row_kernel[(B * T,)](
+            log_probs, log_probs.stride(1), log_probs.stride(0), T, C, targets, targets.stride(0),
+            tl_, il, em, em, em, K, blank, NORMALIZED=True, HAS_QL=True, BLOCK_V=16,
+            BLOCK_K=triton.next_power_of_2(K), ACC=_acc(log_probs.dtype), num_warps=1)
+    return em
+
+
 def ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank):
     """log_probs: (T, B, C) -> (nll (B,), em (B, T, S+1))."""
     if log_probs.stride(-1) != 1:
@@ -552,18 +592,62 @@ def ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank):
     T, B, C = log_probs.shape
     dev = log_probs.device
     targets = targets.to(device=dev, dtype=torch.int64).contiguous()
-    K = targets.shape[1] + 1
     tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
-    odt, acc = _out_dtype(log_probs.dtype), _acc(log_probs.dtype)
-    em = torch.empty(B, T, K, dtype=odt, device=dev)  # every entry written by the row kernel
-    dummy = torch.empty(1, dtype=odt, device=dev)
-    if B * T > 0:
-        _row_kernel[(B * T,)](
-            log_probs, log_probs.stride(1), log_probs.stride(0), T, C, targets, targets.stride(0),
-            tl_, il, dummy, dummy, em, K, blank, NORMALIZED=True, HAS_QL=True, BLOCK_V=16,
-            BLOCK_K=triton.next_power_of_2(K), ACC=acc, num_warps=1)
-    nll, _, _ = _lattice(em, targets, tl_, il, T, dummy, dummy, C, False, False, acc)
+    em = _ctc_emissions(log_probs, targets, tl_, il, blank)
+    nll, _, _ = _lattice(em, targets, tl_, il, T, em, em, C, False, False, _acc(log_probs.dtype))
     return nll, em
+
+
+def ctc_loss_fwd(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity,
+                 check):
+    """The whole loss of ``narvl.ctc_loss`` in three launches (label columns, lattice, reduction
+    with the checks) -> (loss (B,) or (), nll (B,), em (B, T, S+1)), fp32/fp64."""
+    if log_probs.stride(-1) != 1:
+        log_probs = log_probs.contiguous()
+    T, B, C = log_probs.shape
+    dev = log_probs.device
+    targets = targets.to(device=dev, dtype=torch.int64).contiguous()
+    tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
+    acc = _acc(log_probs.dtype)
+    em = _ctc_emissions(log_probs, targets, tl_, il, blank)
+    flags = torch.empty(B, dtype=torch.int32, device=dev) if check else None
+    nll, _, _ = _lattice(em, targets, tl_, il, T, em, em, C, False, False, acc, flags=flags, blank=blank)
+    loss = torch.empty((B,) if reduction == "none" else (), dtype=nll.dtype, device=dev)
+    _qctc_reduce_kernel[(1,)](
+        nll, nll, tl_, nll, nll if flags is None else flags, loss, B, targets.shape[1], 0.0,
+        REDUCTION=REDUCTIONS[reduction], ZERO_INF=bool(zero_infinity), HAS_W=False, SMOOTH_ON=False,
+        CHECK=bool(check), BLOCK=max(16, min(1024, triton.next_power_of_2(B))), ACC=acc, CTC=True,
+        num_warps=4)
+    raise_faults(flags, "ctc_loss")
+    return loss, nll, em
+
+
+def ctc_loss_bwd(grad_loss, log_probs, nll, em, targets, input_lengths, target_lengths, blank,
+                 reduction, zero_infinity):
+    """Gradient of ``ctc_loss_fwd``'s loss w.r.t. log_probs (T, B, C) in two launches (lattice
+    with the posteriors, gradient rows); the per-sample factors are derived in the gradient
+    kernel."""
+    if log_probs.stride(-1) != 1:
+        log_probs = log_probs.contiguous()
+    T, B, C = log_probs.shape
+    dev = log_probs.device
+    targets = targets.to(device=dev, dtype=torch.int64).contiguous()
+    K = targets.shape[1] + 1
+    grad = torch.empty(T, B, C, dtype=log_probs.dtype, device=dev)
+    tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
+    if B * T == 0:
+        return grad
+    acc = _acc(log_probs.dtype)
+    em = em.to(_out_dtype(log_probs.dtype)).contiguous()
+    _, _, post = _lattice(em, targets, tl_, il, T, em, em, C, False, True, acc)
+    gl_stride = grad_loss.stride(0) if grad_loss.dim() else 0
+    _ctc_grad_kernel[(B * T,)](
+        log_probs, log_probs.stride(0), log_probs.stride(1), grad, grad.stride(0), grad.stride(1),
+        post, nll, T, C, K, targets, targets.stride(0), tl_, il, grad_loss, blank, B, gl_stride,
+        FUSED=True, REDUCTION=REDUCTIONS[reduction], ZERO_INF=bool(zero_infinity),
+        BLOCK_C=max(16, min(1024, triton.next_power_of_2(C))), BLOCK_K=triton.next_power_of_2(K),
+        ACC=acc, num_warps=4)
+    return grad
 
 
 def ctc_bwd(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
@@ -582,6 +666,7 @@ def ctc_bwd(grad_nll, log_probs, em, targets, input_lengths, target_lengths, bla
         _ctc_grad_kernel[(B * T,)](
             log_probs, log_probs.stride(0), log_probs.stride(1), grad, grad.stride(0), grad.stride(1),
             post, nll, T, C, K, targets, targets.stride(0), tl_, il,
-            grad_nll.contiguous(), blank, BLOCK_C=max(16, min(1024, triton.next_power_of_2(C))),
+            grad_nll.contiguous(), blank, B, 1, FUSED=False, REDUCTION=0, ZERO_INF=False,
+            BLOCK_C=max(16, min(1024, triton.next_power_of_2(C))),
             BLOCK_K=triton.next_power_of_2(K), ACC=_acc(log_probs.dtype), num_warps=4)
     return grad

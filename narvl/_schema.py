@@ -35,5 +35,9 @@ PY_SCHEMAS = {
     "qctc_loss_bwd": "(Tensor grad_loss, Tensor logits, Tensor nll, Tensor lse, Tensor em, "
     "Tensor targets, Tensor target_lengths, Tensor? query_lengths, Tensor? weights, int blank, "
     "str reduction, bool zero_infinity, float label_smoothing) -> Tensor",
+    "ctc_loss_fwd": "(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
+    "int blank, str reduction, bool zero_infinity, bool check) -> (Tensor, Tensor, Tensor)",
+    "ctc_loss_bwd": "(Tensor grad_loss, Tensor log_probs, Tensor nll, Tensor em, Tensor targets, "
+    "Tensor input_lengths, Tensor target_lengths, int blank, str reduction, bool zero_infinity) -> Tensor",
     "assert_in_range": "(Tensor x, int lo, int hi, str message) -> ()",
 }

@@ -271,6 +271,14 @@ def test_opcheck_ops(backend, dtype):
         gl = torch.rand(loss.shape, dtype=loss.dtype)
         torch.library.opcheck(torch.ops.narvl.qctc_loss_bwd.default,
                               (gl, logits, nll, lse, em, targets, tl, q_, w_, 6, red, True, eps))
+    # ctc_loss's route: the whole loss as one op, each reduction, zero_infinity on and off
+    for red, zi in (("none", False), ("mean", True), ("sum", False)):
+        args = (lp.clone().requires_grad_(True), targets, ql, tl, 6, red, zi, False)
+        torch.library.opcheck(torch.ops.narvl.ctc_loss_fwd.default, args)
+        loss, nll, em = torch.ops.narvl.ctc_loss_fwd(lp, *args[1:])
+        gl = torch.rand(loss.shape, dtype=loss.dtype)
+        torch.library.opcheck(torch.ops.narvl.ctc_loss_bwd.default,
+                              (gl, lp, nll, em, targets, ql, tl, 6, red, zi))
     torch.library.opcheck(torch.ops.narvl.assert_in_range.default, (ql, 0, 5, "query_lengths"))
 
 
@@ -290,6 +298,12 @@ def test_gradcheck_float64_reductions(backend, reduction):
     want = qctc_loss_reference(x.detach(), targets, tl, blank=0, reduction=reduction,
                                label_smoothing=0.1, weights=w, zero_infinity=True)
     torch.testing.assert_close(f(x).detach(), want)
+    # ctc_loss's fused op, the same reduction and infeasible sample
+    lp = torch.log_softmax(logits.double(), -1).transpose(0, 1).contiguous().requires_grad_(True)
+    il = torch.tensor([4, 4, 3])
+    assert torch.autograd.gradcheck(
+        lambda y: narvl.ctc_loss(y, targets, il, tl, blank=0, reduction=reduction, zero_infinity=True),
+        (lp,), eps=1e-6, atol=1e-6, fast_mode=backend == "triton")
 
 
 def test_torch_compile_fullgraph_matches_eager(backend):

@@ -28,7 +28,7 @@ def test_kernels_compile_for_the_gpu_within_budget(tmp_path, arch):
                                            "attention B32 H12 Lq20 Lk930 D80 fp32 bias=True"}
     assert {"_row_kernel", "_lattice_kernel", "_qctc_grad_kernel", "_fwd_kernel",
             "_dkdv_kernel", "_dq_kernel", "_argmax_kernel", "_collapse_kernel", "_topk_kernel",
-            "_qctc_reduce_kernel", "_range_kernel",
+            "_qctc_reduce_kernel", "_range_kernel", "_ctc_grad_kernel",
             "_beam_kernel"} <= kernels, kernels
     for r in rows:
         assert "error" not in r, r

@@ -116,7 +116,7 @@ def test_the_no_sync_test_can_fail(monkeypatch):
 # split). Q-CTC: rows, lattice, reduction (+ checks), then lattice with posteriors and gradient
 # rows. Attention: the key_lengths check, forward, then dO/delta, dK/dV, dQ.
 LIMITS = {
-    "qctc": 5, "qctc smoothing+weights": 5, "qctc none + query_lengths": 5,
+    "qctc": 5, "qctc smoothing+weights": 5, "qctc none + query_lengths": 5, "ctc": 5,
     "attention": 1, "attention key_lengths": 2, "attention fwd+bwd": 5, "greedy": 2,
     "greedy lengths": 3, "beam": 4,
 }
@@ -160,6 +160,23 @@ def test_qctc_launch_sequence(device_route):
         "_qctc_grad_kernel"]
 
 
+def test_ctc_loss_launch_sequence(device_route):
+    """narvl.ctc_loss as Q-CTC: label columns, lattice, reduction (+ checks), then lattice with
+    posteriors and gradient rows."""
+    lp = torch.randn(N, B, V).log_softmax(-1).requires_grad_(True)
+    tg = torch.randint(1, V - 1, (B, S))
+    il, tl = torch.tensor([7, 6, 5]), torch.tensor([4, 2, 3])
+    narvl.ctc_loss(lp, tg, il, tl, blank=V - 1).backward()
+    lp.grad = None
+    with LaunchCounter() as c:
+        loss = narvl.ctc_loss(lp, tg, il, tl, blank=V - 1)
+        seed = torch.ones_like(loss)
+        loss.backward(seed)
+    assert [n for _, n in c.launches()] == [
+        "_row_kernel", "_lattice_kernel", "_qctc_reduce_kernel", "ones_like", "_lattice_kernel",
+        "_ctc_grad_kernel"]
+
+
 @pytest.mark.parametrize("fault,match", [
     ("target_lengths", "target_lengths"), ("query_lengths", "query_lengths"),
     ("label", "targets.*outside"), ("blank", "targets.*blank")])
@@ -191,10 +208,14 @@ def test_device_route_of_range_checks_catches_faults(device_route):
     with pytest.raises(ValueError, match="NaN"):
         narvl.ctc_greedy_decode(sc)
     lp = torch.randn(N, B, V).log_softmax(-1)
-    # ctc_loss asserts with torch._assert_async: on a CPU tensor it raises at once
-    with pytest.raises(RuntimeError, match="input_lengths"):
-        narvl.ctc_loss(lp, torch.ones(B, S, dtype=torch.long), torch.tensor([7, 9, 7]),
-                       torch.tensor([2, 2, 2]), blank=0)
+    ok = dict(targets=torch.ones(B, S, dtype=torch.long), input_lengths=torch.tensor([7, 6, 7]),
+              target_lengths=torch.tensor([2, 2, 2]))
+    for name, bad, match in (("input_lengths", torch.tensor([7, 9, 7]), "input_lengths"),
+                             ("target_lengths", torch.tensor([2, 5, 2]), "target_lengths"),
+                             ("targets", torch.tensor([[1, 1, 1, 1], [1, V, 1, 1], [1, 1, 1, 1]]), "targets.*outside"),
+                             ("targets", torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]]), "targets.*blank")):
+        with pytest.raises(ValueError, match=match):  # ctc_loss's lattice flags them, the reduction asserts
+            narvl.ctc_loss(lp, **{**ok, name: bad}, blank=0)
 
 
 def test_out_of_range_values_read_nothing_outside_the_tensors(monkeypatch):

@@ -9,10 +9,13 @@ registered op, whatever the backend.
   (log-softmax, CTC, label smoothing, weights, reduction, and on CUDA the value checks) in one op.
   On CUDA it is five kernel launches for forward and backward together; on CPU its kernel runs
   the C++ ``qctc_fwd`` / ``qctc_bwd`` and reduces the per-sample terms with PyTorch.
+* ``torch.ops.narvl.ctc_loss_fwd`` / ``ctc_loss_bwd``: the whole loss of ``ctc_loss`` (CTC,
+  reduction, and on CUDA the value checks) in one op, five launches for forward and backward
+  together on CUDA; on CPU the C++ ``ctc_fwd`` / ``ctc_bwd`` reduced with PyTorch.
 * ``torch.ops.narvl.qctc_fwd`` / ``qctc_bwd`` and ``ctc_fwd`` / ``ctc_bwd``: per-sample terms,
   ``nll_b`` (CTC negative log-likelihood) and, for Q-CTC,
-  ``smooth_b = mean_{n < N_b, v} log_softmax(logits)[b, n, v]``. ``ctc_loss`` reduces them with
-  PyTorch.
+  ``smooth_b = mean_{n < N_b, v} log_softmax(logits)[b, n, v]``; ``qctc_loss`` reduces them with
+  PyTorch when its weights need a gradient.
 """
 from __future__ import annotations
 
@@ -74,6 +77,22 @@ def _qctc_loss_bwd_fake(grad_loss, logits, nll, lse, em, targets, target_lengths
     return logits.new_empty(logits.shape)
 
 
+@torch.library.register_fake("narvl::ctc_loss_fwd")
+def _ctc_loss_fwd_fake(log_probs, targets, input_lengths, target_lengths, blank, reduction,
+                       zero_infinity, check):
+    T, B, _ = log_probs.shape
+    K = targets.shape[1] + 1
+    dt = _float_out(log_probs.dtype)
+    new = log_probs.new_empty
+    return new((B,) if reduction == "none" else (), dtype=dt), new((B,), dtype=dt), new((B, T, K), dtype=dt)
+
+
+@torch.library.register_fake("narvl::ctc_loss_bwd")
+def _ctc_loss_bwd_fake(grad_loss, log_probs, nll, em, targets, input_lengths, target_lengths, blank,
+                       reduction, zero_infinity):
+    return log_probs.new_empty(log_probs.shape)
+
+
 # ------------------------------------------------------------------------------------ autograd
 
 
@@ -128,7 +147,25 @@ def _qctc_loss_backward(ctx, g_loss, _g_nll, _g_lse, _g_em):
     return (grad,) + (None,) * 9
 
 
+def _ctc_loss_setup(ctx, inputs, output):
+    log_probs, targets, il, tl_, blank, reduction, zero_infinity, _check = inputs
+    _, nll, em = output
+    ctx.save_for_backward(log_probs, nll, em, targets, il, tl_)
+    ctx.args = (blank, reduction, zero_infinity)
+    ctx.mark_non_differentiable(nll, em)
+    ctx.set_materialize_grads(False)
+
+
+def _ctc_loss_backward(ctx, g_loss, _g_nll, _g_em):
+    if g_loss is None:
+        return (None,) * 8
+    log_probs, nll, em, targets, il, tl_ = ctx.saved_tensors
+    grad = _OPS.ctc_loss_bwd(g_loss, log_probs, nll, em, targets, il, tl_, *ctx.args)
+    return (grad,) + (None,) * 7
+
+
 torch.library.register_autograd("narvl::qctc_fwd", _qctc_backward, setup_context=_qctc_setup)
+torch.library.register_autograd("narvl::ctc_loss_fwd", _ctc_loss_backward, setup_context=_ctc_loss_setup)
 torch.library.register_autograd("narvl::qctc_loss_fwd", _qctc_loss_backward,
                                 setup_context=_qctc_loss_setup)
 torch.library.register_autograd("narvl::ctc_fwd", _ctc_backward, setup_context=_ctc_setup)
@@ -179,7 +216,7 @@ def _qctc_loss_fwd_kernel(logits, targets, target_lengths, query_lengths, weight
         checks.raise_first(_qctc_faults(targets, target_lengths, ql, N, V, blank))
     nll, smooth, lse, em = k.qctc_fwd(logits, targets, target_lengths, ql, blank)
     loss = _reduce(nll, smooth, target_lengths, reduction, zero_infinity, label_smoothing, weights)
-    return loss, nll, lse, em
+    return (loss.clone() if loss is nll else loss), nll, lse, em  # outputs never alias
 
 
 @torch.library.register_kernel("narvl::qctc_loss_bwd", ("cpu", "cuda"))
@@ -195,6 +232,39 @@ def _qctc_loss_bwd_kernel(grad_loss, logits, nll, lse, em, targets, target_lengt
                            label_smoothing, weights)
     return k.qctc_bwd(gn, gs, logits, lse, em, targets, target_lengths,
                       _full_lengths(query_lengths, B, N, logits.device), blank)
+
+
+def _ctc_faults(targets, target_lengths, input_lengths, T, C, blank):
+    return [checks.range_fault(input_lengths, 0, T, "input_lengths", "an input length must fit in the T frames"),
+            checks.range_fault(target_lengths, 0, targets.shape[1], "target_lengths",
+                               "a target length must fit in targets"),
+            *checks.label_faults(targets, target_lengths, C, blank)]
+
+
+@torch.library.register_kernel("narvl::ctc_loss_fwd", ("cpu", "cuda"))
+def _ctc_loss_fwd_kernel(log_probs, targets, input_lengths, target_lengths, blank, reduction,
+                         zero_infinity, check):
+    k = _kernels(log_probs)
+    if _backend.resolve(log_probs.device) == "triton":
+        return k.ctc_loss_fwd(log_probs, targets, input_lengths, target_lengths, blank, reduction,
+                              zero_infinity, check)
+    T, _, C = log_probs.shape
+    if check:  # CPU tensors: the host reads the values for free
+        checks.raise_first(_ctc_faults(targets, target_lengths, input_lengths, T, C, blank))
+    nll, em = k.ctc_fwd(log_probs, targets, input_lengths, target_lengths, blank)
+    loss = _reduce(nll, None, target_lengths, reduction, zero_infinity, 0.0, None)
+    return (loss.clone() if loss is nll else loss), nll, em  # outputs never alias
+
+
+@torch.library.register_kernel("narvl::ctc_loss_bwd", ("cpu", "cuda"))
+def _ctc_loss_bwd_kernel(grad_loss, log_probs, nll, em, targets, input_lengths, target_lengths, blank,
+                         reduction, zero_infinity):
+    k = _kernels(log_probs)
+    if _backend.resolve(log_probs.device) == "triton":
+        return k.ctc_loss_bwd(grad_loss, log_probs, nll, em, targets, input_lengths, target_lengths,
+                              blank, reduction, zero_infinity)
+    gn, _ = _reduce_grads(grad_loss, nll, target_lengths, reduction, zero_infinity, 0.0, None)
+    return k.ctc_bwd(gn, log_probs, em, targets, input_lengths, target_lengths, blank)
 
 
 # --------------------------------------------------------------------------------- validation
@@ -409,19 +479,16 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
         targets = _pad_concatenated(targets, tl_)
     elif targets.dim() != 2 or targets.shape[0] != B:
         raise ValueError(f"targets must be (B={B}, S) or 1-D concatenated, got {tuple(targets.shape)}")
+    on_device = False  # value checks asserted inside the op's kernels (CUDA), not read here
     if checks.enabled():
-        faults = [
-            checks.range_fault(il, 0, T, "input_lengths", "an input length must fit in the T frames"),
-            checks.range_fault(tl_, 0, targets.shape[1], "target_lengths", "a target length must fit in targets"),
-            *checks.label_faults(targets, tl_, C, blank)]
         if checks.on_host(log_probs.device):
-            checks.raise_first(faults)
+            checks.raise_first(_ctc_faults(targets, tl_, il, T, C, blank))
         else:
-            checks.assert_none(faults, "narvl.ctc_loss")
+            on_device = True
     checks.finite(log_probs, "log_probs")
     targets = targets.long()
-    nll, _ = _OPS.ctc_fwd(log_probs, targets, il, tl_, blank)
-    loss = _reduce(nll, None, tl_, reduction, zero_infinity, 0.0, None)
+    loss, _, _ = _OPS.ctc_loss_fwd(log_probs, targets, il, tl_, blank, reduction, bool(zero_infinity),
+                                   on_device)
     if unbatched and reduction == "none":
         loss = loss[0]
     return loss.to(log_probs.dtype)
