@@ -40,4 +40,7 @@ PY_SCHEMAS = {
     "ctc_loss_bwd": "(Tensor grad_loss, Tensor log_probs, Tensor nll, Tensor em, Tensor targets, "
     "Tensor input_lengths, Tensor target_lengths, int blank, str reduction, bool zero_infinity) -> Tensor",
     "assert_in_range": "(Tensor x, int lo, int hi, str message) -> ()",
+    # query_attention's route (CompositeImplicitAutograd: autograd sees the ops it calls)
+    "query_attention": "(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, Tensor? attn_bias, "
+    "float scale, bool causal) -> Tensor",
 }

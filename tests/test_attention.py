@@ -217,6 +217,30 @@ def test_opcheck(backend, dtype):
     out, lse = torch.ops.narvl.query_attention_fwd(q, k, v, kl, b, 0.35)
     torch.library.opcheck(torch.ops.narvl.query_attention_bwd.default,
                           (torch.randn(q.shape, dtype=dtype), q, k, v, out, lse, kl, b, 0.35, True))
+    # the route every query_attention call takes (narvl::query_attention), each of its branches
+    for args in ((*ins, kl, b.clone().requires_grad_(True), 0.35, False), (q, k, v, kl, b, 0.35, False),
+                 (*ins, None, None, 0.35, False), (*ins, None, b.clone().requires_grad_(True), 0.35, True)):
+        torch.library.opcheck(torch.ops.narvl.query_attention.default, args)
+
+
+def test_functional_api_calls_its_op(backend, monkeypatch):
+    """narvl.query_attention takes one route, its registered op, in training, inference and
+    causal calls alike (the routing lives in that op's kernel)."""
+    q, k, v, kl, b = make(2, 2, 3, 7, 8)
+    calls = []
+    real = torch.ops.narvl.query_attention
+    import narvl.ops.attention as attention
+    class Spy:
+        def __getattr__(self, name):
+            if name == "query_attention":
+                return lambda *a: calls.append(a) or real(*a)
+            return getattr(torch.ops.narvl, name)
+    monkeypatch.setattr(attention, "_OPS", Spy())
+    narvl.query_attention(q.clone().requires_grad_(True), k, v, kl, b)  # training
+    with torch.no_grad():
+        narvl.query_attention(q, k, v, kl, b)  # inference
+    narvl.query_attention(q, k, v, None, b, causal=True)
+    assert [c[-1] for c in calls] == [False, False, True]
 
 
 @pytest.mark.parametrize("kw, exc, word", [

@@ -1,8 +1,8 @@
 """ONNX export of NARVL and its AR baseline, for ONNX Runtime, OpenVINO and other ONNX runtimes.
 
 ``export_onnx(model, path)`` traces the model with ``torch.export`` (non-strict, batch and text
-length dynamic), replaces narvl's attention op by the same computation in plain ATen ops
-(``narvl.ops.attention.plain_fwd``: the op's CPU kernel), and converts the program with
+length dynamic), replaces narvl's attention ops by the same computation in plain ATen ops
+(``narvl.ops.attention.plain_attention`` and ``plain_fwd``), and converts the program with
 ``torch.onnx.export`` (the dynamo exporter; needs ``onnx`` and ``onnxscript``, the optional
 extra ``narvl[serving]``). Value checks are skipped inside the trace (no values exist there);
 the exported graph computes what the eager model computes on valid inputs.
@@ -47,9 +47,10 @@ class _ARLogits(_NARVLLogits):
 
 
 def _decompositions():
-    from ..ops.attention import plain_fwd
+    from ..ops.attention import plain_attention, plain_fwd
 
-    return {torch.ops.narvl.query_attention_fwd.default: plain_fwd}
+    return {torch.ops.narvl.query_attention.default: plain_attention,
+            torch.ops.narvl.query_attention_fwd.default: plain_fwd}
 
 
 def export_onnx(model: nn.Module, path: str, *, batch_size: int = 2, text_len: int = 8,

@@ -5,12 +5,18 @@ Layers: Triton kernels (kernels/attention.py) -> ops ``torch.ops.narvl.query_att
 TRITON_INTERPRET=1; registered here) -> ``query_attention`` (validation) ->
 ``narvl.nn.QueryDecoderLayer``.
 
-On CPU the functional path picks what measured faster (bench/bench_attention.py): the op's
-explicit CPU kernel when training with short key axes (self-attention among the queries), torch's
-SDPA with the bias and the key-length mask folded into its float mask for long ones
-(cross-attention) and for every call that needs no gradient (inference). Causal calls (the AR
-baseline's teacher-forced decoder) take SDPA on every device: the kernels have no causal mask.
-These are the only exceptions to the op route, and they live here.
+``query_attention`` validates its arguments and calls one op, ``torch.ops.narvl.query_attention``,
+whose kernel (registered here as CompositeImplicitAutograd, so autograd sees the ops it calls)
+is the one place that routes:
+
+- CPU (the C++ backend), what measured faster (bench/bench_attention.py): ``query_attention_fwd``
+  (its explicit CPU kernel, forward and backward) when training with short key axes
+  (self-attention among the queries); torch's SDPA, with the bias and the key-length mask folded
+  into its float mask, for long key axes (cross-attention) and for every call that needs no
+  gradient (inference);
+- causal calls (the AR baseline's teacher-forced decoder), on every device: SDPA with the causal
+  mask joined to the bias (narvl's kernels have no causal mask; NARVL's queries never need one);
+- otherwise (CUDA, or Triton under the interpreter): ``query_attention_fwd`` / ``_bwd``.
 """
 from __future__ import annotations
 
@@ -88,6 +94,22 @@ def plain_fwd(q, k, v, key_lengths, attn_bias, scale):
     return out.to(q.dtype), lse
 
 
+def plain_attention(q, k, v, key_lengths, attn_bias, scale, causal):
+    """``narvl::query_attention`` in plain ATen ops (matmul, masked softmax, matmul): exporters
+    (``narvl.models.export_onnx``) decompose the op into this."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if attn_bias is not None:
+        s = s + attn_bias.to(s.dtype)
+    Lq, Lk = q.shape[2], k.shape[2]
+    if causal:
+        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
+        s = s.masked_fill(~keep, float("-inf"))
+    if key_lengths is not None:
+        keep = torch.arange(Lk, device=q.device)[None, :] < key_lengths.to(q.device)[:, None]
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), v)
+
+
 @torch.library.register_kernel("narvl::query_attention_fwd", ("cpu", "cuda"))
 def _fwd_kernel(q, k, v, key_lengths, attn_bias, scale):
     if _triton(q):
@@ -131,6 +153,29 @@ def _sdpa(q, k, v, key_lengths, attn_bias, scale, full_lengths):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+@torch.library.impl("narvl::query_attention", "CompositeImplicitAutograd")
+def _route(q, k, v, key_lengths, attn_bias, scale, causal):
+    """``narvl::query_attention``: the route of every ``query_attention`` call (module
+    docstring). ``key_lengths`` None: every key is valid (no mask is built)."""
+    full = key_lengths is None
+    if causal:
+        Lq, Lk = q.shape[2], k.shape[2]
+        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
+        b = torch.zeros((), dtype=q.dtype, device=q.device) if attn_bias is None else attn_bias.to(q.dtype)
+        b = torch.where(keep, b, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+        return _sdpa(q, k, v, key_lengths, b, scale, full)
+    if full:
+        key_lengths = checks.full_lengths(q.shape[0], k.shape[2], q.device)
+    if _backend.resolve(q.device) == "cpp":
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, attn_bias))
+        if not (needs_grad and k.shape[2] <= _CPU_OP_MAX_KEYS):
+            return _sdpa(q, k, v, key_lengths, attn_bias, scale, full)
+    return _OPS.query_attention_fwd(q, k, v, key_lengths, attn_bias, scale)[0]
+
+
 GPU_MAX_HEAD_DIM = 128
 
 
@@ -168,9 +213,7 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None, causa
     if B == 0 or Lq == 0 or Lk == 0 or H == 0 or D == 0:
         raise ValueError(f"empty attention input: q {tuple(q.shape)}, k {tuple(k.shape)}")
     full = key_lengths is None
-    if full:
-        key_lengths = checks.full_lengths(B, Lk, q.device)
-    else:
+    if not full:
         if isinstance(key_lengths, (list, tuple)):
             key_lengths = torch.tensor(key_lengths)
         if not isinstance(key_lengths, torch.Tensor) or key_lengths.is_floating_point():
@@ -197,27 +240,10 @@ def query_attention(q, k, v, key_lengths=None, attn_bias=None, scale=None, causa
     if causal:
         if Lq > Lk:
             raise ValueError(f"causal attention needs Lq <= Lk, got Lq = {Lq}, Lk = {Lk}")
-        # narvl's kernels have no causal mask (NARVL's queries never need one): causal calls take
-        # PyTorch's SDPA on every device, the mask joined to the bias
-        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
-        b = torch.zeros((), dtype=q.dtype, device=q.device) if attn_bias is None else attn_bias.to(q.dtype)
-        b = torch.where(keep, b, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
-        return _sdpa(q, k, v, key_lengths, b, scale, full)
-    backend = _backend.resolve(q.device)
-    if backend == "triton":  # the GPU kernels' limits (compiled and checked for sm_80 / sm_90)
+    elif _backend.resolve(q.device) == "triton":  # the GPU kernels' limits (sm_80 / sm_90)
         if D > GPU_MAX_HEAD_DIM:
             raise ValueError(f"head dim {D} exceeds the GPU kernels' maximum of {GPU_MAX_HEAD_DIM}")
         if q.dtype == torch.float64 and q.device.type == "cuda":  # the interpreter takes it
             raise ValueError("float64 attention is not supported by the GPU kernels (its tiles exceed "
                              "sm_80's shared memory); use float32, bfloat16 or float16")
-    if backend == "cpp":
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(q.dtype)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, attn_bias))
-        # Training with short keys: the op's explicit CPU kernel (fwd + bwd) is faster. Inference,
-        # or long keys: SDPA (2-3.5x faster forward at the NARVL shapes, batch 1 to 16).
-        if not (needs_grad and Lk <= _CPU_OP_MAX_KEYS):
-            return _sdpa(q, k, v, key_lengths, attn_bias, scale, full)
-    out, _ = _OPS.query_attention_fwd(q, k, v, key_lengths, attn_bias, scale)
-    return out
+    return _OPS.query_attention(q, k, v, None if full else key_lengths, attn_bias, scale, bool(causal))
