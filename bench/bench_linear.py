@@ -2,8 +2,8 @@
 on the same inputs, at the tiny model's layer shapes: inference at the row counts it sees
 (setups.LINEAR_ROWS; rows below narvl's oneDNN threshold (8) run F.linear in both columns, ~1.0x)
 and training (forward + backward) at a batch's 832 rows. ``narvl`` is the default route
-(``NARVL_LINEAR_ROUTE=auto``: per shape, the faster of oneDNN and ATen as measured on its first
-call), ``narvl-onednn`` pins oneDNN, so the table shows what the measurement buys on this CPU.
+(``NARVL_LINEAR_ROUTE=auto``: oneDNN on CPUs with AVX-512, ATen on the others), ``narvl-onednn``
+pins oneDNN, so the table shows on each CPU whether the rule picks the faster route.
 
 ``test_linear_cold`` is what a batch-1 model pass sees: each call reads a different weight
 (48 of each layer shape, about 60 MB, more than a 32 MB L3), so the weights come from memory

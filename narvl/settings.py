@@ -9,7 +9,7 @@ the C++ kernels read theirs themselves (``csrc/``), as listed.
 | ``NARVL_CHECK`` | ``1`` | ``1``: value checks of lengths and labels (CPU: host; CUDA: device asserts, no sync); ``0``: none; ``strict``: checks on the host on every device, and NaN/inf in loss inputs raise |
 | ``TRITON_INTERPRET`` | ``0`` | ``1``: Triton kernels run on CPU tensors in Triton's interpreter (read when the kernels are defined) |
 | ``NARVL_CPU_FASTPATH`` | ``1`` | ``0``: no CPU fast path through torch's private oneDNN ops (fused linear, packed ResNet) |
-| ``NARVL_LINEAR_ROUTE`` | ``auto`` | ``auto``: each linear shape takes the faster of oneDNN and ATen, measured at its first call; ``onednn``, ``aten``: pinned |
+| ``NARVL_LINEAR_ROUTE`` | ``auto`` | ``auto``: CPU linear layers take oneDNN where the CPU has AVX-512, ATen elsewhere (packed serving weights: oneDNN); ``onednn``, ``aten``: pinned |
 | ``NARVL_CPU_LEVEL`` | (the CPU's) | caps the C++ row kernels' ISA level: ``3`` AVX2, ``0`` baseline (C++, read once) |
 | ``NARVL_STREAM_STORES`` | ``1`` | ``0``: the C++ Q-CTC backward writes the gradient with plain stores, not non-temporal ones (C++, read once) |
 | ``NARVL_GRAD_CACHE`` | ``1`` | ``0``: C++ gradient buffers of 8 MiB or more are freed instead of recycled (C++, read once) |
@@ -24,7 +24,7 @@ SWITCHES = {
     "NARVL_CHECK": ("1", "value checks: 1, 0 or strict"),
     "TRITON_INTERPRET": ("0", "Triton kernels on CPU tensors, in Triton's interpreter"),
     "NARVL_CPU_FASTPATH": ("1", "0 turns off the CPU fast paths through torch's private oneDNN ops"),
-    "NARVL_LINEAR_ROUTE": ("auto", "linear route: auto (measured per shape), onednn or aten"),
+    "NARVL_LINEAR_ROUTE": ("auto", "linear route: auto (oneDNN with AVX-512, else ATen), onednn or aten"),
     "NARVL_CPU_LEVEL": ("", "caps the C++ row kernels' ISA level (3, 0); read by the C++ kernels"),
     "NARVL_STREAM_STORES": ("1", "0: plain stores for the C++ Q-CTC gradient; read by the C++ kernels"),
     "NARVL_GRAD_CACHE": ("1", "0: large C++ gradient buffers freed, not recycled; read by the C++ kernels"),

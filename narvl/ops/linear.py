@@ -12,26 +12,24 @@ Routes, for float32 CPU calls with at least ``ONEDNN_MIN_ROWS`` rows, no autocas
 - a gradient needed (training): ``_OneDNNLinear``, oneDNN for the forward and for dx = dy W,
   ATen for dW and db; GELU stays a separate autograd op.
 Which of oneDNN and ATen's ``addmm`` is faster depends on the CPU: on an AVX-512 AMD EPYC
-(Zen 5) oneDNN was 1.2-1.8x faster at the model's 20-26 rows and 2.1-3.6x at training-sized
-batches, on a Zen 3 EPYC (AVX2) it is 0.6-1.0x ``addmm`` nearly everywhere, on an Intel Xeon
-about even (bench/bench_linear.py). So an eligible call is *measured*: the first call of each
-(rows, K, N, activation, bias, threads) key times both routes on its own operands (alternating,
-best of ``_TRIALS``) and the faster one serves that key from then on (``route_choices()`` shows
-them; oneDNN must win by 5%, ATen being the plain route). ``NARVL_LINEAR_ROUTE=onednn`` or
-``aten`` pins the choice (``auto``, the default, measures). With 1-7 rows (an autoregressive decoding step or beam) ``addmm`` is as fast or
-faster everywhere, so those calls keep it, as does every other device, dtype, or torch build
-without the op. Inference copies (``narvl.models.prepare_for_inference``) pass ``packed``, a oneDNN-blocked
-copy of the weight made once (``pack_weight``): such a call takes oneDNN without timing
-(``NARVL_LINEAR_ROUTE=aten`` still pins ATen). Timing on the call's own operands misjudges it:
-there the weight sits in L2 and ATen's per-call packing of it is cheap, while in a model pass
-each weight comes from memory and that packing costs as much as the product (bench_linear.py
-``test_linear_cold``). All routes compute the same function; tests compare them, values and gradients
+(Zen 5) oneDNN was 1.2-1.8x faster at the model's 20-26 rows, 2.0-2.2x at training-sized batches
+and 1.3-1.5x for forward + backward; on a Zen 3 EPYC (AVX2) it is 0.6-1.0x ``addmm`` nearly
+everywhere (bench/bench_linear.py, docs/results.md). So ``NARVL_LINEAR_ROUTE=auto`` (the
+default) takes oneDNN on CPUs with AVX-512 (``torch.backends.cpu.get_cpu_capability()``) and ATen
+on the others: a fixed rule, so that a run computes the same on every start of the same machine
+(a per-shape timing would pick differently from run to run on a noisy machine, and training
+would round differently). ``onednn`` or ``aten`` pins the route. With 1-7 rows (an
+autoregressive decoding step or beam) ``addmm`` is as fast or faster everywhere, so those calls
+keep it, as does every other device, dtype, or torch build without the op. Inference copies
+(``narvl.models.prepare_for_inference``) pass ``packed``, a oneDNN-blocked copy of the weight
+made once (``pack_weight``): such a call takes oneDNN on every CPU (``NARVL_LINEAR_ROUTE=aten``
+still pins ATen), as each weight then comes from memory without ATen's per-call packing of it
+(1.2-1.7x ``addmm`` on a Zen 4 in a model-like sweep, bench_linear.py ``test_linear_cold``).
+All routes compute the same function; tests compare them, values and gradients
 (second order too). If the private op is missing or raises, the call and all later ones take
 ATen (``narvl._backend.cpu_fastpath_failed`` logs it once).
 """
 from __future__ import annotations
-
-import time
 
 import torch
 import torch.nn.functional as F
@@ -41,56 +39,19 @@ from .. import _backend, settings
 ONEDNN_MIN_ROWS = 8
 _ACTIVATIONS = (None, "gelu")
 _FASTPATH = "onednn_linear"
-_TRIALS = 7
-_MARGIN = 0.95  # oneDNN must beat ATen by 5%: ATen is the plain route, and timings this short are noisy
-_MAX_CHOICES = 4096
-_choices: dict = {}  # key -> True (oneDNN) / False (ATen), filled by measurement
-
-
-def route_choices() -> dict:
-    """The measured choices so far: (rows, K, N, activation, bias, threads, op) -> "onednn" / "aten"."""
-    return {k: ("onednn" if v else "aten") for k, v in _choices.items()}
 
 
 def _route_mode() -> str:
     return settings.linear_route()
 
 
-def _rows_key(rows: int) -> int:
-    """Rows exactly up to 64, then the next power of two (a bounded number of keys)."""
-    return rows if rows <= 64 else 1 << (rows - 1).bit_length()
-
-
-def _faster(fast, slow) -> bool:
-    """Whether ``fast()`` beats ``slow()`` by ``_MARGIN``: one warm-up each, then ``_TRIALS``
-    alternating timed runs, best time of each."""
-    fast(), slow()
-    best_f = best_s = float("inf")
-    for _ in range(_TRIALS):
-        t0 = time.perf_counter()
-        fast()
-        t1 = time.perf_counter()
-        slow()
-        t2 = time.perf_counter()
-        best_f, best_s = min(best_f, t1 - t0), min(best_s, t2 - t1)
-    return best_f < _MARGIN * best_s
-
-
-def _prefer_onednn(op: str, rows: int, k: int, n: int, activation, has_bias: bool, onednn, aten) -> bool:
-    """The route for this key: pinned by ``NARVL_LINEAR_ROUTE``, else measured once
-    (``onednn`` / ``aten``: zero-argument callables computing the same result)."""
+def _prefer_onednn() -> bool:
+    """The route of an eligible unpacked call: pinned by ``NARVL_LINEAR_ROUTE``, else oneDNN on
+    CPUs with AVX-512 and ATen on the others (module docstring)."""
     mode = _route_mode()
     if mode != "auto":
         return mode == "onednn"
-    key = (_rows_key(rows), k, n, activation, has_bias, torch.get_num_threads(), op)
-    choice = _choices.get(key)
-    if choice is None:
-        with torch.no_grad():
-            choice = _faster(onednn, aten)
-        if len(_choices) >= _MAX_CHOICES:
-            _choices.clear()
-        _choices[key] = choice
-    return choice
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def onednn_linear_available() -> bool:
@@ -147,8 +108,7 @@ class _OneDNNLinear(torch.autograd.Function):
             dx = None
             if need_x:
                 try:  # the transposed weight is copied only when oneDNN serves dx
-                    if _prefer_onednn("dx", gy.shape[0], gy.shape[1], weight.shape[1], None, False,
-                                      lambda: _mm(gy, weight.t().contiguous()), lambda: gy.mm(weight)):
+                    if _prefer_onednn():
                         dx = _mm(gy, weight.t().contiguous())
                 except RuntimeError as e:
                     _backend.cpu_fastpath_failed(_FASTPATH, e)
@@ -196,23 +156,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = None
     try:
         if route is not None:
-            act = activation if route == "infer" else None  # training: GELU stays separate
-            attr, algo = ("gelu", "none") if act == "gelu" else ("none", "")
-            K = x.shape[-1]
             use_packed = route == "infer" and packed is not None
-            w1 = packed if use_packed else weight.detach().contiguous()
-            # a packed weight takes oneDNN unless pinned to ATen: timing both routes on hot
-            # operands (below) misjudges it, see the module docstring
-            if use_packed and _route_mode() == "aten":
-                route = None
-            elif not use_packed and not _prefer_onednn(
-                    "fwd", x.numel() // K, K, weight.shape[0], act, bias is not None,
-                    lambda: torch.ops.mkldnn._linear_pointwise(x.reshape(-1, K).contiguous(), w1,
-                                                               None if bias is None else bias.detach(),
-                                                               attr, [], algo),
-                    lambda: _aten(x.detach(), weight.detach(), None if bias is None else bias.detach(), act)):
+            # a packed weight takes oneDNN on every CPU unless pinned to ATen (module docstring)
+            if (_route_mode() == "aten") if use_packed else not _prefer_onednn():
                 route = None
         if route == "infer":
+            attr, algo = ("gelu", "none") if activation == "gelu" else ("none", "")
+            w1 = packed if use_packed else weight.detach().contiguous()
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w1, bias, attr, [], algo)
         if route == "train":
             y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
