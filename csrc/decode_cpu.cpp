@@ -32,7 +32,8 @@ int64_t row_argmax(const scalar_t* x, int64_t V) {
   return a;
 }
 
-std::tuple<Tensor, Tensor> greedy_cpu(const Tensor& scores_in, const Tensor& lengths_in, int64_t blank) {
+std::tuple<Tensor, Tensor> greedy_cpu(const Tensor& scores_in, const Tensor& lengths_in, int64_t blank,
+                                      bool merge_repeats) {
   TORCH_CHECK(scores_in.dim() == 3, "narvl: scores must be (B, T, V)");
   const Tensor scores = scores_in.contiguous();
   const int64_t B = scores.size(0), T = scores.size(1), V = scores.size(2);
@@ -53,7 +54,7 @@ std::tuple<Tensor, Tensor> greedy_cpu(const Tensor& scores_in, const Tensor& len
         int64_t n = 0, prev = -1;
         for (int64_t t = 0; t < Tb; ++t) {
           const int64_t c = row_argmax(X + (b * T + t) * V, V);
-          if (c != blank && c != prev) tk[b * T + n++] = c;
+          if (c != blank && (c != prev || !merge_repeats)) tk[b * T + n++] = c;
           prev = c;
         }
         ol[b] = n;

@@ -22,9 +22,11 @@ TORCH_LIBRARY(narvl, m) {
       "ctc_bwd(Tensor grad_nll, Tensor log_probs, Tensor em, Tensor targets, "
       "Tensor input_lengths, Tensor target_lengths, int blank) -> Tensor");
   // CTC decoding of (B, T, V) scores (batch-first).
-  // Greedy: argmax per frame, merge repeats, drop blanks -> (tokens (B, T) int64 padded with -1,
-  // lengths (B,) int64).
-  m.def("ctc_greedy_decode(Tensor scores, Tensor lengths, int blank) -> (Tensor, Tensor)");
+  // Greedy: argmax per frame, merge repeats (unless merge_repeats is false: one label per frame),
+  // drop blanks -> (tokens (B, T) int64 padded with -1, lengths (B,) int64).
+  m.def(
+      "ctc_greedy_decode(Tensor scores, Tensor lengths, int blank, bool merge_repeats=True) -> "
+      "(Tensor, Tensor)");
   // Prefix beam search -> (tokens (B, nbest, T) int64 padded with -1, lengths (B, nbest) int64,
   // scores (B, nbest) float32 log-probabilities, timesteps (B, nbest, T) int64 padded with -1).
   // input_kind: 0 probabilities, 1 log-probabilities, 2 logits (log-softmax fused into the scan).

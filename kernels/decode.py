@@ -58,7 +58,7 @@ def _argmax_kernel(X, stride_b, stride_t, T, V, OUT, NANF, BLOCK_V: tl.constexpr
 
 @triton.jit(debug=True)
 def _collapse_kernel(IDS, T, LEN, TOK, OUTLEN, NANF, blank, NAN_CHECK: tl.constexpr,
-                     BLOCK_T: tl.constexpr):
+                     MERGE: tl.constexpr, BLOCK_T: tl.constexpr):
     # writes every entry of its sample's outputs (tokens past the count: -1). With NAN_CHECK, a
     # NaN counted by the argmax scan fires a device-side assert (debug=True compiles it in: a
     # small program); the host does not wait for it.
@@ -67,7 +67,9 @@ def _collapse_kernel(IDS, T, LEN, TOK, OUTLEN, NANF, blank, NAN_CHECK: tl.conste
     tb = tl.load(LEN + b)
     ids = tl.load(IDS + b * T + t, mask=t < T, other=-1)
     prev = tl.load(IDS + b * T + t - 1, mask=(t >= 1) & (t < T), other=-1)
-    keep = (t < tb) & (ids != blank) & (ids != prev)
+    keep = (t < tb) & (ids != blank)
+    if MERGE:
+        keep = keep & (ids != prev)
     pos = tl.cumsum(keep.to(tl.int32), 0) - 1
     count = tl.sum(keep.to(tl.int64), 0)
     tl.store(TOK + b * T + pos, ids, mask=keep)
@@ -393,10 +395,11 @@ def _host_reads(x):
     return settings.triton_interpret() and x.device.type == "cpu"
 
 
-def greedy_decode(scores, lengths, blank, nan_check=False):
+def greedy_decode(scores, lengths, blank, nan_check=False, merge_repeats=True):
     """scores (B, T, V) -> (tokens (B, T) int64 padded with -1, out_lens (B,) int64), in two
-    launches (frame argmax, collapse). nan_check: NaN in a frame raises RuntimeError("narvl: NaN
-    in scores") (CPU tensors) or fires a device-side assert (CUDA)."""
+    launches (frame argmax, collapse; ``merge_repeats`` False keeps repeats). nan_check: NaN in a
+    frame raises RuntimeError("narvl: NaN in scores") (CPU tensors) or fires a device-side assert
+    (CUDA)."""
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     B, T, V = scores.shape
@@ -414,7 +417,7 @@ def greedy_decode(scores, lengths, blank, nan_check=False):
         _raise_on_nan(nanf)
     _collapse_kernel[(B,)](ids, T, lengths.to(device=dev, dtype=torch.int64).contiguous(), tokens,
                            out_lens, nanf, blank, NAN_CHECK=bool(nan_check) and not _host_reads(nanf),
-                           BLOCK_T=max(16, triton.next_power_of_2(T)))
+                           MERGE=bool(merge_repeats), BLOCK_T=max(16, triton.next_power_of_2(T)))
     return tokens, out_lens
 
 

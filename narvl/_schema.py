@@ -14,7 +14,8 @@ SCHEMAS = {
     "int blank) -> (Tensor, Tensor)",
     "ctc_bwd": "(Tensor grad_nll, Tensor log_probs, Tensor em, Tensor targets, "
     "Tensor input_lengths, Tensor target_lengths, int blank) -> Tensor",
-    "ctc_greedy_decode": "(Tensor scores, Tensor lengths, int blank) -> (Tensor, Tensor)",
+    "ctc_greedy_decode": "(Tensor scores, Tensor lengths, int blank, bool merge_repeats=True) -> "
+    "(Tensor, Tensor)",
     "ctc_beam_search": "(Tensor scores, Tensor lengths, int beam_width, int blank, "
     "int cutoff_top_n, float cutoff_prob, int nbest, int input_kind, int num_threads) -> "
     "(Tensor, Tensor, Tensor, Tensor)",

@@ -28,6 +28,23 @@ def test_greedy_matches_reference(backend, shape, blank):
     tok2, n2 = narvl.ctc_greedy_decode((lp * 3 + 1).bfloat16().float(), L, blank=blank)
     rt2, rn2 = greedy_decode_reference((lp * 3 + 1).bfloat16().float(), L, blank)
     assert torch.equal(tok2, rt2) and torch.equal(n2, rn2)
+    # one label per frame: repeats kept, blanks dropped
+    tok3, n3 = narvl.ctc_greedy_decode(lp, L, blank=blank, merge_repeats=False)
+    rt3, rn3 = greedy_decode_reference(lp, L, blank, merge_repeats=False)
+    assert torch.equal(tok3, rt3) and torch.equal(n3, rn3)
+    with pytest.raises(TypeError, match="merge_repeats"):
+        narvl.ctc_greedy_decode(lp, L, blank=blank, merge_repeats=1)
+
+
+def test_greedy_without_merging_keeps_repeats(backend):
+    """merge_repeats=False on a case with repeats: each non-blank frame's label, in order."""
+    lp = torch.full((1, 6, 4), -5.0)
+    for t, c in enumerate([2, 2, 0, 3, 3, 2]):
+        lp[0, t, c] = 0.0
+    tok, n = narvl.ctc_greedy_decode(lp, blank=0, merge_repeats=False)
+    assert n.tolist() == [5] and tok[0, :5].tolist() == [2, 2, 3, 3, 2] and tok[0, 5] == -1
+    tok, n = narvl.ctc_greedy_decode(lp, blank=0)
+    assert n.tolist() == [3] and tok[0, :3].tolist() == [2, 3, 2]
 
 
 def check_timesteps(res, lengths):
@@ -277,6 +294,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 def test_decode_opcheck(backend):
     lp, L = case(3, 6, 5, lengths=[6, 3, 0])
     torch.library.opcheck(torch.ops.narvl.ctc_greedy_decode.default, (lp, L, 0))
+    torch.library.opcheck(torch.ops.narvl.ctc_greedy_decode.default, (lp, L, 0, False))
     torch.library.opcheck(torch.ops.narvl.ctc_beam_search.default,
                           (lp, L, 4, 0, 5, 1.0, 2, 1, 0))
     torch.library.opcheck(torch.ops.narvl.ctc_beam_search.default,

@@ -249,12 +249,9 @@ class NARVL(nn.Module):
         cfg = self.cfg
         memory, lengths = self.encoder(images, text)
         logits = self.refine(memory, lengths, self.decode_logits(memory, lengths), cfg.refine_steps).float()
-        if beam_width == 1:
-            if cfg.merge_repeats:
-                tokens, lens = ctc_greedy_decode(logits, blank=cfg.blank_id)
-                seqs = [tokens[b, : lens[b]].tolist() for b in range(tokens.shape[0])]
-            else:  # one label per slot (grounding, entailment): argmax, drop blanks
-                seqs = [[t for t in row if t != cfg.blank_id] for row in logits.argmax(-1).tolist()]
+        if beam_width == 1:  # without merge_repeats (grounding, entailment): one label per slot
+            tokens, lens = ctc_greedy_decode(logits, blank=cfg.blank_id, merge_repeats=cfg.merge_repeats)
+            seqs = [tokens[b, : lens[b]].tolist() for b in range(tokens.shape[0])]
         else:
             # the search normalises the logits itself, in the same scan as its top-k
             res = ctc_prefix_beam_search(logits, beam_width=beam_width, blank=cfg.blank_id,

@@ -22,7 +22,7 @@ _OPS = torch.ops.narvl
 
 
 @torch.library.register_fake("narvl::ctc_greedy_decode")
-def _greedy_fake(scores, lengths, blank):
+def _greedy_fake(scores, lengths, blank, merge_repeats=True):
     B, T, _ = scores.shape
     return scores.new_empty((B, T), dtype=torch.long), scores.new_empty((B,), dtype=torch.long)
 
@@ -45,10 +45,11 @@ def _native():
 
 
 @torch.library.register_kernel("narvl::ctc_greedy_decode", ("cpu", "cuda"))
-def _greedy_kernel(scores, lengths, blank):
+def _greedy_kernel(scores, lengths, blank, merge_repeats=True):
     if _triton(scores):
-        return _backend.triton_kernels().decode.greedy_decode(scores, lengths, blank, nan_check=checks.enabled())
-    return _native().ctc_greedy_decode(scores, lengths, blank)
+        return _backend.triton_kernels().decode.greedy_decode(scores, lengths, blank, nan_check=checks.enabled(),
+                                                              merge_repeats=merge_repeats)
+    return _native().ctc_greedy_decode(scores, lengths, blank, merge_repeats)
 
 
 @torch.library.register_kernel("narvl::ctc_beam_search", ("cpu", "cuda"))
@@ -145,17 +146,20 @@ def _lengths(lengths, name, B, T, device):
 _check_int = checks.check_int
 
 
-def ctc_greedy_decode(log_probs, lengths=None, blank=0):
+def ctc_greedy_decode(log_probs, lengths=None, blank=0, merge_repeats=True):
     """Greedy CTC decoding: argmax per frame, merge repeats, drop blanks.
 
     log_probs: (B, T, V) log-probabilities, probabilities or logits (the argmax is the same).
-    lengths: (B,) valid frames per sample (default T). Returns (tokens (B, T) int64 padded
-    with -1, out_lens (B,) int64), on the input's device.
+    lengths: (B,) valid frames per sample (default T). merge_repeats: False keeps one label per
+    frame (NARVL's grounding and entailment slots), dropping only the blanks. Returns (tokens
+    (B, T) int64 padded with -1, out_lens (B,) int64), on the input's device.
     """
     B, T, V = _check_scores(log_probs, "log_probs")
     _check_int(blank, "blank", 0, V)
+    if not isinstance(merge_repeats, bool):
+        raise TypeError(f"merge_repeats must be a bool, got {merge_repeats!r}")
     lengths = _lengths(lengths, "lengths", B, T, log_probs.device)
-    return _run_checked("log_probs", lambda: _OPS.ctc_greedy_decode(log_probs, lengths, blank))
+    return _run_checked("log_probs", lambda: _OPS.ctc_greedy_decode(log_probs, lengths, blank, merge_repeats))
 
 
 def ctc_prefix_beam_search(log_probs, lengths=None, *, beam_width=10, blank=0, cutoff_top_n=40,

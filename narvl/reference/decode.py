@@ -19,7 +19,7 @@ import torch
 FLT_MIN = 1.1754943508222875e-38  # float32's smallest normal: ctcdecode adds it to probabilities
 
 
-def greedy_decode_reference(scores, lengths, blank):
+def greedy_decode_reference(scores, lengths, blank, merge_repeats=True):
     """scores (B, T, V) -> (tokens (B, T) int64 padded with -1, out_lens (B,))."""
     B, T, _ = scores.shape
     best = scores.float().argmax(-1).cpu()
@@ -29,7 +29,7 @@ def greedy_decode_reference(scores, lengths, blank):
         prev, n = -1, 0
         for t in range(int(lengths[b])):
             c = int(best[b, t])
-            if c != blank and c != prev:
+            if c != blank and (c != prev or not merge_repeats):
                 tokens[b, n] = c
                 n += 1
             prev = c
