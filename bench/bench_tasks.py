@@ -127,3 +127,24 @@ def test_caption_bf16_copies(benchmark):
                                 cpu_model=cpu_model(),
                                 **{f"{k}_ms": v.round_ms for k, v in out.items()},
                                 **{f"{k}_best_ms": v.best_ms for k, v in out.items()})
+
+
+def test_caption_checkpoints_latency(benchmark):
+    """Every caption checkpoint under RUNS/caption/*/last.safetensors (the study's variants:
+    decoder depth, queries, ...) and the AR baseline, taking turns (7 rounds). extra_info: per
+    checkpoint directory the per-round ms per sample and the best-of-rounds mean."""
+    if RUNS is None:
+        pytest.skip("set NARVL_RUNS to a directory of trained runs (RUNS/caption/*/last.safetensors)")
+    root = os.path.join(RUNS, "caption")
+    names = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "last.safetensors")))
+    if len(names) < 2:
+        pytest.skip(f"fewer than two checkpoints under {root}")
+    models, inputs = task_inputs("caption", [(name, name, True) for name in names])
+    out = {}
+    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
+                       rounds=1, iterations=1)
+    benchmark.group = "task-caption-checkpoints"
+    benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
+                                cpu_model=cpu_model(),
+                                **{f"{k}_ms": v.round_ms for k, v in out.items()},
+                                **{f"{k}_best_ms": v.best_ms for k, v in out.items()})
