@@ -249,7 +249,7 @@ def parse_args(argv=None):
             if getattr(a, name) not in (None, False):
                 p.error(f"--{name.replace('_', '-')} does not apply to --arch {a.arch}")
         if a.serve_dtype != "fp32":
-            p.error(f"--serve-dtype applies to --arch narvl, ar and both")
+            p.error("--serve-dtype applies to --arch narvl, ar and both")
         if a.queries is not None and a.arch != "epalm-nar":
             p.error("--queries applies to --arch narvl and epalm-nar")
     elif a.lm or a.vision:

@@ -49,6 +49,20 @@ def task_inputs(task, variants):
     return models, [data.batch([i], tok, cfg.max_text_len)[:2] for i in range(SAMPLES)]
 
 
+def time_copies(benchmark, group, task, models, inputs):
+    """Times ``models`` (name -> serving copy) on ``inputs`` with ``time_generate``: a warm-up
+    round, then 7 rounds taking turns. extra_info: per copy ``{name}_ms`` (the per-round ms per
+    sample) and ``{name}_best_ms`` (the mean of each sample's best round)."""
+    out = {}
+    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
+                       rounds=1, iterations=1)
+    benchmark.group = group
+    benchmark.extra_info.update(task=task, samples=SAMPLES, threads=torch.get_num_threads(),
+                                cpu_model=cpu_model(),
+                                **{f"{k}_ms": v.round_ms for k, v in out.items()},
+                                **{f"{k}_best_ms": v.best_ms for k, v in out.items()})
+
+
 @pytest.mark.parametrize("task", ["caption", "vqa", "grounding", "entailment"])
 def test_task_latency(benchmark, task):
     """Both checkpoints of ``task`` in one process, timed by ``narvl.models.time_generate``: 7
@@ -59,14 +73,7 @@ def test_task_latency(benchmark, task):
     if RUNS is None:
         pytest.skip("set NARVL_RUNS to a directory of trained runs (RUNS/TASK/{narvl,ar}/last.safetensors)")
     models, inputs = task_inputs(task, [("narvl", "narvl", True), ("ar", "ar", True)])
-    out = {}
-    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),  # a warm-up round
-                       rounds=1, iterations=1)
-    benchmark.group = f"task-{task}"
-    benchmark.extra_info.update(
-        task=task, samples=SAMPLES, threads=torch.get_num_threads(), cpu_model=cpu_model(),
-        narvl_ms=out["narvl"].round_ms, ar_ms=out["ar"].round_ms,
-        narvl_best_ms=out["narvl"].best_ms, ar_best_ms=out["ar"].best_ms)
+    time_copies(benchmark, f"task-{task}", task, models, inputs)
 
 
 def test_caption_linear_packing(benchmark):
@@ -77,14 +84,7 @@ def test_caption_linear_packing(benchmark):
         pytest.skip("set NARVL_RUNS to a directory of trained runs (RUNS/caption/{narvl,ar}/last.safetensors)")
     models, inputs = task_inputs("caption", [("narvl", "narvl", True), ("ar", "ar", True),
                                              ("narvl_unpacked", "narvl", False), ("ar_unpacked", "ar", False)])
-    out = {}
-    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
-                       rounds=1, iterations=1)
-    benchmark.group = "task-caption-packing"
-    benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
-                                cpu_model=cpu_model(),
-                                **{f"{k}_ms": v.round_ms for k, v in out.items()},
-                                **{f"{k}_best_ms": v.best_ms for k, v in out.items()})
+    time_copies(benchmark, "task-caption-packing", "caption", models, inputs)
 
 
 def test_caption_refinement_latency(benchmark):
@@ -95,14 +95,7 @@ def test_caption_refinement_latency(benchmark):
         pytest.skip("set NARVL_RUNS to a directory of trained runs (RUNS/caption/{narvl,ar}/last.safetensors)")
     models, inputs = task_inputs("caption", [("narvl_r0", "narvl", True, 0), ("narvl_r1", "narvl", True, 1),
                                              ("narvl_r2", "narvl", True, 2), ("ar", "ar", True)])
-    out = {}
-    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
-                       rounds=1, iterations=1)
-    benchmark.group = "task-caption-refinement"
-    benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
-                                cpu_model=cpu_model(),
-                                **{f"{k}_ms": v.round_ms for k, v in out.items()},
-                                **{f"{k}_best_ms": v.best_ms for k, v in out.items()})
+    time_copies(benchmark, "task-caption-refinement", "caption", models, inputs)
 
 
 def test_caption_bf16_copies(benchmark):
@@ -119,14 +112,7 @@ def test_caption_bf16_copies(benchmark):
     models, inputs = task_inputs("caption", [("narvl", "narvl", True), ("ar", "ar", True),
                                              ("narvl_bf16", "narvl", True, None, bf16),
                                              ("ar_bf16", "ar", True, None, bf16)])
-    out = {}
-    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
-                       rounds=1, iterations=1)
-    benchmark.group = "task-caption-bf16"
-    benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
-                                cpu_model=cpu_model(),
-                                **{f"{k}_ms": v.round_ms for k, v in out.items()},
-                                **{f"{k}_best_ms": v.best_ms for k, v in out.items()})
+    time_copies(benchmark, "task-caption-bf16", "caption", models, inputs)
 
 
 def test_caption_checkpoints_latency(benchmark):
@@ -140,11 +126,4 @@ def test_caption_checkpoints_latency(benchmark):
     if len(names) < 2:
         pytest.skip(f"fewer than two checkpoints under {root}")
     models, inputs = task_inputs("caption", [(name, name, True) for name in names])
-    out = {}
-    benchmark.pedantic(lambda: out.update(time_generate(models, inputs, rounds=7, warmup=SAMPLES)),
-                       rounds=1, iterations=1)
-    benchmark.group = "task-caption-checkpoints"
-    benchmark.extra_info.update(task="caption", samples=SAMPLES, threads=torch.get_num_threads(),
-                                cpu_model=cpu_model(),
-                                **{f"{k}_ms": v.round_ms for k, v in out.items()},
-                                **{f"{k}_best_ms": v.best_ms for k, v in out.items()})
+    time_copies(benchmark, "task-caption-checkpoints", "caption", models, inputs)

@@ -622,11 +622,11 @@ def ctc_loss_fwd(log_probs, targets, input_lengths, target_lengths, blank, reduc
     return loss, nll, em
 
 
-def ctc_loss_bwd(grad_loss, log_probs, nll, em, targets, input_lengths, target_lengths, blank,
-                 reduction, zero_infinity):
-    """Gradient of ``ctc_loss_fwd``'s loss w.r.t. log_probs (T, B, C) in two launches (lattice
-    with the posteriors, gradient rows); the per-sample factors are derived in the gradient
-    kernel."""
+def _ctc_grad(log_probs, em, targets, input_lengths, target_lengths, blank, g, reduction=None,
+              zero_infinity=False):
+    """Gradient w.r.t. log_probs (T, B, C) in two launches (lattice with the posteriors, gradient
+    rows). ``reduction`` None: ``g`` is dloss/dnll_b (B,); else ``g`` is the gradient of
+    ``ctc_loss_fwd``'s loss (scalar or (B,)) and the gradient kernel derives dloss/dnll_b."""
     if log_probs.stride(-1) != 1:
         log_probs = log_probs.contiguous()
     T, B, C = log_probs.shape
@@ -634,39 +634,31 @@ def ctc_loss_bwd(grad_loss, log_probs, nll, em, targets, input_lengths, target_l
     targets = targets.to(device=dev, dtype=torch.int64).contiguous()
     K = targets.shape[1] + 1
     grad = torch.empty(T, B, C, dtype=log_probs.dtype, device=dev)
-    tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
     if B * T == 0:
         return grad
+    tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
     acc = _acc(log_probs.dtype)
     em = em.to(_out_dtype(log_probs.dtype)).contiguous()
-    _, _, post = _lattice(em, targets, tl_, il, T, em, em, C, False, True, acc)
-    gl_stride = grad_loss.stride(0) if grad_loss.dim() else 0
+    nll, _, post = _lattice(em, targets, tl_, il, T, em, em, C, False, True, acc)
+    fused = reduction is not None
+    g = g if fused else g.contiguous()
     _ctc_grad_kernel[(B * T,)](
         log_probs, log_probs.stride(0), log_probs.stride(1), grad, grad.stride(0), grad.stride(1),
-        post, nll, T, C, K, targets, targets.stride(0), tl_, il, grad_loss, blank, B, gl_stride,
-        FUSED=True, REDUCTION=REDUCTIONS[reduction], ZERO_INF=bool(zero_infinity),
-        BLOCK_C=max(16, min(1024, triton.next_power_of_2(C))), BLOCK_K=triton.next_power_of_2(K),
-        ACC=acc, num_warps=4)
+        post, nll, T, C, K, targets, targets.stride(0), tl_, il, g, blank, B,
+        g.stride(0) if g.dim() else 0, FUSED=fused, REDUCTION=REDUCTIONS[reduction] if fused else 0,
+        ZERO_INF=bool(zero_infinity), BLOCK_C=max(16, min(1024, triton.next_power_of_2(C))),
+        BLOCK_K=triton.next_power_of_2(K), ACC=acc, num_warps=4)
     return grad
+
+
+def ctc_loss_bwd(grad_loss, log_probs, nll, em, targets, input_lengths, target_lengths, blank,
+                 reduction, zero_infinity):
+    """Gradient of ``ctc_loss_fwd``'s loss w.r.t. log_probs (T, B, C), two launches (``nll`` is
+    recomputed by the lattice pass that makes the posteriors)."""
+    return _ctc_grad(log_probs, em, targets, input_lengths, target_lengths, blank, grad_loss,
+                     reduction, zero_infinity)
 
 
 def ctc_bwd(grad_nll, log_probs, em, targets, input_lengths, target_lengths, blank):
     """Gradient of sum_b grad_nll[b] * nll_b w.r.t. log_probs (T, B, C): -grad_nll * post."""
-    if log_probs.stride(-1) != 1:
-        log_probs = log_probs.contiguous()
-    T, B, C = log_probs.shape
-    dev = log_probs.device
-    targets = targets.to(device=dev, dtype=torch.int64).contiguous()
-    K = targets.shape[1] + 1
-    grad = torch.empty(T, B, C, dtype=log_probs.dtype, device=dev)
-    tl_, il = _lengths(target_lengths, dev), _lengths(input_lengths, dev)
-    em = em.to(_out_dtype(log_probs.dtype)).contiguous()
-    if B * T > 0:
-        nll, _, post = _lattice(em, targets, tl_, il, T, em, em, C, False, True, _acc(log_probs.dtype))
-        _ctc_grad_kernel[(B * T,)](
-            log_probs, log_probs.stride(0), log_probs.stride(1), grad, grad.stride(0), grad.stride(1),
-            post, nll, T, C, K, targets, targets.stride(0), tl_, il,
-            grad_nll.contiguous(), blank, B, 1, FUSED=False, REDUCTION=0, ZERO_INF=False,
-            BLOCK_C=max(16, min(1024, triton.next_power_of_2(C))),
-            BLOCK_K=triton.next_power_of_2(K), ACC=_acc(log_probs.dtype), num_warps=4)
-    return grad
+    return _ctc_grad(log_probs, em, targets, input_lengths, target_lengths, blank, grad_nll)

@@ -128,15 +128,8 @@ def test_bf16_serving_copy(arch, monkeypatch):
     """prepare_for_inference(dtype=torch.bfloat16): bfloat16 parameters, float32 images accepted,
     NARVL's logits within twice the error (against float64) of the plain model cast to bfloat16;
     on a CPU without bfloat16 instructions the copy stays float32 with a warning."""
-    torch.manual_seed(2)
     cfg = small_cfg()
-    model = arch(cfg)
-    randomise_bn(model.encoder.backbone)
-    with torch.no_grad():
-        for t in rel_tables(model):
-            t.weight.normal_()
-        perturb_c_attn(model)
-    model.eval()
+    model = _perturbed_model(cfg, seed=2, arch=arch)
     images, text, _, _ = inputs(cfg)
     infer = prepare_for_inference(model, dtype=torch.bfloat16, fallback=False)
     assert {p.dtype for p in infer.parameters()} == {torch.bfloat16}
@@ -563,9 +556,11 @@ def perturb_c_attn(model):
             m.c_attn.uniform_(0.3, 1.7)
 
 
-def _perturbed_model(cfg, seed=3):
+def _perturbed_model(cfg, seed=3, arch=NARVL):
+    """``arch(cfg)`` in eval mode with random BatchNorm statistics, relative position tables and
+    NormFormer scales, so a mix-up in a serving copy shows."""
     torch.manual_seed(seed)
-    model = NARVL(cfg)
+    model = arch(cfg)
     randomise_bn(model.encoder.backbone)
     with torch.no_grad():
         for t in rel_tables(model):

@@ -94,6 +94,11 @@ def plain_fwd(q, k, v, key_lengths, attn_bias, scale):
     return out.to(q.dtype), lse
 
 
+def _causal_keep(Lq, Lk, device):
+    """(Lq, Lk) bool: query i sees keys j <= i + Lk - Lq."""
+    return torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril(Lk - Lq)
+
+
 def plain_attention(q, k, v, key_lengths, attn_bias, scale, causal):
     """``narvl::query_attention`` in plain ATen ops (matmul, masked softmax, matmul): exporters
     (``narvl.models.export_onnx``) decompose the op into this."""
@@ -102,8 +107,7 @@ def plain_attention(q, k, v, key_lengths, attn_bias, scale, causal):
         s = s + attn_bias.to(s.dtype)
     Lq, Lk = q.shape[2], k.shape[2]
     if causal:
-        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
-        s = s.masked_fill(~keep, float("-inf"))
+        s = s.masked_fill(~_causal_keep(Lq, Lk, q.device), float("-inf"))
     if key_lengths is not None:
         keep = torch.arange(Lk, device=q.device)[None, :] < key_lengths.to(q.device)[:, None]
         s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
@@ -159,13 +163,10 @@ def _route(q, k, v, key_lengths, attn_bias, scale, causal):
     docstring). ``key_lengths`` None: every key is valid (no mask is built)."""
     full = key_lengths is None
     if causal:
-        Lq, Lk = q.shape[2], k.shape[2]
-        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
+        keep = _causal_keep(q.shape[2], k.shape[2], q.device)
         b = torch.zeros((), dtype=q.dtype, device=q.device) if attn_bias is None else attn_bias.to(q.dtype)
         b = torch.where(keep, b, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
         return _sdpa(q, k, v, key_lengths, b, scale, full)
-    if full:
-        key_lengths = checks.full_lengths(q.shape[0], k.shape[2], q.device)
     if _backend.resolve(q.device) == "cpp":
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
@@ -173,6 +174,8 @@ def _route(q, k, v, key_lengths, attn_bias, scale, causal):
             t is not None and t.requires_grad for t in (q, k, v, attn_bias))
         if not (needs_grad and k.shape[2] <= _CPU_OP_MAX_KEYS):
             return _sdpa(q, k, v, key_lengths, attn_bias, scale, full)
+    if full:
+        key_lengths = checks.full_lengths(q.shape[0], k.shape[2], q.device)
     return _OPS.query_attention_fwd(q, k, v, key_lengths, attn_bias, scale)[0]
 
 
