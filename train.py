@@ -82,126 +82,156 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
-                                formatter_class=_HelpFormatter)
-    p.add_argument("--task", choices=list(METRIC), default="caption",
+def _run_args(p):
+    g = p.add_argument_group("what to run")
+    g.add_argument("--task", choices=list(METRIC), default="caption",
                    help="what to train and evaluate: caption (CIDEr), vqa (VQA accuracy), grounding (Acc@0.5) "
                         "or entailment (accuracy)")
-    p.add_argument("--arch", choices=["narvl", "ar", "both", *EPALM_ARCHS], default="narvl",
+    g.add_argument("--arch", choices=["narvl", "ar", "both", *EPALM_ARCHS], default="narvl",
                    help="both: narvl then ar into OUT/narvl and OUT/ar, then OUT/comparison.json; epalm / "
                         "epalm-nar: eP-ALM with its autoregressive / Q-CTC head on a frozen OPT and ViT "
                         "(--lm, --vision)")
-    p.add_argument("--preset", choices=["tiny", "medium", "base", "large", "huge"], default="tiny",
+    g.add_argument("--preset", choices=["tiny", "medium", "base", "large", "huge"], default="tiny",
                    help="model size: tiny (d 256, 4+4 layers, trains in minutes on 2 CPU cores) or the paper's "
                         "medium, base, large, huge")
-    p.add_argument("--out", default=None, help="output directory (default runs/{task}_{arch})")
-    p.add_argument("--steps", type=int, default=None,
+    g.add_argument("--out", default=None, help="output directory (default runs/{task}_{arch})")
+
+
+def _training_args(p):
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default per task; eP-ALM's adapter: 600)")
-    p.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (split over ranks)")
-    p.add_argument("--lr", type=float, default=None,
+    g.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
+    g.add_argument("--batch-size", type=int, default=32, help="global batch (split over ranks)")
+    g.add_argument("--lr", type=float, default=None,
                    help="peak AdamW learning rate (default: the task's recipe for the arch, TASK_RECIPE, else 5e-4; "
                         "eP-ALM's adapter: 1e-3)")
-    p.add_argument("--warmup", type=int, default=50,
+    g.add_argument("--warmup", type=int, default=50,
                    help="linear warm-up steps to --lr (at most the run's steps), then a cosine to 0")
-    p.add_argument("--weight-decay", type=float, default=0.01,
+    g.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW weight decay of the matrices (biases and norms: none)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout of a new model")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--fp16", action="store_true",
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout of a new model")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    g.add_argument("--fp16", action="store_true",
                    help="float16 autocast with a GradScaler (a step whose gradients overflow is skipped "
                         "and the scale lowered; skipped steps are counted)")
-    p.add_argument("--max-target-len", type=int, default=None,
+    g.add_argument("--max-target-len", type=int, default=None,
                    help="targets (answer + EOS) are cut to this many tokens, counted (default: the task's "
                         "NARVL queries, what one decoder pass can emit; the same for AR, so both train on "
                         "the same targets)")
-    p.add_argument("--freeze-bn", action="store_true",
+    g.add_argument("--freeze-bn", action="store_true",
                    help="the ResNet's BatchNorm layers use their running statistics while training (as when "
                         "fine-tuning from pretrained weights with small per-device batches); with it, DDP "
                         "on k ranks computes what one rank does on the same global batch")
-    p.add_argument("--distill-from", default=None, metavar="AR_CKPT",
+    g.add_argument("--distill-from", default=None, metavar="AR_CKPT",
                    help="sequence-level distillation: decode the training split with this AR checkpoint "
                         "(cached in OUT/distill_targets.json) and train NARVL on its outputs")
-    p.add_argument("--distill-beam", type=int, default=1, help="teacher beam width for --distill-from")
-    p.add_argument("--entangle-position-embedding", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--distill-beam", type=int, default=1, help="teacher beam width for --distill-from")
+
+
+def _recipe_args(p):
+    g = p.add_argument_group("model and recipe of a new model")
+    g.add_argument("--entangle-position-embedding", action=argparse.BooleanOptionalAction, default=None,
                    help="OFA's option for a new model: the encoder also adds the position embeddings "
                         "to the text and image content (off in OFA's released setups; default: the task's "
                         "recipe, TASK_RECIPE)")
-    p.add_argument("--queries", type=int, default=None,
+    g.add_argument("--queries", type=int, default=None,
                    help="NARVL's (and eP-ALM's NAR head's) query slots N (default: the task's, caption 20, VQA 6, "
                         "grounding 5, entailment 3); targets are still cut at --max-target-len")
-    p.add_argument("--dec-layers", type=int, default=None, metavar="L",
+    g.add_argument("--dec-layers", type=int, default=None, metavar="L",
                    help="decoder layers of a new model (default: the preset's, tiny 4)")
-    p.add_argument("--glance", type=float, default=None, metavar="RATIO",
+    g.add_argument("--glance", type=float, default=None, metavar="RATIO",
                    help="NARVL glancing training: RATIO x (first pass's errors) query inputs replaced by the "
                         "embeddings of the labels CTC's best alignment puts there (0 = off; default: the "
                         "task's recipe, TASK_RECIPE)")
-    p.add_argument("--glance-plain-weight", type=float, default=None, metavar="W",
+    g.add_argument("--glance-plain-weight", type=float, default=None, metavar="W",
                    help="with --glance: the loss is (1 - W) x the glanced pass's + W x the plain pass's (0: the "
                         "glanced pass alone, as GLAT; default: the task's recipe, TASK_RECIPE, else 0)")
-    p.add_argument("--aux-ar-weight", type=float, default=None, metavar="W",
+    g.add_argument("--aux-ar-weight", type=float, default=None, metavar="W",
                    help="NARVL joint training: the loss adds W x the teacher-forced cross-entropy of an auxiliary "
                         "AR decoder on the same encoder (training only; serving copies drop it; 0 = off; default: "
                         "the task's recipe, TASK_RECIPE, else 0)")
-    p.add_argument("--refine", type=int, default=None, metavar="K",
+    g.add_argument("--layer-ctc-weight", type=float, default=None, metavar="W",
+                   help="NARVL deep supervision: the loss adds W x the mean Q-CTC loss of the inner decoder layers "
+                        "(through the final layer norm and the tied projection; training only; 0 = off; default: "
+                        "the task's recipe, TASK_RECIPE, else 0)")
+    g.add_argument("--refine", type=int, default=None, metavar="K",
                    help="NARVL inference: K Mask-Predict refinement passes after the one pass (confident slots feed "
                         "their labels back as inputs); with --eval-only it overrides the checkpoint's (default: the "
                         "task's recipe for a new model, TASK_RECIPE; the checkpoint's with --eval-only)")
-    p.add_argument("--seed", type=int, default=0,
+
+
+def _data_args(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--seed", type=int, default=0,
                    help="seed of the generated shapes data (evaluation split: seed + 1000), the initial "
                         "weights and the batch order")
-    p.add_argument("--image-size", type=int, default=64,
+    g.add_argument("--image-size", type=int, default=64,
                    help="image side in pixels, a multiple of 16 (a checkpoint keeps its own)")
-    p.add_argument("--train-size", type=int, default=6000, help="generated training samples (shapes data)")
-    p.add_argument("--eval-size", type=int, default=500,
+    g.add_argument("--train-size", type=int, default=6000, help="generated training samples (shapes data)")
+    g.add_argument("--eval-size", type=int, default=500,
                    help="evaluation samples (generated; with --data, the first N of its eval split)")
-    p.add_argument("--data", default=None, metavar="SPEC.json",
+    g.add_argument("--data", default=None, metavar="SPEC.json",
                    help="train and evaluate on files instead of the generated shapes data: a JSON object "
                         "{\"train\": {...}, \"eval\": {...}}, each entry naming the task's files "
                         "(narvl.data.SPEC_KEYS; paths relative to SPEC.json)")
-    p.add_argument("--bpe-vocab", type=int, default=1000, help="BPE merges + bytes of a new tokenizer")
-    p.add_argument("--num-bins", type=int, default=64, help="location bins of a new tokenizer")
-    p.add_argument("--serve-dtype", choices=["fp32", "bf16", "bf16-emulated"], default="fp32",
+    g.add_argument("--bpe-vocab", type=int, default=1000, help="BPE merges + bytes of a new tokenizer")
+    g.add_argument("--num-bins", type=int, default=64, help="location bins of a new tokenizer")
+
+
+def _eval_args(p):
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--serve-dtype", choices=["fp32", "bf16", "bf16-emulated"], default="fp32",
                    help="dtype of the serving copies evaluated and timed (prepare_for_inference(dtype=)): bf16 "
                         "stays fp32, with a warning, on a CPU without bfloat16 instructions (AVX512-BF16, "
                         "AMX-BF16); bf16-emulated runs bf16 there anyway (slower; for its quality)")
-    p.add_argument("--latency-samples", type=int, default=100,
+    g.add_argument("--latency-samples", type=int, default=100,
                    help="evaluation samples timed for latency_ms (batch 1, each timed 5 times, best kept)")
-    p.add_argument("--beam", type=int, default=1, help="beam width at evaluation (1 = greedy)")
-    p.add_argument("--freeze-backbone", action="store_true",
+    g.add_argument("--beam", type=int, default=1, help="beam width at evaluation (1 = greedy)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar; the log lines and the summary are still printed")
+
+
+def _checkpoint_args(p):
+    g = p.add_argument_group("starting points and checkpoints")
+    g.add_argument("--freeze-backbone", action="store_true",
                    help="eP-ALM style: train only the queries, an output projection and a soft prompt")
-    p.add_argument("--no-soft-prompt", action="store_true", help="with --freeze-backbone")
-    p.add_argument("--init", default=None, help="start from a checkpoint's weights (e.g. with --freeze-backbone)")
-    p.add_argument("--init-ofa", default=None, metavar="PATH",
+    g.add_argument("--no-soft-prompt", action="store_true", help="with --freeze-backbone")
+    g.add_argument("--init", default=None, help="start from a checkpoint's weights (e.g. with --freeze-backbone)")
+    g.add_argument("--init-ofa", default=None, metavar="PATH",
                    help="start from an OFA (or NARVL) checkpoint: fairseq .pt, Hugging Face file or directory")
-    p.add_argument("--ofa-bpe-dir", default=None, metavar="DIR",
+    g.add_argument("--ofa-bpe-dir", default=None, metavar="DIR",
                    help="with --init-ofa: OFA's BPE files (encoder.json + vocab.bpe + dict.txt, or "
                         "vocab.json + merges.txt)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
-    p.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint")
-    p.add_argument("--ckpt-every", type=int, default=200, help="optimizer steps between checkpoints")
-    p.add_argument("--stop-after", type=int, default=None, metavar="K",
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint")
+    g.add_argument("--ckpt-every", type=int, default=200, help="optimizer steps between checkpoints")
+    g.add_argument("--stop-after", type=int, default=None, metavar="K",
                    help="end after K optimizer steps of the --steps schedule, with a checkpoint (a time-boxed "
                         "job; --resume continues it exactly)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar; the log lines and the summary are still printed")
-    p.add_argument("--lm", default=None, metavar="DIR",
+
+
+def _epalm_args(p):
+    g = p.add_argument_group("eP-ALM (--arch epalm, epalm-nar)")
+    g.add_argument("--lm", default=None, metavar="DIR",
                    help="eP-ALM: freeze this local Hugging Face OPTForCausalLM directory instead of pretraining "
                         "one; its vocabulary must be this project's tokenizer's (ids 0/1/2 = <s>/<pad>/</s>, "
                         "vocab_size at least the tokenizer's: an OPT trained on what --data, --bpe-vocab and "
                         "--num-bins make, e.g. an earlier run's OUT/pretrained/lm)")
-    p.add_argument("--vision", default=None, metavar="DIR",
+    g.add_argument("--vision", default=None, metavar="DIR",
                    help="eP-ALM: freeze this local Hugging Face ViTModel directory (its image_size = "
                         "--image-size) instead of pretraining one")
-    p.add_argument("--lm-steps", type=int, default=300,
+    g.add_argument("--lm-steps", type=int, default=300,
                    help="eP-ALM without --lm: optimizer steps of the small OPT's causal-LM pretraining on the "
                         "training split's texts (skipped when OUT/pretrained/lm exists)")
-    p.add_argument("--vision-steps", type=int, default=400,
+    g.add_argument("--vision-steps", type=int, default=400,
                    help="eP-ALM without --vision: optimizer steps of the small ViT's pretraining, classifying "
                         "--train-size generated scenes' per-cell shapes, colours and sizes (skipped when "
                         "OUT/pretrained/vision exists)")
-    a = p.parse_args(argv)
+
+
+def _check_ranges(p, a):
+    """Each option's own range: p.error naming it."""
     for name in ("batch_size", "image_size", "train_size", "eval_size", "latency_samples", "beam", "ckpt_every",
                  "bpe_vocab", "num_bins", "distill_beam", "lm_steps", "vision_steps"):
         if getattr(a, name) < 1:
@@ -220,16 +250,22 @@ def parse_args(argv=None):
         p.error("--queries must be >= 1")
     if a.dec_layers is not None and a.dec_layers < 1:
         p.error("--dec-layers must be >= 1")
-    if a.dec_layers is not None and (a.init_ofa or a.init or a.resume or a.eval_only):
-        p.error("--dec-layers sets up a new model (a checkpoint keeps its own layers)")
     if a.refine is not None and a.refine < 0:
         p.error("--refine must be >= 0")
     if a.glance is not None and not 0.0 <= a.glance <= 1.0:
         p.error("--glance must be in [0, 1]")
     if a.glance_plain_weight is not None and not 0.0 <= a.glance_plain_weight <= 1.0:
         p.error("--glance-plain-weight must be in [0, 1]")
+    if a.layer_ctc_weight is not None and not 0.0 <= a.layer_ctc_weight < float("inf"):
+        p.error("--layer-ctc-weight must be a finite number >= 0")
     if a.aux_ar_weight is not None and not 0.0 <= a.aux_ar_weight < float("inf"):
         p.error("--aux-ar-weight must be a finite number >= 0")
+
+
+def _check_combinations(p, a):
+    """Options that exclude or need each other: p.error naming them."""
+    if a.dec_layers is not None and (a.init_ofa or a.init or a.resume or a.eval_only):
+        p.error("--dec-layers sets up a new model (a checkpoint keeps its own layers)")
     if a.aux_ar_weight and (a.arch not in ("narvl", "both") or a.freeze_backbone or a.init_ofa or a.init
                             or a.resume or a.eval_only):
         p.error("--aux-ar-weight sets up a new NARVL trained in full (--arch narvl or both, without --freeze-backbone, "
@@ -244,7 +280,7 @@ def parse_args(argv=None):
         p.error("--distill-from trains NARVL (--arch narvl)")
     if a.arch in EPALM_ARCHS:
         for name in ("resume", "eval_only", "init", "init_ofa", "freeze_backbone", "no_soft_prompt", "bf16",
-                     "fp16", "stop_after", "freeze_bn", "glance", "glance_plain_weight", "aux_ar_weight", "refine",
+                     "fp16", "stop_after", "freeze_bn", "glance", "glance_plain_weight", "aux_ar_weight", "layer_ctc_weight", "refine",
                      "entangle_position_embedding", "dec_layers"):
             if getattr(a, name) not in (None, False):
                 p.error(f"--{name.replace('_', '-')} does not apply to --arch {a.arch}")
@@ -254,6 +290,22 @@ def parse_args(argv=None):
             p.error("--queries applies to --arch narvl and epalm-nar")
     elif a.lm or a.vision:
         p.error(f"--lm and --vision apply to --arch {' and '.join(EPALM_ARCHS)}")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """train.py's command line, its options in groups."""
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                formatter_class=_HelpFormatter)
+    for add in (_run_args, _training_args, _recipe_args, _data_args, _eval_args, _checkpoint_args, _epalm_args):
+        add(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
+    a = p.parse_args(argv)
+    _check_ranges(p, a)
+    _check_combinations(p, a)
     a.out = a.out or f"runs/{a.task}_{a.arch}"
     return a
 
@@ -490,6 +542,7 @@ def build(args) -> Setup:
                                       glance_ratio=recipe(args, "glance", 0.0),
                                       glance_plain_weight=recipe(args, "glance_plain_weight", 0.0),
                                       aux_ar_weight=recipe(args, "aux_ar_weight", 0.0) if args.arch == "narvl" else 0.0,
+                                      layer_ctc_weight=recipe(args, "layer_ctc_weight", 0.0),
                                       refine_steps=recipe(args, "refine", 0),
                                       **({} if args.queries is None else dict(num_queries=args.queries)),
                                       **({} if args.dec_layers is None else dict(dec_layers=args.dec_layers)))
@@ -721,6 +774,7 @@ def write_metrics(args, s: Setup, eval_data, train_seconds, report, world):
                num_queries=narvl_only(cfg.num_queries), glance_ratio=narvl_only(cfg.glance_ratio),
                glance_plain_weight=narvl_only(cfg.glance_plain_weight),
                aux_ar_weight=narvl_only(cfg.aux_ar_weight), aux_decoder_params=aux_params,
+               layer_ctc_weight=narvl_only(cfg.layer_ctc_weight),
                refine_steps=narvl_only(cfg.refine_steps),
                entangle_position_embedding=cfg.entangle_position_embedding, lr=learning_rate(args),
                warmup=args.warmup, eval_samples=len(eval_data), threads=torch.get_num_threads(),

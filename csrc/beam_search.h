@@ -73,7 +73,7 @@ void top_candidates(const scalar_t* xr, int64_t V, int64_t k, int64_t input, int
   float lse = 0.f;
   bool nan = false;
   const int64_t n = row_topk_f32(x, V, k, vals.data(), idx.data(), &nan, input == kLogits ? &lse : nullptr);
-  TORCH_CHECK_VALUE(!nan, "narvl: NaN in scores");  // a ValueError in Python
+  if (nan) throw NanScoresError();  // narvl.checks.NaNScoresError in Python
   // probabilities: log(p + FLT_MIN) in double, as ctcdecode, so a zero probability is
   // log(FLT_MIN) = -87.3 (a very unlikely label, still ranked) rather than impossible
   auto to_log = [&](float f) {

@@ -28,7 +28,7 @@ template <typename scalar_t>
 int64_t row_argmax(const scalar_t* x, int64_t V) {
   bool nan = false;
   const int64_t a = row_argmax_f32(beam::float_row(x, V), V, &nan);
-  TORCH_CHECK_VALUE(!nan, "narvl: NaN in scores");  // a ValueError in Python
+  if (nan) throw NanScoresError();  // narvl.checks.NaNScoresError in Python
   return a;
 }
 

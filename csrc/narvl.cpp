@@ -91,6 +91,15 @@ static pybind11::tuple row_topk(const torch::Tensor& row, int64_t k, bool logits
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "narvl native CPU kernels (registered on the torch.ops.narvl operators by narvl.ops)";
+  // The decoders' NaN fault keeps its kind in its type: narvl.checks.NaNScoresError (a ValueError).
+  pybind11::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const narvl::NanScoresError& e) {
+      pybind11::object cls = pybind11::module_::import("narvl.checks").attr("NaNScoresError");
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
   narvl::register_ctc_kernels(m);
   narvl::register_decode_kernels(m);
   narvl::register_forced_align_kernels(m);

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // Runtime dispatch to the widest vector ISA the CPU has (AVX-512, AVX2+FMA, baseline SSE2).
@@ -14,6 +15,12 @@
 #endif
 
 namespace narvl {
+
+// NaN found by a decoder's row scan. The extension's exception translator (narvl.cpp) raises it
+// in Python as narvl.checks.NaNScoresError, a ValueError, so the error's kind is in its type.
+struct NanScoresError : std::runtime_error {
+  NanScoresError() : std::runtime_error("narvl: NaN in scores") {}
+};
 
 constexpr int kLanes = 16;
 

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import settings
+from ..checks import NaNScoresError
 from . import checks
 
 
@@ -382,12 +383,12 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
 def _raise_on_nan(nanf):
     """The per-frame NaN counts the scans kept (no extra pass over the scores): read on the host
     for CPU tensors (the interpreter; free), asserted on the device for CUDA tensors (one small
-    program, no synchronisation). On the host it raises the ValueError the C++ kernels raise,
-    which the ops layer names."""
+    program, no synchronisation). On the host it raises ``NaNScoresError``, as the C++ kernels
+    do, which the ops layer names."""
     if not _host_reads(nanf):
         checks.count_outside(nanf, 0, 0, "NaN in scores")
     elif any(nanf.tolist()):
-        raise ValueError("narvl: NaN in scores")  # narvl.ops.decode.NAN_FAULT
+        raise NaNScoresError("narvl: NaN in scores")
 
 
 def _host_reads(x):

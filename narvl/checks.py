@@ -27,6 +27,14 @@ import torch
 from . import settings
 
 
+class NaNScoresError(ValueError):
+    """Decoder scores holding NaN. The decoders' one value fault that only their kernels see:
+    their row scans count NaN without an extra pass. The C++ kernels raise it (translated from
+    their own exception type), as does the Triton launcher where it reads the counts on the
+    host; the public functions raise it again naming their argument ("log_probs contains NaN").
+    A subclass of ``ValueError``, so ``except ValueError`` still catches it."""
+
+
 def enabled() -> bool:
     """Value checks run: ``NARVL_CHECK`` is on and no ``torch.compile`` trace is in progress."""
     return settings.checks_enabled() and not torch.compiler.is_compiling()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import narvl
+from narvl.checks import NaNScoresError
 from narvl.reference import (beam_search_reference, greedy_decode_reference,
                              labeling_logprobs_bruteforce)
 
@@ -260,8 +261,9 @@ def test_decoder_zero_probability_is_flt_min(backend):
 ])
 def test_decoder_bad_input(backend, probs, seq, exc, word):
     dec = narvl.CTCBeamDecoder(list("_abcde"), beam_width=3)
-    with pytest.raises(exc, match=word):
+    with pytest.raises(exc, match=word) as err:
         dec.decode(probs, seq)
+    assert isinstance(err.value, NaNScoresError) == ("NaN" in word)
 
 
 def test_decoder_bad_config():
@@ -458,8 +460,9 @@ def test_nan_in_scores_is_reported_by_the_scans(backend, monkeypatch, fn):
     x[1, 3, 5] = float("nan")
     call = ((lambda: narvl.ctc_greedy_decode(x)) if fn == "greedy"
             else (lambda: narvl.ctc_prefix_beam_search(x, beam_width=3)))
-    with pytest.raises(ValueError, match="log_probs contains NaN"):
+    with pytest.raises(NaNScoresError, match="log_probs contains NaN") as err:
         call()
+    assert isinstance(err.value, ValueError)
     if backend != "cpp":  # the C++ scans always report NaN
         monkeypatch.setenv("NARVL_CHECK", "0")
         call()
@@ -477,7 +480,7 @@ def test_decoder_errors_other_than_nan_pass_through(monkeypatch):
     for call in (lambda: narvl.ctc_greedy_decode(x), lambda: narvl.ctc_prefix_beam_search(x, beam_width=3)):
         with pytest.raises(ValueError, match="NARVL_BACKEND") as err:
             call()
-        assert "NaN" not in str(err.value)
+        assert "NaN" not in str(err.value) and not isinstance(err.value, NaNScoresError)
 
 
 def test_gpu_beam_limit(backend):

@@ -280,6 +280,30 @@ def test_user_language_model(word_lm):
         narvl.CTCBeamDecoder(LABELS, language_model=object())
 
 
+def test_language_model_errors_pass_through_unrenamed(word_lm):
+    """Errors keep their kind in their type: a user model's ValueError, even one whose text reads
+    like the kernels' NaN fault, reaches the caller unchanged and is not a NaNScoresError; NaN in
+    the scores is one, naming probs."""
+    from narvl.checks import NaNScoresError
+
+    arpa = narvl.ArpaLanguageModel(word_lm)
+
+    class Failing(narvl.LanguageModel):
+        order, vocabulary, max_log_prob = arpa.order, arpa.vocabulary, arpa.max_log_prob
+
+        def log_prob(self, context, word):
+            raise ValueError("narvl: NaN in scores (from the user's model)")
+
+    dec = narvl.CTCBeamDecoder(LABELS, language_model=Failing(), beam_width=6, cutoff_top_n=5)
+    lp = _random_lp(12, len(LABELS), 3).exp()
+    with pytest.raises(ValueError, match="from the user's model") as err:
+        dec.decode(lp)
+    assert not isinstance(err.value, NaNScoresError)
+    lp[0, 2, 1] = float("nan")
+    with pytest.raises(NaNScoresError, match="probs contains NaN"):
+        narvl.CTCBeamDecoder(LABELS, model_path=str(word_lm), beam_width=4).decode(lp)
+
+
 def test_kenlm_matches_native(word_lm, tmp_path):
     pytest.importorskip("kenlm", reason="the optional kenlm package (narvl[kenlm]) is not installed")
     tabbed = tmp_path / "tabs.arpa"  # KenLM wants tabs between fields

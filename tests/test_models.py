@@ -852,3 +852,47 @@ def test_glance_plain_weight_mixes_the_two_passes():
     assert model.decoder.query_embed.weight.grad is not None
     with pytest.raises(ValueError, match="glance_plain_weight"):
         small_cfg(glance_plain_weight=2.0)
+
+
+@pytest.mark.parametrize("dec_layers", [1, 3])
+def test_layer_ctc_weight_adds_the_inner_layers_qctc(dec_layers):
+    """cfg.layer_ctc_weight w (deep supervision): the training loss is the last layer's Q-CTC +
+    w * the mean Q-CTC of the inner layers' states, each through the final layer norm and the tied
+    projection, computed here by a loop over the decoder's layers; with one layer there is no inner
+    layer; eval mode and generate read the last layer alone."""
+    cfg = small_cfg(layer_ctc_weight=0.5, dec_layers=dec_layers)
+    torch.manual_seed(1)
+    model = NARVL(cfg).train()
+    images, text, targets, lengths = inputs(cfg)
+    got = model(images, text, targets, lengths)
+    memory, mlen = model.encoder(images, text)
+    dec = model.decoder
+    N = cfg.num_queries
+    self_b, cross_b = dec.biases(N, model.encoder, memory.shape[1] - cfg.grid ** 2, memory.dtype)
+    x = dec.embed(dec.query_embed.weight[None].expand(images.shape[0], -1, -1))
+    losses = []
+    for i, layer in enumerate(dec.layers):
+        x = layer(x, memory, mlen, self_b[i], cross_b)
+        logits = model.output(dec.layer_norm(x), model.embed_tokens.weight)
+        losses.append(narvl.qctc_loss(logits, targets, lengths, blank=cfg.blank_id,
+                                      label_smoothing=cfg.label_smoothing, zero_infinity=True))
+    want = losses[-1] + (0.5 * sum(losses[:-1]) / (dec_layers - 1) if dec_layers > 1 else 0.0)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert model.decoder.layers[0].fc1.weight.grad.abs().sum() > 0
+    model.eval()
+    torch.testing.assert_close(model(images, text, targets, lengths),
+                               narvl.qctc_loss(model.logits(images, text), targets, lengths, blank=cfg.blank_id,
+                                               label_smoothing=cfg.label_smoothing))
+    plain = NARVL(small_cfg(dec_layers=dec_layers))
+    plain.load_state_dict(model.state_dict())
+    assert model.generate(images, text) == plain.eval().generate(images, text) \
+        == prepare_for_inference(model).generate(images, text)
+    model.train()  # with glancing, each pass carries its own inner-layer losses
+    model.cfg.glance_ratio, model.cfg.glance_plain_weight = 0.5, 0.5
+    model.zero_grad()
+    model(images, text, targets, lengths).backward()
+    assert torch.isfinite(model.queries.grad).all() and model.queries.grad.abs().sum() > 0
+    for bad in (-0.5, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="layer_ctc_weight"):
+            small_cfg(layer_ctc_weight=bad)

@@ -62,13 +62,16 @@ def test_entangle_position_embedding_flag(tmp_path):
 
 
 def test_queries_and_glance_flags(tmp_path):
-    """--queries and --glance reach NARVL's config and the checkpoint; --glance trains."""
-    m = run(tmp_path, "--task", "caption", "--arch", "narvl", "--steps", "2", "--queries", "24", "--glance", "0.5")
+    """--queries, --glance and --layer-ctc-weight reach NARVL's config, the checkpoint and
+    metrics.json; glancing with deep supervision trains."""
+    m = run(tmp_path, "--task", "caption", "--arch", "narvl", "--steps", "2", "--queries", "24", "--glance", "0.5",
+            "--layer-ctc-weight", "0.3")
     from narvl.checkpoint import read_checkpoint
     from narvl.models import NARVLConfig
     _, meta = read_checkpoint(str(tmp_path / "last.safetensors"))
     cfg = NARVLConfig.from_json(meta["config"])
     assert cfg.num_queries == 24 and cfg.glance_ratio == 0.5 and m["num_queries"] == 24
+    assert cfg.layer_ctc_weight == 0.3 and m["layer_ctc_weight"] == 0.3
     assert cfg.max_target_len == 20  # targets are still cut at the task's length
     assert all(math.isfinite(x) for x in m["losses"])
     assert m["glance_ratio"] == 0.5 and m["refine_steps"] == train.TASK_RECIPE["caption"].get("refine", 0)
@@ -91,7 +94,8 @@ def test_aux_ar_weight_flag(tmp_path):
     assert train.main([*SMALL, "--eval-only", str(tmp_path / "a" / "last.safetensors"), "--out", str(ev)]) == 0
     with open(ev / "metrics.json") as f:
         assert json.load(f)["metric"] == m["metric"]
-    for bad in (["--aux-ar-weight", "-1"], ["--aux-ar-weight", "0.5", "--arch", "ar"],
+    for bad in (["--aux-ar-weight", "-1"], ["--aux-ar-weight", "0.5", "--arch", "ar"], ["--layer-ctc-weight", "-1"],
+                ["--layer-ctc-weight", "inf"], ["--arch", "epalm", "--layer-ctc-weight", "0.5"],
                 ["--aux-ar-weight", "0.5", "--freeze-backbone"]):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
@@ -121,6 +125,18 @@ def test_dec_layers_and_serve_dtype(tmp_path, monkeypatch):
                 ["--arch", "epalm", "--serve-dtype", "bf16"]):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
+
+
+def test_every_option_has_help_in_its_group(capsys):
+    """--help: each option has its own text, under one of the groups."""
+    p = train.make_parser()
+    assert all(a.help for a in p._actions)
+    titles = [g.title for g in p._action_groups[2:]]
+    assert len(titles) == 7 and all(g._group_actions for g in p._action_groups[2:])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"{t}:" in out for t in titles) and "--layer-ctc-weight" in out
 
 
 def _cfg_of(out):

@@ -85,6 +85,12 @@ class NARVLConfig:
     # the token-level gradients an AR model gets; inference never runs the aux decoder (serving
     # copies drop it). 0 turns it off (no aux decoder is built).
     aux_ar_weight: float = 0.0
+    # Deep supervision (intermediate CTC, Lee & Watanabe 2021; DSLP, Huang et al. 2022): in
+    # training, each decoder layer but the last also goes through the final ``layer_norm`` and
+    # the tied output projection, and the loss adds layer_ctc_weight times the mean of those
+    # layers' Q-CTC losses to the last layer's. Training only: inference reads the last layer.
+    # 0 turns it off.
+    layer_ctc_weight: float = 0.0
     # Inference: after the one pass, refine_steps more decoder passes (Mask-Predict style): the
     # most confident slots keep their label and feed its embedding as their input, the others
     # keep their learnable query and are predicted again (a model trained with glancing has
@@ -145,6 +151,10 @@ class NARVLConfig:
                 or not 0.0 <= self.aux_ar_weight < float("inf"):
             raise ValueError(f"aux_ar_weight must be a finite number >= 0, got {self.aux_ar_weight!r}")
         self.aux_ar_weight = float(self.aux_ar_weight)
+        if not isinstance(self.layer_ctc_weight, (int, float)) or isinstance(self.layer_ctc_weight, bool) \
+                or not 0.0 <= self.layer_ctc_weight < float("inf"):
+            raise ValueError(f"layer_ctc_weight must be a finite number >= 0, got {self.layer_ctc_weight!r}")
+        self.layer_ctc_weight = float(self.layer_ctc_weight)
         if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
         if not 0.0 <= self.label_smoothing < 1.0:

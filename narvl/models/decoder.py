@@ -69,11 +69,17 @@ class DecoderStack(nn.Module):
         return ([b.contiguous() for b in self.self_biases(T, dtype)],
                 self.cross_bias(T, src, dtype).contiguous())
 
-    def run_layers(self, x, memory, memory_lengths, self_biases, cross_bias, start: int = 0, causal=False):
-        """Layers ``start``.. on x (B, T, d) (already through ``embed``), then ``layer_norm``."""
+    def run_layers(self, x, memory, memory_lengths, self_biases, cross_bias, start: int = 0, causal=False,
+                   every_layer: bool = False):
+        """Layers ``start``.. on x (B, T, d) (already through ``embed``), then ``layer_norm``.
+        ``every_layer``: a list of each layer's output through ``layer_norm``, the last one last."""
+        states = []
         for i in range(start, len(self.layers)):
             x = self.layers[i](x, memory, memory_lengths, self_biases[i], cross_bias, causal=causal)
-        return self.layer_norm(x)
+            if every_layer and i < len(self.layers) - 1:
+                states.append(self.layer_norm(x))
+        x = self.layer_norm(x)
+        return states + [x] if every_layer else x
 
     def embed(self, x, start: int = 0):
         """The decoder input x (B, T, d) of positions start..start+T-1, through

@@ -63,18 +63,20 @@ class QueryDecoder(DecoderStack):
     decoder stack fed N learnable queries ``query_embed`` (N, d) instead of tokens, with
     self-attention among all queries (no causal mask).
     forward(memory (B, Lm, d), memory_lengths (B,), encoder, query_input (B, N, d) = None) ->
-    hidden states (B, N, d) after ``layer_norm``; ``query_input`` replaces the queries."""
+    hidden states (B, N, d) after ``layer_norm``; ``query_input`` replaces the queries.
+    ``every_layer``: a list of every layer's states through ``layer_norm`` (deep supervision)."""
 
     def __init__(self, cfg: NARVLConfig):
         super().__init__(cfg)
         self.query_embed = nn.Embedding(cfg.num_queries, cfg.d_model)  # N(0, 1), as DETR's
 
-    def forward(self, memory, memory_lengths, encoder, query_input=None):
+    def forward(self, memory, memory_lengths, encoder, query_input=None, every_layer: bool = False):
         B, dtype = memory.shape[0], memory.dtype
         N = self.query_embed.weight.shape[0]
         self_b, cross_b = self.biases(N, encoder, memory.shape[1] - self.cfg.grid ** 2, dtype)
         x = self.query_embed.weight[None].expand(B, -1, -1) if query_input is None else query_input
-        return self.run_layers(self.embed(x.to(dtype)), memory, memory_lengths, self_b, cross_b)
+        return self.run_layers(self.embed(x.to(dtype)), memory, memory_lengths, self_b, cross_b,
+                               every_layer=every_layer)
 
 
 def add_adapters(model: nn.Module, soft_prompt: bool):
@@ -150,7 +152,9 @@ class NARVL(nn.Module):
         """Q-CTC loss (scalar). targets (B, S) answer + EOS, right-padded; target_lengths (B,);
         weights (B,) optional per-sample weights (VQA answer confidence). In training mode with
         ``cfg.glance_ratio > 0`` the loss is that of the glanced pass (``glance``), mixed with
-        the plain pass's as ``(1 - w) * glanced + w * plain`` for ``w = cfg.glance_plain_weight``."""
+        the plain pass's as ``(1 - w) * glanced + w * plain`` for ``w = cfg.glance_plain_weight``.
+        With ``cfg.layer_ctc_weight > 0`` each pass's loss adds that weight times the mean Q-CTC
+        loss of the decoder's inner layers (deep supervision; training only)."""
         check_targets(self.cfg, targets, target_lengths, images.shape[0])
         cfg = self.cfg
         memory, lengths = self.encoder(images, text)
@@ -159,15 +163,27 @@ class NARVL(nn.Module):
             return qctc_loss(logits, targets, target_lengths, blank=cfg.blank_id,
                              label_smoothing=cfg.label_smoothing, weights=weights, zero_infinity=True)
 
+        def decoded(query_input=None):
+            """One decoder pass -> (logits (B, N, V), its loss), deep supervision included."""
+            if not (self.training and cfg.layer_ctc_weight > 0):
+                logits = self.decode_logits(memory, lengths, query_input)
+                return logits, loss_of(logits)
+            *inner, last = self.decoder(memory, lengths, self.encoder, query_input, every_layer=True)
+            logits = self.project_out(last)
+            loss = loss_of(logits)
+            if inner:
+                loss = loss + cfg.layer_ctc_weight * sum(loss_of(self.project_out(h)) for h in inner) / len(inner)
+            return logits, loss
+
         if not (self.training and cfg.glance_ratio > 0):
-            loss = loss_of(self.decode_logits(memory, lengths))
+            loss = decoded()[1]
         else:
             w = cfg.glance_plain_weight
-            first = self.decode_logits(memory, lengths) if w > 0 else None  # the plain pass, trained too
+            first, first_loss = decoded() if w > 0 else (None, None)  # the plain pass, trained too
             g = self.glance(memory, lengths, targets, target_lengths, cfg.glance_ratio, first=first)
-            loss = loss_of(self.decode_logits(memory, lengths, g.inputs))
+            loss = decoded(g.inputs)[1]
             if first is not None:
-                loss = (1 - w) * loss + w * loss_of(first)
+                loss = (1 - w) * loss + w * first_loss
         if self.training and self.aux_decoder is not None:
             loss = loss + cfg.aux_ar_weight * self.aux_ar_loss(memory, lengths, targets, target_lengths, weights)
         return loss

@@ -105,21 +105,15 @@ def _check_scores(scores, name):
     return B, T, V
 
 
-#: the message of the kernels' NaN fault (C++ ``TORCH_CHECK_VALUE``, the Triton launcher's ValueError)
-NAN_FAULT = "narvl: NaN in scores"
-
-
 def _run_checked(name, fn):
     """Runs fn(), a decoder op on scores the Python layer has validated. NaN in the scores is the
     one value fault only the kernels see (their row scans detect it without an extra pass): a
-    ``ValueError`` carrying ``NAN_FAULT``, raised again naming ``name``. Any other error (a
-    language model's own ``ValueError`` included) passes through unchanged."""
+    ``checks.NaNScoresError``, raised again naming ``name``. Any other error (a language
+    model's own ``ValueError`` included) passes through unchanged."""
     try:
         return fn()
-    except ValueError as exc:
-        if NAN_FAULT in str(exc):
-            raise ValueError(f"{name} contains NaN") from None
-        raise
+    except checks.NaNScoresError:
+        raise checks.NaNScoresError(f"{name} contains NaN") from None
 
 
 def _lengths(lengths, name, B, T, device):
