@@ -166,6 +166,155 @@ def _topk_kernel(X, stride_b, stride_t, T, V, TOPV, TOPI, NANF, SCR, INPUT: tl.c
 
 
 @triton.jit
+def _frame_candidates(TOPV, TOPI, frame, j, top_n, cutoff_prob):
+    """The frame's K candidates (tokens ci, probabilities p, kept mask): the first top_n, cut
+    once the probability before them reaches cutoff_prob (the first always kept)."""
+    cv = tl.load(TOPV + frame + j)
+    ci = tl.load(TOPI + frame + j).to(tl.int64)
+    p = tl.where((j < top_n) & (ci >= 0), tl.exp(cv), 0.0)
+    before = tl.cumsum(p, 0) - p
+    keep = (p > 0) & ((before < cutoff_prob) | (j == 0))
+    return ci, tl.where(keep, p, 0.0), keep
+
+
+@triton.jit
+def _score_extensions(ci, p, keep, j, blank, sf, slot_f, slot_i, BEAM: tl.constexpr, K: tl.constexpr,
+                      IB: tl.constexpr):
+    """Extensions (i, c) in blocks of IB slots: scores stored as candidates q = BEAM + i * K + j;
+    each slot's probability of its own last token (and its candidate index, and whether it is
+    kept) set aside in the slot scratch."""
+    for ib in range(0, BEAM, IB):
+        ii = ib + tl.arange(0, IB)
+        last_i = tl.load(slot_i + BEAM + ii)
+        valid_i = tl.load(slot_i + 2 * BEAM + ii) > 0
+        is_last = ci[None, :] == last_i[:, None]
+        kl = is_last & keep[None, :]
+        tl.store(slot_f + 2 * BEAM + ii, tl.sum(tl.where(is_last, p[None, :], 0.0), 1))
+        tl.store(slot_i + 3 * BEAM + ii, tl.sum(tl.where(kl, j[None, :], 0), 1))
+        tl.store(slot_i + 4 * BEAM + ii, tl.max(kl.to(tl.int64), 1))
+        is_ext = keep[None, :] & (ci[None, :] != blank) & valid_i[:, None]
+        base = tl.where(is_last, tl.load(slot_f + ii)[:, None], tl.load(slot_f + BEAM + ii)[:, None])
+        tl.store(sf + BEAM + ii[:, None] * K + j[None, :], tl.where(is_ext, base * p[None, :], 0.0))
+
+
+@triton.jit
+def _visit_and_merge(TOPV, TOPI, ROW_TOK, ROW_LP, ROW_TS, anc_tok, slot_f, slot_i, frame, rows, i, j, keep,
+                     valid, plen, t, T, blank, top_n, BEAM: tl.constexpr, IB: tl.constexpr):
+    """The prefix trie's bookkeeping of one frame. Returns per slot m (has_par, i_par, pb_par,
+    tot_par, last_par): whether slot m = a parent slot i_par + last[m], both in the beam (its
+    extension's mass merges into m), with the parent's pb, pb + pnb and last token."""
+    # anc[i, m]: slot i's prefix is a proper prefix of slot m's (token rows compared exactly);
+    # tok_at / lp_at [i, m]: slot m's token and record log-prob at position plen[i]. Built in
+    # blocks of IB parent rows i (the slot fields come back from the slot scratch), so only
+    # (IB, BEAM) tiles are live.
+    maxlen = tl.max(tl.where(valid, plen, 0), 0)
+    has_par = tl.zeros((BEAM,), tl.int1)
+    i_par = tl.zeros((BEAM,), tl.int64)
+    pb_par = tl.zeros((BEAM,), tl.float32)
+    tot_par = tl.zeros((BEAM,), tl.float32)
+    last_par = tl.zeros((BEAM,), tl.int64)
+    for ib in range(0, BEAM, IB):
+        ii = ib + tl.arange(0, IB)
+        plen_i = tl.load(slot_i + ii)
+        valid_i = tl.load(slot_i + 2 * BEAM + ii) > 0
+        eq = (ii[:, None] >= 0) & (i[None, :] >= 0)
+        tok_at = tl.full((IB, BEAM), -2, tl.int32)
+        lp_at = tl.zeros((IB, BEAM), tl.float32)
+        for q in range(0, maxlen):
+            inrow = valid & (q < plen)
+            tk = tl.load(ROW_TOK + rows + i * T + q, mask=inrow, other=-1)
+            tk_i = tl.load(ROW_TOK + rows + ii * T + q, mask=valid_i & (q < plen_i), other=-1)
+            lq = tl.load(ROW_LP + rows + i * T + q, mask=inrow, other=0.0)
+            eq = eq & ((q >= plen_i[:, None]) | (tk_i[:, None] == tk[None, :]))
+            at = q == plen_i[:, None]
+            tok_at = tl.where(at, tk[None, :], tok_at)
+            lp_at = tl.where(at, lq[None, :], lp_at)
+        anc = eq & (plen_i[:, None] < plen[None, :]) & valid_i[:, None] & valid[None, :]
+        tok_at = tl.where(anc, tok_at, -2)
+        # timestep visits (ctcdecode's get_path_trie): every alive prefix whose parent is in
+        # the beam, extended by a kept candidate, takes the frame if its log-prob beats the
+        # record; the copies of a prefix's record in its descendants' rows change alike
+        new_lp = lp_at
+        hit_any = tl.zeros((IB, BEAM), tl.int1)
+        for jj in range(0, top_n):
+            cj = tl.load(TOPI + frame + jj)
+            vj = tl.load(TOPV + frame + jj)
+            kj = tl.sum(tl.where(j == jj, keep.to(tl.int32), 0), 0) > 0
+            hit = (tok_at == cj) & kj & (cj != blank) & (vj > new_lp)
+            new_lp = tl.where(hit, vj, new_lp)
+            hit_any = hit_any | hit
+        dst = rows + i[None, :] * T + plen_i[:, None]
+        tl.store(ROW_LP + dst, new_lp, mask=hit_any)
+        tl.store(ROW_TS + dst, (t + i[None, :] * 0 + ii[:, None] * 0).to(tl.int32), mask=hit_any)
+        tl.store(anc_tok + ii[:, None] * BEAM + i[None, :], tok_at)  # for the appended records
+        # merges: slot m = slot i + last[m], both in the beam, gets the extension's mass
+        par = anc & (plen[None, :] == plen_i[:, None] + 1)
+        has_par = has_par | (tl.max(par.to(tl.int32), 0) > 0)
+        i_par += tl.sum(tl.where(par, ii[:, None], 0), 0)
+        pb_par += tl.sum(tl.where(par, tl.load(slot_f + ii)[:, None], 0.0), 0)
+        tot_par += tl.sum(tl.where(par, tl.load(slot_f + BEAM + ii)[:, None], 0.0), 0)
+        last_par += tl.sum(tl.where(par, tl.load(slot_i + BEAM + ii)[:, None], 0), 0)
+    return has_par, i_par, pb_par, tot_par, last_par
+
+
+@triton.jit
+def _best_candidates(sf, ks, i, BEAM: tl.constexpr, K: tl.constexpr, NCP: tl.constexpr, IB: tl.constexpr,
+                     NBLK: tl.constexpr, FIN: tl.constexpr):
+    """The indices q of the BEAM best candidates, best first, in two rounds: the BEAM best
+    extensions of each block of IB slots (IB * K keys), then the best of the stays and those
+    (FIN keys), so no tile of all BEAM * (K + 1) candidates is ever live."""
+    for ib in range(0, BEAM, IB):
+        qb = BEAM + ib * K + tl.arange(0, IB * K)
+        kb = tl.topk(_ordered_key(tl.load(sf + qb), qb, NCP), BEAM)
+        tl.store(ks + (ib // IB) * BEAM + i, kb)
+    tl.debug_barrier()
+    f = tl.arange(0, FIN)
+    fk = tl.load(ks + f - BEAM, mask=(f >= BEAM) & (f < BEAM + NBLK * BEAM), other=-9223372036854775807 - 1)
+    fk = tl.where(f < BEAM, _ordered_key(tl.load(sf + f, mask=f < BEAM, other=0.0), f, NCP), fk)
+    top = tl.topk(fk, BEAM)
+    return (NCP - 1) - (top & 0xFFFFFFFF)
+
+
+@triton.jit
+def _copy_rows(ROW_TOK, ROW_LP, ROW_TS, src_row, dst_row, valid, length, maxlen, pp, TB: tl.constexpr):
+    """Copies the first length[m] positions of each valid slot's row (token, record log-prob,
+    record frame) from src_row[m] to dst_row[m], TB positions at a time."""
+    for p0 in range(0, maxlen, TB):
+        pos = p0 + pp
+        cm = valid[:, None] & (pos[None, :] < length[:, None])
+        a_src = src_row[:, None] + pos[None, :]
+        a_dst = dst_row[:, None] + pos[None, :]
+        tl.store(ROW_TOK + a_dst, tl.load(ROW_TOK + a_src, mask=cm, other=0), mask=cm)
+        tl.store(ROW_LP + a_dst, tl.load(ROW_LP + a_src, mask=cm, other=0.0), mask=cm)
+        tl.store(ROW_TS + a_dst, tl.load(ROW_TS + a_src, mask=cm, other=0), mask=cm)
+
+
+@triton.jit
+def _append_records(ROW_TOK, ROW_LP, ROW_TS, anc_tok, slot_f, slot_i, rows, nrows, i, t, T,
+                    BEAM: tl.constexpr, IB: tl.constexpr):
+    """The appended token of each extended new slot, with its timestep record: an appended
+    prefix still alive in the trie (a descendant in the beam) keeps its record, else this frame
+    with the candidate's log-prob (slot_f). Checked in blocks of IB new slots (their source,
+    token and length in the slot scratch), so only (IB, BEAM) tiles are live."""
+    for ib in range(0, BEAM, IB):
+        ii = ib + tl.arange(0, IB)
+        src_i = tl.load(slot_i + ii)
+        tok_i = tl.load(slot_i + BEAM + ii)
+        len_i = tl.load(slot_i + 2 * BEAM + ii)
+        ext_i = tok_i >= 0
+        gt = tl.load(anc_tok + src_i[:, None] * BEAM + i[None, :], mask=ext_i[:, None], other=-2)
+        ghost = (gt == tok_i[:, None].to(tl.int32)) & ext_i[:, None]
+        g_at = rows + i[None, :] * T + len_i[:, None]
+        g_lp = tl.max(tl.where(ghost, tl.load(ROW_LP + g_at, mask=ghost, other=0.0), float("-inf")), 1)
+        g_ts = tl.max(tl.where(ghost, tl.load(ROW_TS + g_at, mask=ghost, other=0), -1), 1)
+        has_g = tl.max(ghost.to(tl.int32), 1) > 0
+        a_new = nrows + ii * T + len_i
+        tl.store(ROW_TOK + a_new, tok_i.to(tl.int32), mask=ext_i)
+        tl.store(ROW_LP + a_new, tl.where(has_g, g_lp, tl.load(slot_f + ii)), mask=ext_i)
+        tl.store(ROW_TS + a_new, tl.where(has_g, g_ts, t).to(tl.int32), mask=ext_i)
+
+
+@triton.jit
 def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbest,
                  SCR_F, SLOT_F, SLOT_I, ANC_TOK, ROW_TOK, ROW_LP, ROW_TS, OUT_TOK, OUT_LEN,
                  OUT_SCORE, OUT_TS, KS, BEAM: tl.constexpr, K: tl.constexpr, NCP: tl.constexpr,
@@ -192,12 +341,7 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
     cur = 0
     for t in range(0, tb):
         frame = (b * T + t) * K
-        cv = tl.load(TOPV + frame + j)
-        ci = tl.load(TOPI + frame + j).to(tl.int64)
-        p = tl.where((j < top_n) & (ci >= 0), tl.exp(cv), 0.0)
-        before = tl.cumsum(p, 0) - p
-        keep = (p > 0) & ((before < cutoff_prob) | (j == 0))
-        p = tl.where(keep, p, 0.0)
+        ci, p, keep = _frame_candidates(TOPV, TOPI, frame, j, top_n, cutoff_prob)
         tot = pb + pnb
         p_blank = tl.sum(tl.where(ci == blank, p, 0.0), 0)
         tl.store(slot_i + i, plen)
@@ -206,78 +350,17 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
         tl.store(slot_f + i, pb)
         tl.store(slot_f + BEAM + i, tot)
         tl.debug_barrier()
-        # extensions (i, c) in blocks of IB slots: scores stored as candidates q = BEAM + i * K + j;
-        # each slot's probability of its own last token (and its candidate index) kept aside
-        for ib in range(0, BEAM, IB):
-            ii = ib + tl.arange(0, IB)
-            last_i = tl.load(slot_i + BEAM + ii)
-            valid_i = tl.load(slot_i + 2 * BEAM + ii) > 0
-            is_last = ci[None, :] == last_i[:, None]
-            kl = is_last & keep[None, :]
-            tl.store(slot_f + 2 * BEAM + ii, tl.sum(tl.where(is_last, p[None, :], 0.0), 1))
-            tl.store(slot_i + 3 * BEAM + ii, tl.sum(tl.where(kl, j[None, :], 0), 1))
-            tl.store(slot_i + 4 * BEAM + ii, tl.max(kl.to(tl.int64), 1))
-            is_ext = keep[None, :] & (ci[None, :] != blank) & valid_i[:, None]
-            base = tl.where(is_last, tl.load(slot_f + ii)[:, None], tl.load(slot_f + BEAM + ii)[:, None])
-            tl.store(sf + BEAM + ii[:, None] * K + j[None, :], tl.where(is_ext, base * p[None, :], 0.0))
+        _score_extensions(ci, p, keep, j, blank, sf, slot_f, slot_i, BEAM, K, IB)
         tl.debug_barrier()
         p_last = tl.load(slot_f + 2 * BEAM + i)
         j_last = tl.load(slot_i + 3 * BEAM + i)
         last_kept = tl.load(slot_i + 4 * BEAM + i) > 0
         stay_pb = tl.where(valid, tot * p_blank, 0.0)
         stay_pnb = tl.where(valid, pnb * p_last, 0.0)
-        # anc[i, m]: slot i's prefix is a proper prefix of slot m's (token rows compared exactly);
-        # tok_at / lp_at [i, m]: slot m's token and record log-prob at position plen[i]. Built in
-        # blocks of IB parent rows i (the slot fields come back from the slot scratch), so only
-        # (IB, BEAM) tiles are live.
         rows = (b * 2 + cur) * BEAM * T
-        maxlen = tl.max(tl.where(valid, plen, 0), 0)
-        has_par = tl.zeros((BEAM,), tl.int1)
-        i_par = tl.zeros((BEAM,), tl.int64)
-        pb_par = tl.zeros((BEAM,), tl.float32)
-        tot_par = tl.zeros((BEAM,), tl.float32)
-        last_par = tl.zeros((BEAM,), tl.int64)
-        for ib in range(0, BEAM, IB):
-            ii = ib + tl.arange(0, IB)
-            plen_i = tl.load(slot_i + ii)
-            valid_i = tl.load(slot_i + 2 * BEAM + ii) > 0
-            eq = (ii[:, None] >= 0) & (i[None, :] >= 0)
-            tok_at = tl.full((IB, BEAM), -2, tl.int32)
-            lp_at = tl.zeros((IB, BEAM), tl.float32)
-            for q in range(0, maxlen):
-                inrow = valid & (q < plen)
-                tk = tl.load(ROW_TOK + rows + i * T + q, mask=inrow, other=-1)
-                tk_i = tl.load(ROW_TOK + rows + ii * T + q, mask=valid_i & (q < plen_i), other=-1)
-                lq = tl.load(ROW_LP + rows + i * T + q, mask=inrow, other=0.0)
-                eq = eq & ((q >= plen_i[:, None]) | (tk_i[:, None] == tk[None, :]))
-                at = q == plen_i[:, None]
-                tok_at = tl.where(at, tk[None, :], tok_at)
-                lp_at = tl.where(at, lq[None, :], lp_at)
-            anc = eq & (plen_i[:, None] < plen[None, :]) & valid_i[:, None] & valid[None, :]
-            tok_at = tl.where(anc, tok_at, -2)
-            # timestep visits (ctcdecode's get_path_trie): every alive prefix whose parent is in
-            # the beam, extended by a kept candidate, takes the frame if its log-prob beats the
-            # record; the copies of a prefix's record in its descendants' rows change alike
-            new_lp = lp_at
-            hit_any = tl.zeros((IB, BEAM), tl.int1)
-            for jj in range(0, top_n):
-                cj = tl.load(TOPI + frame + jj)
-                vj = tl.load(TOPV + frame + jj)
-                kj = tl.sum(tl.where(j == jj, keep.to(tl.int32), 0), 0) > 0
-                hit = (tok_at == cj) & kj & (cj != blank) & (vj > new_lp)
-                new_lp = tl.where(hit, vj, new_lp)
-                hit_any = hit_any | hit
-            dst = rows + i[None, :] * T + plen_i[:, None]
-            tl.store(ROW_LP + dst, new_lp, mask=hit_any)
-            tl.store(ROW_TS + dst, (t + i[None, :] * 0 + ii[:, None] * 0).to(tl.int32), mask=hit_any)
-            tl.store(anc_tok + ii[:, None] * BEAM + i[None, :], tok_at)  # for the appended records
-            # merges: slot m = slot i + last[m], both in the beam, gets the extension's mass
-            par = anc & (plen[None, :] == plen_i[:, None] + 1)
-            has_par = has_par | (tl.max(par.to(tl.int32), 0) > 0)
-            i_par += tl.sum(tl.where(par, ii[:, None], 0), 0)
-            pb_par += tl.sum(tl.where(par, tl.load(slot_f + ii)[:, None], 0.0), 0)
-            tot_par += tl.sum(tl.where(par, tl.load(slot_f + BEAM + ii)[:, None], 0.0), 0)
-            last_par += tl.sum(tl.where(par, tl.load(slot_i + BEAM + ii)[:, None], 0), 0)
+        has_par, i_par, pb_par, tot_par, last_par = _visit_and_merge(
+            TOPV, TOPI, ROW_TOK, ROW_LP, ROW_TS, anc_tok, slot_f, slot_i, frame, rows, i, j, keep,
+            valid, plen, t, T, blank, top_n, BEAM, IB)
         merge = has_par & last_kept & valid
         stay_pnb += tl.where(merge, tl.where(last == last_par, pb_par, tot_par) * p_last, 0.0)
         # candidates: q < BEAM stays, q = BEAM + i * K + j extensions (only their scores are
@@ -289,19 +372,7 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
         # an extension that recreates a prefix in the beam was merged above: it is no candidate
         tl.store(sf + BEAM + i_par * K + j_last, tl.zeros((BEAM,), tl.float32), mask=merge)
         tl.debug_barrier()
-        # the beam_width best candidates in two rounds: the BEAM best extensions of each block
-        # of IB slots (IB * K keys), then the best of the stays and those (FIN keys), so no
-        # tile of all BEAM * (K + 1) candidates is ever live
-        for ib in range(0, BEAM, IB):
-            qb = BEAM + ib * K + tl.arange(0, IB * K)
-            kb = tl.topk(_ordered_key(tl.load(sf + qb), qb, NCP), BEAM)
-            tl.store(ks + (ib // IB) * BEAM + i, kb)
-        tl.debug_barrier()
-        f = tl.arange(0, FIN)
-        fk = tl.load(ks + f - BEAM, mask=(f >= BEAM) & (f < BEAM + NBLK * BEAM), other=-9223372036854775807 - 1)
-        fk = tl.where(f < BEAM, _ordered_key(tl.load(sf + f, mask=f < BEAM, other=0.0), f, NCP), fk)
-        top = tl.topk(fk, BEAM)
-        q = (NCP - 1) - (top & 0xFFFFFFFF)
+        q = _best_candidates(sf, ks, i, BEAM, K, NCP, IB, NBLK, FIN)
         score = tl.load(sf + q)
         valid = (score > 0.0) & (i < beam_width)
         stay = q < BEAM
@@ -320,38 +391,15 @@ def _beam_kernel(TOPV, TOPI, LEN, T, blank, beam_width, top_n, cutoff_prob, nbes
         ext = valid & (tok >= 0)
         src_len = plen - ext.to(tl.int64)
         newmax = tl.max(tl.where(valid, plen, 0), 0)
-        for p0 in range(0, newmax, TB):
-            pos = p0 + pp
-            cm = valid[:, None] & (pos[None, :] < src_len[:, None])
-            a_src = rows + src[:, None] * T + pos[None, :]
-            a_dst = nrows + i[:, None] * T + pos[None, :]
-            tl.store(ROW_TOK + a_dst, tl.load(ROW_TOK + a_src, mask=cm, other=0), mask=cm)
-            tl.store(ROW_LP + a_dst, tl.load(ROW_LP + a_src, mask=cm, other=0.0), mask=cm)
-            tl.store(ROW_TS + a_dst, tl.load(ROW_TS + a_src, mask=cm, other=0), mask=cm)
-        # an appended prefix still alive in the trie (a descendant in the beam) keeps its record;
-        # checked in blocks of IB new slots (their fields pass through the slot scratch, free
-        # by now), so only (IB, BEAM) tiles are live
+        _copy_rows(ROW_TOK, ROW_LP, ROW_TS, rows + src * T, nrows + i * T, valid, src_len, newmax, pp, TB)
+        # the new slots' source, appended token and source length pass through the slot
+        # scratch (free by now) to _append_records
         tl.store(slot_i + i, src)
         tl.store(slot_i + BEAM + i, tl.where(ext, tok, -1))
         tl.store(slot_i + 2 * BEAM + i, src_len)
         tl.store(slot_f + i, lp_c)
         tl.debug_barrier()
-        for ib in range(0, BEAM, IB):
-            ii = ib + tl.arange(0, IB)
-            src_i = tl.load(slot_i + ii)
-            tok_i = tl.load(slot_i + BEAM + ii)
-            len_i = tl.load(slot_i + 2 * BEAM + ii)
-            ext_i = tok_i >= 0
-            gt = tl.load(anc_tok + src_i[:, None] * BEAM + i[None, :], mask=ext_i[:, None], other=-2)
-            ghost = (gt == tok_i[:, None].to(tl.int32)) & ext_i[:, None]
-            g_at = rows + i[None, :] * T + len_i[:, None]
-            g_lp = tl.max(tl.where(ghost, tl.load(ROW_LP + g_at, mask=ghost, other=0.0), float("-inf")), 1)
-            g_ts = tl.max(tl.where(ghost, tl.load(ROW_TS + g_at, mask=ghost, other=0), -1), 1)
-            has_g = tl.max(ghost.to(tl.int32), 1) > 0
-            a_new = nrows + ii * T + len_i
-            tl.store(ROW_TOK + a_new, tok_i.to(tl.int32), mask=ext_i)
-            tl.store(ROW_LP + a_new, tl.where(has_g, g_lp, tl.load(slot_f + ii)), mask=ext_i)
-            tl.store(ROW_TS + a_new, tl.where(has_g, g_ts, t).to(tl.int32), mask=ext_i)
+        _append_records(ROW_TOK, ROW_LP, ROW_TS, anc_tok, slot_f, slot_i, rows, nrows, i, t, T, BEAM, IB)
         tl.debug_barrier()
         cur = nxt
         mx = tl.max(tl.where(valid, pb + pnb, 0.0), 0)
