@@ -40,7 +40,9 @@ setup(
     extras_require={
         # the OFA oracle (tests/ofa_oracle.py): the OFA team's PyTorch port inside modelscope
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "triton", "numpy", "modelscope==1.40.2",
-                 "onnx", "onnxscript", "onnxruntime"],
+                 "onnx", "onnxscript", "onnxruntime", "matplotlib>=3.7"],
+        # train.py's loss curve (OUT/curve.png)
+        "plot": ["matplotlib>=3.7"],
         # narvl.models.export_onnx and the ONNX Runtime peer of bench/bench_serving.py
         "serving": ["onnx", "onnxscript", "onnxruntime"],
         "oracle": ["modelscope==1.40.2"],

@@ -51,6 +51,7 @@ from narvl.data.ofa import OFATokenizer
 from narvl.models import (ARBaseline, NARVL, NARVLConfig, enable_peft, from_ofa, prepare_for_inference,
                           time_generate, trainable_fraction)
 from narvl.models.config import TASK_QUERIES
+from narvl.plots import training_curve
 
 METRIC = {"caption": "CIDEr", "vqa": "VQA accuracy", "grounding": "Acc@0.5", "entailment": "accuracy"}
 DEFAULT_STEPS = {"caption": 600, "vqa": 500, "grounding": 600, "entailment": 400}
@@ -753,6 +754,21 @@ def training_report(args, s: Setup, data, prog: Progress, n_queries, rank, disti
     return report
 
 
+def save_results(args, out: dict, n_examples: int = 3):
+    """Writes ``out`` to OUT/metrics.json, prints the first evaluation outputs against their
+    references, and plots the training losses (if any) into OUT/curve.png."""
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    for e in out["examples"][:n_examples]:
+        print(f"[narvl]   {e['text'].strip()!r} -> {e['pred']!r} (reference {e['target']!r})")
+    if out.get("losses"):
+        curve = training_curve(os.path.join(args.out, "curve.png"), out["losses"],
+                               f"{args.task} / {args.arch}: {out['metric_name']} {out['metric']:.1f} "
+                               f"after {len(out['losses'])} steps")
+        print(f"[narvl] loss curve -> {curve}" if curve else
+              "[narvl] loss curve skipped: matplotlib is not installed (pip install 'narvl[plot]')")
+
+
 def write_metrics(args, s: Setup, eval_data, train_seconds, report, world):
     """Evaluates, writes OUT/metrics.json and prints the one-line summary."""
     cfg, model = s.cfg, s.model
@@ -782,8 +798,7 @@ def write_metrics(args, s: Setup, eval_data, train_seconds, report, world):
                precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
                serve_dtype=str(infer.embed_tokens.weight.dtype).replace("torch.", ""), **extra, **report,
                examples=examples)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    save_results(args, out)
     trainable = f" trainable {100 * frac:.2f}%" if s.peft else ""
     print(f"[narvl] task={args.task} arch={args.arch} {METRIC[args.task]}={metric:.2f} "
           f"latency={latency:.2f} ms/sample params={n_all / 1e6:.1f}M{trainable} "
@@ -855,8 +870,7 @@ def run_epalm(args):
                world_size=1, backend=settings.current()["NARVL_BACKEND"], precision="fp32", **extra,
                max_target_len=max_target_len, targets_cut=cut, adapter=adapter, losses=losses,
                pretraining=dict(lm=lm_record, vision=vision_record), examples=examples)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    save_results(args, out)
     print(f"[narvl] task={args.task} arch={args.arch} {METRIC[args.task]}={metric:.2f} "
           f"latency={latency:.2f} ms/sample params={n_all / 1e6:.1f}M trainable {100 * frac:.2f}% "
           f"train={train_seconds:.0f}s -> {os.path.join(args.out, 'metrics.json')}")

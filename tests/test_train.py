@@ -32,7 +32,13 @@ def test_smoke_metrics_json(tmp_path, task, arch, capsys):
         assert key in m
     assert m["task"] == task and m["arch"] == arch and m["latency_ms"] > 0 and m["params"] > 1e6
     assert 0.0 <= m["metric"] <= (1000.0 if task == "caption" else 100.0)
-    assert "[narvl] task=" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[narvl] task=" in printed
+    ex = m["examples"][0]  # the first evaluation outputs are printed against their references
+    assert f"-> {ex['pred']!r} (reference {ex['target']!r})" in printed
+    with open(tmp_path / "curve.png", "rb") as f:  # the loss curve beside metrics.json
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert f"[narvl] loss curve -> {tmp_path / 'curve.png'}" in printed
     assert os.path.isfile(tmp_path / "last.safetensors")
     with open(tmp_path / "last.safetensors", "rb") as f:  # safetensors, not a pickle
         n = int.from_bytes(f.read(8), "little")
