@@ -271,6 +271,9 @@ def _check_combinations(p, a):
                             or a.resume or a.eval_only):
         p.error("--aux-ar-weight sets up a new NARVL trained in full (--arch narvl or both, without --freeze-backbone, "
                 "--init, --init-ofa, --resume or --eval-only)")
+    if a.layer_ctc_weight and (a.arch not in ("narvl", "both") or a.init_ofa or a.init or a.resume or a.eval_only):
+        p.error("--layer-ctc-weight sets up a new NARVL (--arch narvl or both, without --init, --init-ofa, --resume "
+                "or --eval-only)")
     if a.bf16 and a.fp16:
         p.error("--bf16 and --fp16 exclude each other")
     if a.init_ofa and not a.ofa_bpe_dir:
@@ -543,7 +546,7 @@ def build(args) -> Setup:
                                       glance_ratio=recipe(args, "glance", 0.0),
                                       glance_plain_weight=recipe(args, "glance_plain_weight", 0.0),
                                       aux_ar_weight=recipe(args, "aux_ar_weight", 0.0) if args.arch == "narvl" else 0.0,
-                                      layer_ctc_weight=recipe(args, "layer_ctc_weight", 0.0),
+                                      layer_ctc_weight=recipe(args, "layer_ctc_weight", 0.0) if args.arch == "narvl" else 0.0,
                                       refine_steps=recipe(args, "refine", 0),
                                       **({} if args.queries is None else dict(num_queries=args.queries)),
                                       **({} if args.dec_layers is None else dict(dec_layers=args.dec_layers)))

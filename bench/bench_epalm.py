@@ -10,8 +10,8 @@ layers, d 384. Speed does not depend on the weights' values.
 
 * Generation (batch 1, 20 new tokens, greedy): ``EPALM.generate`` of the AR head (the visual
   tokens and prompt computed once, then one cached step per token) against the naive loop that
-  runs the whole sequence through ``text_logits`` for every new token; both must give the same
-  tokens. The NAR head's one pass is timed beside them.
+  runs the whole sequence through ``text_logits`` for every new token (the ViT included, as a
+  loop over a model's forward does); both must give the same tokens. The NAR head's one pass is timed beside them.
 * Training step (batch 32, forward + backward + AdamW on the adapter): the model as built
   (frozen weights without gradients, the ViT under ``no_grad``) against the naive step in which
   the LM's frozen weights still require gradients (computed by backward, then left unused: the
@@ -137,10 +137,12 @@ def test_training_step(benchmark, head):
     """One adapter step, batch 32: frozen weights without gradients vs still requiring them."""
     batch = inputs(BATCH)
     model, naive = build(head), build(head)
+    adapter = list(naive.adapter_parameters().values())  # the optimizer's, before the LM requires grad
     naive.lm.requires_grad_(True)
     calls = {"epalm": _step(model, batch, torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)),
-             "naive": _step(naive, batch, torch.optim.AdamW(naive.trainable_parameters(), lr=1e-4))}
+             "naive": _step(naive, batch, torch.optim.AdamW(adapter, lr=1e-4))}
     before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    naive_before = {k: v.clone() for k, v in naive.lm.state_dict().items()}
     if cpu_has_bf16():
         m16 = build(head, torch.bfloat16)
         calls["epalm_bf16"] = _step(m16, batch, torch.optim.AdamW(m16.trainable_parameters(), lr=1e-4))
@@ -148,6 +150,7 @@ def test_training_step(benchmark, head):
     benchmark.pedantic(lambda: out.update(take_turns(calls, rounds=5)), rounds=1, iterations=1)
     assert all(torch.equal(before[k], v) for k, v in model.lm.state_dict().items())
     assert any(p.grad is not None for p in naive.lm.parameters())  # the naive step computed them
+    assert all(torch.equal(naive_before[k], v) for k, v in naive.lm.state_dict().items())  # and left them
     trained, total, frac = model.trainable_fraction()
     report(benchmark, f"epalm-train-step-{head}", out, head=head, batch=BATCH, trained=trained, total=total,
            trainable_fraction=frac, bf16_included=cpu_has_bf16())

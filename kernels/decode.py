@@ -447,8 +447,8 @@ def _host_reads(x):
 def greedy_decode(scores, lengths, blank, nan_check=False, merge_repeats=True):
     """scores (B, T, V) -> (tokens (B, T) int64 padded with -1, out_lens (B,) int64), in two
     launches (frame argmax, collapse; ``merge_repeats`` False keeps repeats). nan_check: NaN in a
-    frame raises RuntimeError("narvl: NaN in scores") (CPU tensors) or fires a device-side assert
-    (CUDA)."""
+    frame raises ``narvl.checks.NaNScoresError`` (CPU tensors, the interpreter) or fires a
+    device-side assert (CUDA)."""
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     B, T, V = scores.shape

@@ -31,8 +31,10 @@ class NaNScoresError(ValueError):
     """Decoder scores holding NaN. The decoders' one value fault that only their kernels see:
     their row scans count NaN without an extra pass. The C++ kernels raise it (translated from
     their own exception type), as does the Triton launcher where it reads the counts on the
-    host; the public functions raise it again naming their argument ("log_probs contains NaN").
-    A subclass of ``ValueError``, so ``except ValueError`` still catches it."""
+    host (the interpreter); the public functions raise it again naming their argument
+    ("log_probs contains NaN", the ctcdecode drop-in's "probs contains NaN"). A subclass of
+    ``ValueError``, so ``except ValueError`` still catches it. On CUDA tensors the kernels fire a
+    device-side assert instead (no synchronisation; a ``RuntimeError`` at the next one)."""
 
 
 def enabled() -> bool:

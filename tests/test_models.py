@@ -867,16 +867,21 @@ def test_layer_ctc_weight_adds_the_inner_layers_qctc(dec_layers):
     got = model(images, text, targets, lengths)
     memory, mlen = model.encoder(images, text)
     dec = model.decoder
-    N = cfg.num_queries
-    self_b, cross_b = dec.biases(N, model.encoder, memory.shape[1] - cfg.grid ** 2, memory.dtype)
-    x = dec.embed(dec.query_embed.weight[None].expand(images.shape[0], -1, -1))
-    losses = []
-    for i, layer in enumerate(dec.layers):
-        x = layer(x, memory, mlen, self_b[i], cross_b)
-        logits = model.output(dec.layer_norm(x), model.embed_tokens.weight)
-        losses.append(narvl.qctc_loss(logits, targets, lengths, blank=cfg.blank_id,
-                                      label_smoothing=cfg.label_smoothing, zero_infinity=True))
-    want = losses[-1] + (0.5 * sum(losses[:-1]) / (dec_layers - 1) if dec_layers > 1 else 0.0)
+    self_b, cross_b = dec.biases(cfg.num_queries, model.encoder, memory.shape[1] - cfg.grid ** 2, memory.dtype)
+
+    def one_pass(query_input=None):
+        """(last layer's logits, its Q-CTC + 0.5 * the inner layers' mean Q-CTC), by a loop here."""
+        x = dec.embed(dec.query_embed.weight[None].expand(images.shape[0], -1, -1)
+                      if query_input is None else query_input)
+        losses = []
+        for i, layer in enumerate(dec.layers):
+            x = layer(x, memory, mlen, self_b[i], cross_b)
+            logits = model.output(dec.layer_norm(x), model.embed_tokens.weight)
+            losses.append(narvl.qctc_loss(logits, targets, lengths, blank=cfg.blank_id,
+                                          label_smoothing=cfg.label_smoothing, zero_infinity=True))
+        return logits, losses[-1] + (0.5 * sum(losses[:-1]) / (dec_layers - 1) if dec_layers > 1 else 0.0)
+
+    want = one_pass()[1]
     torch.testing.assert_close(got, want)
     got.backward()
     assert model.decoder.layers[0].fc1.weight.grad.abs().sum() > 0
@@ -889,9 +894,17 @@ def test_layer_ctc_weight_adds_the_inner_layers_qctc(dec_layers):
     assert model.generate(images, text) == plain.eval().generate(images, text) \
         == prepare_for_inference(model).generate(images, text)
     model.train()  # with glancing, each pass carries its own inner-layer losses
-    model.cfg.glance_ratio, model.cfg.glance_plain_weight = 0.5, 0.5
+    model.cfg.glance_ratio, model.cfg.glance_plain_weight = 0.5, 0.25
+    torch.manual_seed(7)  # the glanced slots are drawn at random: the same draws below
+    got = model(images, text, targets, lengths)
+    torch.manual_seed(7)
+    memory, mlen = model.encoder(images, text)
+    first, plain = one_pass()
+    g = model.glance(memory, mlen, targets, lengths, 0.5, first=first)
+    assert g.mask.any()  # some slots are glanced
+    torch.testing.assert_close(got, 0.75 * one_pass(g.inputs)[1] + 0.25 * plain)
     model.zero_grad()
-    model(images, text, targets, lengths).backward()
+    got.backward()
     assert torch.isfinite(model.queries.grad).all() and model.queries.grad.abs().sum() > 0
     for bad in (-0.5, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="layer_ctc_weight"):

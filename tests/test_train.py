@@ -102,6 +102,7 @@ def test_aux_ar_weight_flag(tmp_path):
         assert json.load(f)["metric"] == m["metric"]
     for bad in (["--aux-ar-weight", "-1"], ["--aux-ar-weight", "0.5", "--arch", "ar"], ["--layer-ctc-weight", "-1"],
                 ["--layer-ctc-weight", "inf"], ["--arch", "epalm", "--layer-ctc-weight", "0.5"],
+                ["--arch", "ar", "--layer-ctc-weight", "0.5"], ["--resume", "--layer-ctc-weight", "0.5"],
                 ["--aux-ar-weight", "0.5", "--freeze-backbone"]):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
