@@ -59,11 +59,12 @@ EPALM_ARCHS = ("epalm", "epalm-nar")
 MAX_TEXT_LEN = 48  # prompt tokens of a new model, BOS and EOS included
 #: The from-scratch recipe of a new model per task, where measured (docs/results.md, the caption
 #: study): OFA's entangled positions (both archs), and per arch the learning rate
-#: (``{arch}_lr``), NARVL's glancing ratio (``glance``) with the plain pass's share of the loss
-#: (``glance_plain_weight``) and refinement passes (``refine``). A task or key without an entry
-#: keeps OFA's released setup (no entangled positions, 5e-4, no glancing, one pass); the flags
-#: override it, and --init / --init-ofa keep the checkpoint's settings and 5e-4.
-TASK_RECIPE = {"caption": dict(entangle_position_embedding=True, narvl_lr=2.5e-4, glance=0.5,
+#: (``{arch}_lr``) and dropout (``{arch}_dropout``), NARVL's glancing ratio (``glance``) with the
+#: plain pass's share of the loss (``glance_plain_weight``) and refinement passes (``refine``). A
+#: task or key without an entry keeps OFA's released setup (no entangled positions, 5e-4, dropout
+#: 0.1, no glancing, one pass); the flags override it, and --init / --init-ofa keep the
+#: checkpoint's settings, 5e-4 and dropout 0.1.
+TASK_RECIPE = {"caption": dict(entangle_position_embedding=True, narvl_lr=2.5e-4, narvl_dropout=0.0, glance=0.5,
                                glance_plain_weight=0.5)}
 
 
@@ -111,7 +112,8 @@ def _training_args(p):
                    help="linear warm-up steps to --lr (at most the run's steps), then a cosine to 0")
     g.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW weight decay of the matrices (biases and norms: none)")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout of a new model")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="dropout of a new model (default: the task's recipe for the arch, TASK_RECIPE, else 0.1)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     g.add_argument("--fp16", action="store_true",
                    help="float16 autocast with a GradScaler (a step whose gradients overflow is skipped "
@@ -239,6 +241,8 @@ def _check_ranges(p, a):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.steps is not None and a.steps < 0:
         p.error("--steps must be >= 0")
+    if a.dropout is not None and not 0.0 <= a.dropout < 1.0:
+        p.error("--dropout must be in [0, 1)")
     if a.lr is not None and a.lr <= 0:
         p.error("--lr must be > 0")
     if a.image_size % 16:
@@ -331,6 +335,15 @@ def total_steps(args, n_train: int, default: int) -> int:
     if args.steps is not None:
         return args.steps
     return math.ceil(args.epochs * n_train / args.batch_size) if args.epochs else default
+
+
+def dropout_rate(args) -> float:
+    """--dropout if given, else the task's recipe for the arch (``{arch}_dropout``), else 0.1."""
+    if args.dropout is not None:
+        return args.dropout
+    if args.init or args.init_ofa:  # the recipe is for models trained from scratch
+        return 0.1
+    return TASK_RECIPE.get(args.task, {}).get(f"{args.arch}_dropout", 0.1)
 
 
 def learning_rate(args) -> float:
@@ -516,7 +529,7 @@ def build(args) -> Setup:
         try:
             tok = OFATokenizer.from_files(args.ofa_bpe_dir)
             model = from_ofa(args.init_ofa, arch=args.arch, task=args.task, image_size=args.image_size,
-                             num_bins=tok.num_bins, dropout=args.dropout, max_text_len=64,
+                             num_bins=tok.num_bins, dropout=dropout_rate(args), max_text_len=64,
                              max_target_len=args.max_target_len or TASK_QUERIES[args.task])
         except (OSError, ValueError) as e:
             sys.exit(f"error: --init-ofa: {e}")
@@ -540,7 +553,7 @@ def build(args) -> Setup:
         tok = make_tokenizer(train_data, args.bpe_vocab, args.num_bins)
         cfg = NARVLConfig.from_preset(args.preset, task=args.task, image_size=args.image_size,
                                       vocab_size=tok.vocab_size, num_bins=tok.num_bins,
-                                      dropout=args.dropout, max_text_len=MAX_TEXT_LEN,
+                                      dropout=dropout_rate(args), max_text_len=MAX_TEXT_LEN,
                                       max_target_len=args.max_target_len or TASK_QUERIES[args.task],
                                       entangle_position_embedding=recipe(args, "entangle_position_embedding", False),
                                       glance_ratio=recipe(args, "glance", 0.0),
@@ -796,7 +809,7 @@ def write_metrics(args, s: Setup, eval_data, train_seconds, report, world):
                layer_ctc_weight=narvl_only(cfg.layer_ctc_weight),
                refine_steps=narvl_only(cfg.refine_steps),
                entangle_position_embedding=cfg.entangle_position_embedding, lr=learning_rate(args),
-               warmup=args.warmup, eval_samples=len(eval_data), threads=torch.get_num_threads(),
+               warmup=args.warmup, dropout=cfg.dropout, eval_samples=len(eval_data), threads=torch.get_num_threads(),
                world_size=world, backend=settings.current()["NARVL_BACKEND"],
                precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
                serve_dtype=str(infer.embed_tokens.weight.dtype).replace("torch.", ""), **extra, **report,

@@ -163,19 +163,24 @@ def test_task_recipe_defaults_and_overrides(tmp_path):
         rec.get("entangle_position_embedding", False), rec.get("glance", 0.0), rec.get("glance_plain_weight", 0.0),
         rec.get("refine", 0))
     assert m["lr"] == rec.get("narvl_lr", 5e-4) and m["glance_plain_weight"] == rec.get("glance_plain_weight", 0.0)
+    assert cfg.dropout == m["dropout"] == rec.get("narvl_dropout", 0.1)
     run(tmp_path / "b", "--task", "caption", "--arch", "narvl", "--steps", "1", "--no-entangle-position-embedding",
-        "--glance", "0", "--glance-plain-weight", "0", "--refine", "0")
+        "--glance", "0", "--glance-plain-weight", "0", "--refine", "0", "--dropout", "0.2")
     cfg = _cfg_of(tmp_path / "b")
-    assert (cfg.entangle_position_embedding, cfg.glance_ratio, cfg.glance_plain_weight, cfg.refine_steps) == (
-        False, 0.0, 0.0, 0)
+    assert (cfg.entangle_position_embedding, cfg.glance_ratio, cfg.glance_plain_weight, cfg.refine_steps,
+            cfg.dropout) == (False, 0.0, 0.0, 0, 0.2)
     m = run(tmp_path / "b2", "--task", "caption", "--arch", "ar", "--steps", "1", "--lr", "3e-4")
     assert m["lr"] == 3e-4 and _cfg_of(tmp_path / "b2").entangle_position_embedding == rec.get(
         "entangle_position_embedding", False)
+    assert m["dropout"] == rec.get("ar_dropout", 0.1)
     assert "vqa" not in train.TASK_RECIPE
     run(tmp_path / "c", "--task", "vqa", "--arch", "narvl", "--steps", "1")
     cfg = _cfg_of(tmp_path / "c")
     assert (cfg.entangle_position_embedding, cfg.glance_ratio, cfg.refine_steps) == (False, 0.0, 0)
-    assert json.load(open(tmp_path / "c" / "metrics.json"))["lr"] == 5e-4
+    assert json.load(open(tmp_path / "c" / "metrics.json"))["lr"] == 5e-4 and cfg.dropout == 0.1
+    for bad in (["--dropout", "1.0"], ["--dropout", "-0.1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
 
 
 @pytest.mark.parametrize("steps,warmup", [(20, 50), (600, 50), (7, 1)])
