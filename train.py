@@ -64,8 +64,8 @@ MAX_TEXT_LEN = 48  # prompt tokens of a new model, BOS and EOS included
 #: task or key without an entry keeps OFA's released setup (no entangled positions, 5e-4, dropout
 #: 0.1, no glancing, one pass); the flags override it, and --init / --init-ofa keep the
 #: checkpoint's settings, 5e-4 and dropout 0.1.
-TASK_RECIPE = {"caption": dict(entangle_position_embedding=True, narvl_lr=2.5e-4, narvl_dropout=0.0, glance=0.5,
-                               glance_plain_weight=0.5)}
+TASK_RECIPE = {"caption": dict(entangle_position_embedding=True, narvl_lr=2.5e-4, narvl_dropout=0.0, ar_dropout=0.0,
+                               glance=0.5, glance_plain_weight=0.5)}
 
 
 def recipe(args, name, off):
