@@ -337,22 +337,26 @@ def total_steps(args, n_train: int, default: int) -> int:
     return math.ceil(args.epochs * n_train / args.batch_size) if args.epochs else default
 
 
+def arch_recipe(args, name: str, default: float) -> float:
+    """Option ``name`` of the arch being trained: the flag if given; else, for a model trained from
+    scratch, the task's recipe for the arch (``TASK_RECIPE[task]["{arch}_{name}"]``); else
+    ``default`` (also for --init / --init-ofa, the recipe being for models trained from scratch)."""
+    given = getattr(args, name)
+    if given is not None:
+        return given
+    if args.init or args.init_ofa:
+        return default
+    return TASK_RECIPE.get(args.task, {}).get(f"{args.arch}_{name}", default)
+
+
 def dropout_rate(args) -> float:
-    """--dropout if given, else the task's recipe for the arch (``{arch}_dropout``), else 0.1."""
-    if args.dropout is not None:
-        return args.dropout
-    if args.init or args.init_ofa:  # the recipe is for models trained from scratch
-        return 0.1
-    return TASK_RECIPE.get(args.task, {}).get(f"{args.arch}_dropout", 0.1)
+    """--dropout, else the task's recipe for the arch (``{arch}_dropout``), else 0.1."""
+    return arch_recipe(args, "dropout", 0.1)
 
 
 def learning_rate(args) -> float:
     """--lr if given, else the task's recipe for the arch (``{arch}_lr``), else 5e-4."""
-    if args.lr is not None:
-        return args.lr
-    if args.init or args.init_ofa:  # the recipe is for models trained from scratch
-        return 5e-4
-    return TASK_RECIPE.get(args.task, {}).get(f"{args.arch}_lr", 5e-4)
+    return arch_recipe(args, "lr", 5e-4)
 
 
 def dist_setup():
